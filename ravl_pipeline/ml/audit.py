@@ -1,0 +1,112 @@
+"""One audit, end to end: embed → score → discover (SPEC §1–2).
+
+The library steps composed in the order every entry point uses them (the
+command line, the Dagster assets, the benchmarks), so they cannot drift.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import discover as disc
+from .embed import DEFAULT_TEMPLATES, Embeddings, class_text_embeddings, embed_dataset, model_tau, zero_shot_probs
+from .evaluate import feature_presence, validity
+from .models import LoadedModel
+from .regions import region_labels_for
+
+
+@dataclass
+class Scores:
+    classes: list[str]
+    image_probs: np.ndarray  # [N, C]
+    region_probs: np.ndarray  # [M, C]
+
+    @property
+    def image_pred(self) -> np.ndarray:
+        return self.image_probs.argmax(axis=1)
+
+
+def dataset_templates(root: str | Path) -> list[str]:
+    """Prompt templates configured for a dataset: ``setting.json``'s
+    ``caption_template`` beside or above it (synthetic settings), else the
+    generic default."""
+    root = Path(root)
+    for candidate in (root / "setting.json", root.parent / "setting.json"):
+        if candidate.is_file():
+            template = json.loads(candidate.read_text()).get("caption_template")
+            if template:
+                return [template]
+    return list(DEFAULT_TEMPLATES)
+
+
+def dataset_setting(root: str | Path) -> dict | None:
+    root = Path(root)
+    for candidate in (root / "setting.json", root.parent / "setting.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def score(lm: LoadedModel, emb: Embeddings, classes: Sequence[str], templates: Sequence[str],
+          tau: float | None = None) -> Scores:
+    text = class_text_embeddings(lm, classes, templates).cpu().numpy()
+    tau = model_tau(lm) if tau is None else tau
+    return Scores(list(classes), zero_shot_probs(emb.image_emb, text, tau),
+                  zero_shot_probs(emb.region_emb, text, tau))
+
+
+def label_indices(ds, classes: Sequence[str]) -> np.ndarray:
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[y] for y in ds.labels], dtype=np.int64)
+
+
+def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Sequence[str],
+                  proposer: str = "quadrants", mode: str = "auto", tau: float | None = None,
+                  seed: int = 0, batch_size: int = 64, progress: bool = True,
+                  embeddings: Embeddings | None = None, top_regions: int | None = 50,
+                  max_regions: int = 20000, dataset_name: str | None = None) -> tuple[dict, Embeddings, Scores]:
+    emb = embeddings if embeddings is not None else embed_dataset(
+        lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress)
+    sc = score(lm, emb, classes, templates, tau)
+    labels = label_indices(ds, classes)
+    gt = region_labels_for(ds, proposer)
+    flat_gt = [lab for labs in gt for lab in labs] if gt is not None else None
+    findings = disc.discover(
+        emb.region_emb, emb.region_image, emb.region_index, sc.region_probs, labels, sc.image_pred,
+        list(classes), boxes=emb.boxes, image_ids=emb.image_ids, region_labels=flat_gt, seed=seed,
+        top_regions=top_regions, max_regions=max_regions, model=lm.name,
+        dataset=dataset_name or str(ds.root))
+    findings["embedding_mode"] = emb.mode
+    findings["proposer"] = emb.proposer
+    findings["templates"] = list(templates)
+    findings["image_accuracy"] = float((sc.image_pred == labels).mean())
+    return findings, emb, sc
+
+
+def ground_truth_summary(findings: dict, ds, emb: Embeddings, scores: Scores, classes: Sequence[str],
+                         induced: Sequence[tuple[str, str]], k: int = 10) -> dict:
+    """Precision@k and validity for each induced (feature label, class) pair
+    of a synthetic setting (SPEC §4.1–4.2)."""
+    gt = region_labels_for(ds, emb.proposer)
+    if gt is None:
+        return {}
+    lookup = disc.region_label_map(emb.image_ids, emb.region_image, emb.region_index,
+                                   [lab for labs in gt for lab in labs])
+    top = findings["features"][0] if findings["features"] else None
+    labels = label_indices(ds, classes)
+    out = {}
+    for feature, cls in induced:
+        presence = feature_presence(gt, feature)
+        best = max((disc.precision_at_k(f, lookup, feature, k) for f in findings["features"]), default=0.0)
+        out[feature] = {
+            "correlated_class": cls,
+            f"precision_at_{k}_top": disc.precision_at_k(top, lookup, feature, k),
+            f"precision_at_{k}_best": best,
+            "top_attribute": top["attribute"] if top else None,
+            "validity": validity(labels, scores.image_pred, presence, classes, cls),
+        }
+    return out

@@ -1,0 +1,294 @@
+"""Image, region and class-text embeddings and zero-shot scores (SPEC §1).
+
+Region embeddings take one backbone pass per image:
+
+* ResNet (open_clip ``ModifiedResNet``): stem + layer1..layer3 once, each box
+  RoI-aligned onto the stride-16 layer3 map at the map's full size, then
+  layer4 and the attention pool per region — so the whole-image box gives back
+  the image embedding;
+* ViT: the final patch tokens inside the box are RoI-aligned on the token grid
+  and averaged, then ``ln_post`` and ``proj``;
+* ``crop``: crop, resize, encode — exact for any model, R× slower.
+
+:func:`encode_image_and_regions` is differentiable and is also what Stage-2
+training uses, so discovery and mitigation see regions the same way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from tqdm.auto import tqdm
+
+from .models import LoadedModel, visual_architecture
+from .regions import propose_dataset
+
+MODES = ("auto", "roi", "crop")
+DEFAULT_TAU = 0.07
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class EmbedError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- boxes
+
+def input_boxes(boxes: np.ndarray, width: float, height: float, preprocess_cfg: dict,
+                image_size: int) -> np.ndarray:
+    """Map boxes from original pixels to the preprocessed input's pixels.
+
+    Mirrors open_clip's evaluation transform (``resize_mode`` ``shortest``:
+    resize the short side then centre-crop; ``squash``: resize both sides;
+    ``longest``: resize the long side then centre-pad), and clips to the input.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    s = float(image_size)
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode == "squash":
+        sx, sy, ox, oy = s / width, s / height, 0.0, 0.0
+    else:
+        scale = s / (min(width, height) if mode == "shortest" else max(width, height))
+        new_w, new_h = width * scale, height * scale
+        sx = sy = scale
+        ox, oy = (new_w - s) / 2.0, (new_h - s) / 2.0
+    out = np.empty_like(boxes)
+    out[:, [0, 2]] = boxes[:, [0, 2]] * sx - ox
+    out[:, [1, 3]] = boxes[:, [1, 3]] * sy - oy
+    return np.clip(out, 0.0, s).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- encoders
+
+def resolve_mode(model: torch.nn.Module, mode: str) -> str:
+    if mode not in MODES:
+        raise EmbedError(f"unknown embedding mode {mode!r}; expected one of {', '.join(MODES)}")
+    arch = visual_architecture(model)
+    if mode == "auto":
+        return "roi" if arch in ("resnet", "vit") else "crop"
+    if mode == "roi" and arch == "other":
+        raise EmbedError(f"mode 'roi' needs an open_clip ModifiedResNet or VisionTransformer; "
+                         f"got {type(model.visual).__name__} (use mode 'crop')")
+    return mode
+
+
+def _resnet_image_and_regions(visual, pixels, boxes):
+    x = visual.stem(pixels)
+    feat3 = visual.layer3(visual.layer2(visual.layer1(x)))
+    image = visual.attnpool(visual.layer4(feat3))
+    h3, w3 = feat3.shape[-2:]
+    rois = roi_align(feat3, boxes, output_size=(h3, w3), spatial_scale=w3 / pixels.shape[-1],
+                     sampling_ratio=0, aligned=True)
+    regions = visual.attnpool(visual.layer4(rois))
+    return image, regions
+
+
+def _vit_image_and_regions(visual, pixels, boxes):
+    x = visual.transformer(visual._embeds(pixels))
+    pooled, _ = visual._pool(x)
+    image = pooled @ visual.proj if visual.proj is not None else pooled
+    n_prefix = x.shape[1] - visual.grid_size[0] * visual.grid_size[1]
+    gh, gw = visual.grid_size
+    tokens = x[:, n_prefix:].transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
+    rois = roi_align(tokens, boxes, output_size=(gh, gw), spatial_scale=gw / pixels.shape[-1],
+                     sampling_ratio=0, aligned=True)
+    regions = visual.ln_post(rois.mean(dim=(2, 3)))
+    if visual.proj is not None:
+        regions = regions @ visual.proj
+    return image, regions
+
+
+def encode_image_and_regions(model: torch.nn.Module, pixels: torch.Tensor,
+                             boxes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised image features [B, D] and region features [ΣR_i, D], one
+    backbone pass per image; ``boxes[i]`` is [R_i, 4] in input-pixel coords."""
+    arch = visual_architecture(model)
+    boxes = [b.to(pixels.dtype) for b in boxes]
+    if arch == "resnet":
+        return _resnet_image_and_regions(model.visual, pixels, boxes)
+    if arch == "vit":
+        return _vit_image_and_regions(model.visual, pixels, boxes)
+    raise EmbedError(f"RoI region embeddings are not defined for {type(model.visual).__name__}; use mode 'crop'")
+
+
+def class_text_embeddings(lm: LoadedModel, classes: Sequence[str],
+                          templates: Sequence[str] = DEFAULT_TEMPLATES,
+                          grad: bool = False) -> torch.Tensor:
+    """``t_y`` (SPEC §1.3): mean of L2-normalised template embeddings, renormalised."""
+    if not templates:
+        raise EmbedError("at least one prompt template is needed")
+    for t in templates:
+        if "{}" not in t:
+            raise EmbedError(f"prompt template {t!r} has no '{{}}' placeholder for the class name")
+    texts = [t.format(c) for c in classes for t in templates]
+    device = next(lm.model.parameters()).device
+    tokens = lm.tokenizer(texts).to(device)
+    with torch.set_grad_enabled(grad):
+        emb = F.normalize(lm.model.encode_text(tokens), dim=-1)
+        emb = emb.reshape(len(classes), len(templates), -1).mean(dim=1)
+        return F.normalize(emb, dim=-1)
+
+
+def zero_shot_probs(emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor,
+                    tau: float = DEFAULT_TAU) -> np.ndarray:
+    """``softmax(e · T / τ)`` (SPEC §1.4) for L2-normalised rows of ``emb``."""
+    e = torch.as_tensor(np.asarray(emb) if not torch.is_tensor(emb) else emb, dtype=torch.float32)
+    t = torch.as_tensor(np.asarray(text_emb) if not torch.is_tensor(text_emb) else text_emb,
+                        dtype=torch.float32)
+    return torch.softmax(e @ t.T / tau, dim=-1).numpy()
+
+
+def model_tau(lm: LoadedModel, use_logit_scale: bool = False) -> float:
+    if use_logit_scale:
+        return float(1.0 / lm.model.logit_scale.exp().item())
+    return DEFAULT_TAU
+
+
+# --------------------------------------------------------------------------- datasets
+
+@dataclass
+class Embeddings:
+    """L2-normalised image and region embeddings of one dataset under one model."""
+
+    image_ids: list[str]
+    image_emb: np.ndarray  # [N, D]
+    region_emb: np.ndarray  # [M, D]
+    region_image: np.ndarray  # [M] index into image_ids
+    region_index: np.ndarray  # [M] index of the region within its image
+    boxes: np.ndarray  # [M, 4] original pixels
+    mode: str
+    proposer: str
+
+    @property
+    def n_regions(self) -> int:
+        return int(len(self.region_emb))
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Two Parquet tables (``images``, ``regions``) in a directory, written atomically."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            meta = {b"mode": self.mode.encode(), b"proposer": self.proposer.encode()}
+            images = pa.table({"image_id": self.image_ids,
+                               "embedding": _fixed_list(self.image_emb)}).replace_schema_metadata(meta)
+            regions = pa.table({
+                "image_id": [self.image_ids[i] for i in self.region_image],
+                "image_row": pa.array(self.region_image, pa.int64()),
+                "region_index": pa.array(self.region_index, pa.int64()),
+                "box": _fixed_list(self.boxes),
+                "embedding": _fixed_list(self.region_emb),
+            })
+            pq.write_table(images, tmp / "images.parquet")
+            pq.write_table(regions, tmp / "regions.parquet")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Embeddings":
+        path = Path(path)
+        try:
+            images = pq.read_table(path / "images.parquet")
+            regions = pq.read_table(path / "regions.parquet")
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise EmbedError(f"cannot read embeddings in {path}: {exc}") from exc
+        meta = images.schema.metadata or {}
+        return cls(
+            image_ids=images.column("image_id").to_pylist(),
+            image_emb=_from_fixed_list(images.column("embedding")),
+            region_emb=_from_fixed_list(regions.column("embedding")),
+            region_image=regions.column("image_row").to_numpy().astype(np.int64),
+            region_index=regions.column("region_index").to_numpy().astype(np.int64),
+            boxes=_from_fixed_list(regions.column("box")),
+            mode=meta.get(b"mode", b"roi").decode(),
+            proposer=meta.get(b"proposer", b"").decode(),
+        )
+
+
+def _fixed_list(arr: np.ndarray) -> pa.FixedSizeListArray:
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+
+
+def _from_fixed_list(col) -> np.ndarray:
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    width = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+
+
+def preprocess_images(lm: LoadedModel, ds, indices: Sequence[int] | None = None,
+                      progress: bool = False) -> torch.Tensor:
+    """Stack the evaluation transform of the chosen images: [B, 3, S, S]."""
+    indices = range(len(ds)) if indices is None else indices
+    it = tqdm(indices, desc="load images", leave=False, disable=not progress)
+    return torch.stack([lm.preprocess(ds.load_image(i)) for i in it])
+
+
+def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
+                  batch_size: int = 64, progress: bool = True) -> Embeddings:
+    """Image and region embeddings of every image of ``ds`` (SPEC §1.2)."""
+    mode = resolve_mode(lm.model, mode)
+    proposals = propose_dataset(ds, proposer)
+    device = next(lm.model.parameters()).device
+    image_out, region_out = [], []
+    lm.model.eval()
+    bar = tqdm(total=len(ds), desc=f"embed ({mode})", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(ds), batch_size):
+            idx = list(range(start, min(start + batch_size, len(ds))))
+            if mode == "roi":
+                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device)
+            else:
+                img, reg = _embed_batch_crop(lm, ds, idx, proposals, device)
+            image_out.append(F.normalize(img.float(), dim=-1).cpu().numpy())
+            region_out.append(F.normalize(reg.float(), dim=-1).cpu().numpy())
+            bar.update(len(idx))
+    bar.close()
+    counts = np.array([len(p) for p in proposals], dtype=np.int64)
+    dim = lm.model_cfg["embed_dim"]
+    return Embeddings(
+        image_ids=list(ds.image_ids),
+        image_emb=np.concatenate(image_out) if image_out else np.zeros((0, dim), np.float32),
+        region_emb=np.concatenate(region_out) if region_out else np.zeros((0, dim), np.float32),
+        region_image=np.repeat(np.arange(len(ds), dtype=np.int64), counts),
+        region_index=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if len(counts) else np.zeros(0, np.int64),
+        boxes=np.concatenate(proposals).astype(np.float32) if proposals else np.zeros((0, 4), np.float32),
+        mode=mode,
+        proposer=proposer,
+    )
+
+
+def _embed_batch_roi(lm, ds, idx, proposals, device):
+    pixels = preprocess_images(lm, ds, idx).to(device)
+    boxes = []
+    for i in idx:
+        w, h = ds.image_size(i)
+        boxes.append(torch.from_numpy(input_boxes(proposals[i], w, h, lm.preprocess_cfg, lm.image_size)).to(device))
+    return encode_image_and_regions(lm.model, pixels, boxes)
+
+
+def _embed_batch_crop(lm, ds, idx, proposals, device):
+    whole, crops = [], []
+    for i in idx:
+        image = ds.load_image(i)
+        whole.append(lm.preprocess(image))
+        for x1, y1, x2, y2 in proposals[i]:
+            crops.append(lm.preprocess(image.crop((float(x1), float(y1), float(x2), float(y2)))))
+    img = lm.model.encode_image(torch.stack(whole).to(device))
+    reg = lm.model.encode_image(torch.stack(crops).to(device))
+    return img, reg
