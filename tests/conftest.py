@@ -1,0 +1,23 @@
+"""Shared fixtures: one tiny audited model per test session.
+
+Training it takes about a minute on 2 cores; every test that needs a real
+audited model (discovery end to end, mitigation, the pipeline) shares it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+logging.getLogger().setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_setting(tmp_path_factory):
+    """Paths of the reduced default setting: ``setting``, ``pretrained``, ``audited``."""
+    from ravl_pipeline.ml.recipe import DEFAULT_RECIPE, build_audited_model
+
+    root = tmp_path_factory.mktemp("tiny_setting")
+    return build_audited_model(root, DEFAULT_RECIPE.small())

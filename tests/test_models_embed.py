@@ -1,0 +1,164 @@
+"""Models and region embeddings (SPEC §1.2, §5 checkpoints)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ravl_pipeline.ml.data import write_manifest, load_dataset
+from ravl_pipeline.ml.embed import (EmbedError, Embeddings, class_text_embeddings, embed_dataset,
+                                    encode_image_and_regions, input_boxes, zero_shot_probs)
+from ravl_pipeline.ml.models import ModelError, check_same_architecture, load_model, save_model
+from ravl_pipeline.ml.regions import ProposerError, grid_boxes, parse_proposer, propose
+
+
+@pytest.fixture(scope="module")
+def rn():
+    return load_model("ravl-tiny-rn", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_model("ravl-tiny-vit", seed=0)
+
+
+@pytest.fixture()
+def small_ds(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    (tmp_path / "img").mkdir()
+    for i, (w, h) in enumerate([(56, 56), (80, 56), (56, 90)]):
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image_id": f"im{i}", "path": f"img/{i}.png", "label": "a" if i % 2 else "b",
+                     "boxes": [[0, 0, w, h], [0, 0, w / 2, h / 2]], "region_labels": ["all", "tl"]})
+    write_manifest(tmp_path, rows)
+    return load_dataset(tmp_path)
+
+
+def test_whole_image_box_reproduces_image_embedding_resnet(rn):
+    """SPEC §1.2 check: the box covering the whole image gives back f(I)."""
+    torch.manual_seed(1)
+    pixels = torch.randn(4, 3, 64, 64)
+    whole = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [0.0, 0.0, 32.0, 32.0]])] * 4
+    with torch.no_grad():
+        image, regions = encode_image_and_regions(rn.model, pixels, whole)
+        reference = rn.model.encode_image(pixels)
+    cos = F.cosine_similarity(regions[0::2], reference, dim=-1)
+    assert torch.all(cos > 0.99), cos
+    assert torch.allclose(image, reference, atol=1e-5)
+    # a quadrant is not the whole image
+    assert not torch.allclose(regions[1::2], reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["roi", "crop"])
+@pytest.mark.parametrize("which", ["rn", "vit"])
+def test_region_embeddings_shapes_and_norms(request, small_ds, mode, which):
+    lm = request.getfixturevalue(which)
+    emb = embed_dataset(lm, small_ds, proposer="boxes", mode=mode, progress=False)
+    assert emb.image_emb.shape == (3, 64)
+    assert emb.region_emb.shape == (6, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb.region_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb.image_emb, axis=1), 1.0, atol=1e-5)
+    assert emb.region_image.tolist() == [0, 0, 1, 1, 2, 2]
+    assert emb.region_index.tolist() == [0, 1, 0, 1, 0, 1]
+    assert np.all(np.isfinite(emb.region_emb))
+
+
+def test_crop_of_whole_square_image_equals_image_embedding(rn, small_ds):
+    emb = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="crop", progress=False)
+    # image 0 is square, so cropping the whole-image box and re-encoding is the image itself
+    np.testing.assert_allclose(emb.region_emb[0], emb.image_emb[0], atol=1e-5)
+
+
+def test_roi_and_crop_agree_on_whole_image_box_resnet(rn, small_ds):
+    roi = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="roi", progress=False)
+    crop = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="crop", progress=False)
+    assert float(roi.region_emb[0] @ crop.region_emb[0]) > 0.99
+
+
+def test_input_boxes_follow_shortest_side_resize_and_centre_crop():
+    cfg = {"resize_mode": "shortest"}
+    # 128×64 image → resized to 128×64·(64/64)... short side 64 → scale 1, crop 32 px each side
+    out = input_boxes(np.array([[32, 0, 96, 64], [0, 0, 128, 64]]), 128, 64, cfg, 64)
+    np.testing.assert_allclose(out, [[0, 0, 64, 64], [0, 0, 64, 64]])
+    out = input_boxes(np.array([[0, 0, 28, 28]]), 56, 56, cfg, 64)
+    np.testing.assert_allclose(out, [[0, 0, 32, 32]], atol=1e-5)
+    squash = input_boxes(np.array([[0, 0, 50, 25]]), 100, 50, {"resize_mode": "squash"}, 64)
+    np.testing.assert_allclose(squash, [[0, 0, 32, 32]])
+
+
+def test_embeddings_round_trip(tmp_path, rn, small_ds):
+    emb = embed_dataset(rn, small_ds, proposer="quadrants", progress=False)
+    emb.save(tmp_path / "out" / "emb")
+    back = Embeddings.load(tmp_path / "out" / "emb")
+    np.testing.assert_array_equal(back.region_emb, emb.region_emb)
+    np.testing.assert_array_equal(back.boxes, emb.boxes)
+    assert back.image_ids == emb.image_ids and back.proposer == "quadrants" and back.mode == "roi"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["emb"]  # no temporary directory left
+
+
+def test_text_embeddings_and_zero_shot(rn):
+    t = class_text_embeddings(rn, ["cat", "dog"], ["a {}", "the {}"])
+    assert t.shape == (2, 64)
+    np.testing.assert_allclose(t.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    probs = zero_shot_probs(t.numpy(), t.numpy(), tau=0.07)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0)
+    assert probs[0, 0] > probs[0, 1]
+    with pytest.raises(EmbedError, match="placeholder"):
+        class_text_embeddings(rn, ["cat"], ["no slot"])
+
+
+def test_proposers():
+    np.testing.assert_allclose(propose("quadrants", 56, 56),
+                               [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]])
+    assert grid_boxes(30, 30, 3).shape == (9, 4)
+    assert parse_proposer("grid:4") == ("grid", 4)
+    with pytest.raises(ProposerError, match="grid:0"):
+        parse_proposer("grid:0")
+    with pytest.raises(ProposerError, match="needs manifest boxes for image 'x'"):
+        propose("boxes", 10, 10, None, image_id="x")
+
+
+def test_checkpoint_round_trip_and_architecture_check(tmp_path, rn, vit):
+    save_model(rn, tmp_path / "ck", meta={"note": "x"})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "open_clip_config.json", "open_clip_model.safetensors", "ravl_model.json"]
+    back = load_model(f"local-dir:{tmp_path / 'ck'}")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.model.encode_image(x), rn.model.encode_image(x))
+    assert back.meta == {"note": "x"}
+    check_same_architecture(rn, back)
+    with pytest.raises(ModelError, match="different architecture"):
+        check_same_architecture(rn, vit)
+
+
+def test_open_clip_loads_saved_checkpoint_unchanged(tmp_path, rn):
+    import open_clip
+    save_model(rn, tmp_path / "ck")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ck'}")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(x), rn.model.encode_image(x), atol=1e-6)
+
+
+def test_open_clip_name_with_pretrained_file(tmp_path, rn):
+    from safetensors.torch import save_file
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in rn.model.state_dict().items()}, str(weights))
+    lm = load_model("ravl-tiny-rn", pretrained=str(weights))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(lm.model.encode_image(x), rn.model.encode_image(x))
+
+
+def test_bad_model_names(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        load_model("nope")
+    with pytest.raises(ModelError, match="missing open_clip_config.json"):
+        load_model(f"local-dir:{tmp_path}")
+    with pytest.raises(ModelError, match="neither a file nor a known tag"):
+        load_model("RN50", pretrained="not-a-tag")
