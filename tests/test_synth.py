@@ -96,10 +96,11 @@ def test_achieved_correlation(setting) -> None:
     assert abs(v - 0.9) <= 0.05
     assert phi_coefficient(_presence(finetune, "red square"), _is_class(finetune, "nine")) > 0
     assert info["stats"]["finetune"]["features"]["red square"]["cramers_v"] == pytest.approx(v)
-    for name in ("pretrain", "eval"):
-        ds = load_dataset(out / name)
-        assert cramers_v(_presence(ds, "red square"), _is_class(ds, "nine")) < 0.15
-        assert _presence(ds, "red square").mean() == pytest.approx(0.5)
+    eval_ds = load_dataset(out / "eval")
+    assert cramers_v(_presence(eval_ds, "red square"), _is_class(eval_ds, "nine")) < 0.15
+    assert _presence(eval_ds, "red square").mean() == pytest.approx(0.5)
+    # the base model's pre-training set is clean by default
+    assert _presence(load_dataset(out / "pretrain"), "red square").mean() == 0.0
     for split in ("val", "test"):
         ds = load_dataset(out / "eval", split=split)
         assert cramers_v(_presence(ds, "red square"), _is_class(ds, "nine")) < 0.15

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_dataset
-from .models import load_model, save_model
+from .models import CONFIG_DIR, load_model, save_model
 from .synth import CAPTION_TEMPLATE, SynthConfig, make_setting
 from .train import TrainConfig, build_train_data, finetune
 
@@ -24,9 +24,9 @@ BASE_MODEL = "ravl-tiny-rn"
 class Recipe:
     synth: SynthConfig = field(default_factory=SynthConfig)
     base_model: str = BASE_MODEL
-    # Under-trained on purpose: SPEC §4.1 measured that a converged base model
-    # ignores the induced feature, while one pre-trained only until its loss
-    # starts to fall picks it up during fine-tuning.
+    # Briefly pre-trained on purpose: SPEC §4.1 measured that a converged base
+    # model ignores the induced feature, while one pre-trained only until its
+    # loss starts to fall picks it up during fine-tuning.
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=6, lr=5e-4, caption_template=CAPTION_TEMPLATE))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -61,6 +61,11 @@ def train_model(model: str, data_dir: Path, out_dir: Path, cfg: TrainConfig, pro
     return history
 
 
+def _builtin_cfg(name: str) -> dict | None:
+    path = CONFIG_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def build_audited_model(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, progress: bool = False,
                         reuse: bool = True) -> dict[str, Path]:
     """Write ``out_dir/setting``, ``out_dir/models/pretrained`` and
@@ -69,7 +74,9 @@ def build_audited_model(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, pr
     paths = {"setting": out / "setting", "pretrained": out / "models" / "pretrained",
              "audited": out / "models" / "audited"}
     stamp = out / "recipe.json"
-    want = json.dumps(recipe.to_dict(), sort_keys=True)
+    # the built-in configuration is part of what was trained: a changed
+    # config must not reuse models trained under the old one
+    want = json.dumps({**recipe.to_dict(), "base_model_cfg": _builtin_cfg(recipe.base_model)}, sort_keys=True)
     fresh = reuse and stamp.is_file() and stamp.read_text() == want and all(p.exists() for p in paths.values())
     if fresh:
         return paths

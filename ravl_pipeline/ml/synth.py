@@ -156,8 +156,9 @@ class SynthConfig:
     ``correlated_classes`` gives one class per induced feature (default:
     ``correlated_class`` for all). ``distractors`` appear at
     ``distractor_rate`` independently of the label in every split; induced
-    features appear at ``eval_feature_rate`` independently of the label in
-    ``pretrain`` and ``eval``. At most three features and distractors in
+    features appear independently of the label at ``pretrain_feature_rate``
+    in ``pretrain`` (default 0: a clean, balanced base set) and at
+    ``eval_feature_rate`` in ``eval``. At most three features and distractors in
     all, each drawn in its own quadrant.
     """
 
@@ -169,6 +170,7 @@ class SynthConfig:
     distractors: list[FeatureSpec] = field(default_factory=list)
     distractor_rate: float = 0.5
     eval_feature_rate: float = 0.5
+    pretrain_feature_rate: float = 0.0
     n_pretrain: int = 4000
     n_finetune: int = 2000
     n_val: int = 500
@@ -203,7 +205,7 @@ class SynthConfig:
             raise ValueError(f"feature names must be distinct and differ from class names and {EMPTY_REGION!r}: {names}")
         if len(names) > _MAX_EXTRA_OBJECTS:
             raise ValueError(f"at most {_MAX_EXTRA_OBJECTS} features and distractors fit beside the digit, got {len(names)}")
-        for key in ("strength", "distractor_rate", "eval_feature_rate"):
+        for key in ("strength", "distractor_rate", "eval_feature_rate", "pretrain_feature_rate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
         for key in ("n_pretrain", "n_finetune", "n_val", "n_test"):
@@ -536,7 +538,7 @@ def make_setting(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict[str, Any]
         # one stream per block: changing one size leaves the other blocks as they were
         return np.random.default_rng([cfg.seed, stream])
 
-    pretrain = _sample_block(rng(1), cfg.n_pretrain, cfg, train_pools, correlated=False, feature_rate=cfg.eval_feature_rate)
+    pretrain = _sample_block(rng(1), cfg.n_pretrain, cfg, train_pools, correlated=False, feature_rate=cfg.pretrain_feature_rate)
     finetune = _sample_block(rng(2), cfg.n_finetune, cfg, train_pools, correlated=True, feature_rate=cfg.eval_feature_rate)
     val = _sample_block(rng(3), cfg.n_val, cfg, eval_pools, correlated=False, feature_rate=cfg.eval_feature_rate)
     test = _sample_block(rng(4), cfg.n_test, cfg, eval_pools, correlated=False, feature_rate=cfg.eval_feature_rate)
