@@ -1,0 +1,621 @@
+"""The audit report: one static, self-contained HTML page and its JSON twin.
+
+What a reader needs to judge a finding (SPEC §2.5, §5): the top-ranked regions
+of each discovered feature drawn inside their images with the box outlined,
+the per-class accuracy with and without the feature (confidence intervals and
+significance where the findings carry them), its score ``G_c`` and influence
+``H_c``, and, when given, the four mitigation metrics of SPEC §4.2 per method
+and the re-audit of the mitigated model.
+
+The page needs no server: images are embedded as base64 PNG, the style sheet
+is inline, and nothing is fetched.  Beside it, ``findings.json`` (and
+``metrics.json`` / ``reaudit_findings.json`` when given) hold the same
+numbers for programs.  Every file is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .discover import SCHEMA_VERSION, read_findings
+
+__all__ = [
+    "METRIC_KEYS",
+    "ReportError",
+    "write_report",
+    "render_report",
+    "check_findings",
+    "load_metrics",
+    "default_provenance",
+    "dataset_version",
+    "region_thumbnail",
+]
+
+METRIC_KEYS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
+METRIC_TITLES = {
+    "image_overall": "Image overall",
+    "image_worst_group": "Image worst-group",
+    "region_overall": "Region overall",
+    "region_worst_group": "Region worst-group",
+}
+# Method names that denote the model before mitigation, in order of preference;
+# the before/after panel measures every other method against it.
+BASELINE_NAMES = ("audited", "standard", "standard_ft", "Standard FT", "before")
+DEFAULT_TOP_REGIONS = 12
+THUMB_SIZE = 112  # px; the synthetic 56x56 images are shown at 2x
+BOX_COLOUR = (255, 212, 0)  # yellow: visible on the red synthetic feature and on photos
+BOX_HALO = (0, 0, 0)
+
+ASSET_DIR = Path(__file__).parent / "report_assets"
+
+
+class ReportError(ValueError):
+    """Findings, metrics or images that cannot be rendered."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+def check_findings(findings: Mapping[str, Any], where: str = "findings") -> dict:
+    """The findings dict, checked for the schema this report understands (SPEC §5).
+
+    A missing ``schema_version`` is a plain SPEC §5 file and accepted; any
+    other version than :data:`discover.SCHEMA_VERSION` is refused by name.
+    """
+    if not isinstance(findings, Mapping):
+        raise ReportError(f"{where}: findings must be a JSON object, got {type(findings).__name__}")
+    version = findings.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ReportError(
+            f"{where}: findings schema_version {version!r} is not supported by this report "
+            f"(expected {SCHEMA_VERSION})")
+    features = findings.get("features")
+    if not isinstance(features, list):
+        raise ReportError(f"{where}: 'features' must be a list")
+    for i, feat in enumerate(features):
+        if not isinstance(feat, Mapping):
+            raise ReportError(f"{where}: features[{i}] must be an object")
+        for key in ("rank", "score", "per_class", "regions"):
+            if key not in feat:
+                raise ReportError(f"{where}: features[{i}] has no {key!r}")
+    return dict(findings)
+
+
+def _load_findings(findings, where: str) -> dict:
+    if isinstance(findings, (str, os.PathLike)):
+        try:
+            data = read_findings(findings)
+        except FileNotFoundError as exc:
+            raise ReportError(f"{findings}: findings file not found") from exc
+        return check_findings(data, str(findings))
+    return check_findings(findings, where)
+
+
+def load_metrics(path: str | os.PathLike) -> dict:
+    """A ``metrics.json`` (SPEC §5) read and checked for the four metrics."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ReportError(f"{path}: metrics file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc})") from exc
+    _check_metrics(data, str(path))
+    return data
+
+
+def _check_metrics(data: Any, where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ReportError(f"{where}: metrics must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in METRIC_KEYS if k not in data]
+    if missing:
+        raise ReportError(f"{where}: metrics missing key(s): {', '.join(missing)}")
+
+
+def _metric_value(value: Any) -> float | None:
+    """A metric as a number; tolerates ``{"value": x, "ci": ...}`` and ``None``."""
+    if isinstance(value, Mapping):
+        value = value.get("value", value.get("mean"))
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A confidence interval from ``[lo, hi]``, ``{"lo","hi"}`` or ``{"low","high"}``."""
+    if isinstance(value, Mapping):
+        lo = value.get("lo", value.get("low", value.get("lower")))
+        hi = value.get("hi", value.get("high", value.get("upper")))
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        lo, hi = value
+    else:
+        return None
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def row_intervals(row: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """Confidence intervals of a per-class row, keyed by column.
+
+    Accepts ``ci`` as a mapping column → interval, ``ci`` as a bare interval
+    (taken to be the gap's), and ``<column>_ci`` keys.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    ci = row.get("ci")
+    if isinstance(ci, Mapping) and _interval(ci) is None:
+        for key, val in ci.items():
+            iv = _interval(val)
+            if iv is not None:
+                out[str(key)] = iv
+    elif ci is not None and _interval(ci) is not None:
+        out["gap"] = _interval(ci)
+    for key, val in row.items():
+        if key.endswith("_ci"):
+            iv = _interval(val)
+            if iv is not None:
+                out[key[:-3]] = iv
+    return out
+
+
+# --------------------------------------------------------------------------- provenance
+
+def dataset_version(root: str | os.PathLike) -> str | None:
+    """Content version of a dataset directory: sha256 of its manifest (short)."""
+    manifest = Path(root) / "manifest.parquet"
+    if not manifest.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(manifest, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        pkg = version("ravl_pipeline")
+    except Exception:  # not installed (running from a source tree)
+        pkg = "unknown"
+    commit = None
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        if res.returncode == 0:
+            commit = res.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{pkg}+g{commit}" if commit else pkg
+
+
+def default_provenance(findings: Mapping[str, Any], dataset_root=None) -> dict:
+    """What the report can tell on its own: model, dataset, its version,
+    discovery parameters and the code version."""
+    prov = {
+        "model": findings.get("model"),
+        "dataset": findings.get("dataset") or (str(dataset_root) if dataset_root else None),
+        "code_version": _code_version(),
+    }
+    if dataset_root is not None:
+        prov["data_version"] = dataset_version(dataset_root)
+    params = {key: findings[key] for key in ("seed", "influence_threshold", "embedding_mode", "proposer",
+                                             "templates", "sampled", "n_sample") if key in findings}
+    if params:
+        prov["discovery_parameters"] = params
+    return prov
+
+
+# --------------------------------------------------------------------------- images
+
+class _ImageSource:
+    """Images of a dataset directory by ``image_id`` (SPEC §5 manifest)."""
+
+    def __init__(self, root):
+        from .data import load_dataset
+
+        self.root = Path(root)
+        # images are opened one by one when drawn; a broken one is named then
+        self.ds = load_dataset(self.root, check_images=False)
+        self.row_of = {image_id: i for i, image_id in enumerate(self.ds.image_ids)}
+
+    def image(self, image_id: str):
+        row = self.row_of.get(str(image_id))
+        if row is None:
+            raise ReportError(f"{self.ds.manifest_file}: no image with image_id {image_id!r} "
+                              "(is --data the dataset the findings were computed on?)")
+        return self.ds.load_image(row)
+
+
+def region_thumbnail(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> bytes:
+    """PNG bytes of ``image`` scaled to fit ``size`` with ``box`` outlined.
+
+    Small images are enlarged with nearest-neighbour so their pixels stay
+    sharp; the outline is drawn after scaling so it has the same width on
+    every image.
+    """
+    from PIL import Image, ImageDraw
+
+    w, h = image.size
+    scale = size / max(w, h)
+    resample = Image.NEAREST if scale >= 1 else Image.BILINEAR
+    out = image.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        x2, y2 = max(x1, x2 - 1), max(y1, y2 - 1)
+        draw = ImageDraw.Draw(out)
+        draw.rectangle([x1, y1, x2, y2], outline=BOX_HALO, width=4)
+        draw.rectangle([x1 + 1, y1 + 1, max(x1 + 1, x2 - 1), max(y1 + 1, y2 - 1)], outline=BOX_COLOUR, width=2)
+    buf = io.BytesIO()
+    out.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# --------------------------------------------------------------------------- HTML pieces
+
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "–"
+    if math.isnan(x):
+        return "–"
+    if math.isinf(x):
+        return "−∞" if x < 0 else "∞"
+    return f"{x:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    value = _metric_value(x)
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _with_ci(value: Any, iv: tuple[float, float] | None, digits: int = 3) -> str:
+    text = _e(_num(value, digits))
+    if iv is not None:
+        text += f' <span class="ci">[{_num(iv[0], digits)}, {_num(iv[1], digits)}]</span>'
+    return text
+
+
+def _style() -> str:
+    css = ASSET_DIR / "report.css"
+    return css.read_text(encoding="utf-8") if css.is_file() else ""
+
+
+def _kv_table(rows: Iterable[tuple[str, Any]], css_class: str = "kv") -> str:
+    cells = []
+    for key, value in rows:
+        if isinstance(value, (Mapping, list, tuple)):
+            shown = f"<code>{_e(json.dumps(value, sort_keys=True, default=str))}</code>"
+        else:
+            shown = _e("–" if value is None else value)
+        cells.append(f"<tr><th>{_e(key)}</th><td>{shown}</td></tr>")
+    return f'<table class="{css_class}">' + "".join(cells) + "</table>"
+
+
+def _significance(feat: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    rows = []
+    if "p_value" in feat:
+        rows.append(("p-value", _num(feat.get("p_value"), 4)))
+    if "q_value" in feat:
+        rows.append(("q-value (BH)", _num(feat.get("q_value"), 4)))
+    if "called" in feat:
+        rows.append(("called", "yes" if feat.get("called") else "no"))
+    if "n_permutations" in feat:
+        rows.append(("permutations", feat.get("n_permutations")))
+    return rows
+
+
+def _names_text(names: Any) -> str | None:
+    """``names`` as 'term (score), …'; tolerates strings, dicts and pairs."""
+    if not names:
+        return None
+    if isinstance(names, Mapping):
+        names = names.get("terms", names.get("top", [names]))
+    parts = []
+    for item in list(names)[:5]:
+        if isinstance(item, Mapping):
+            term = item.get("term", item.get("name", item.get("text")))
+            score = item.get("score", item.get("similarity"))
+            parts.append(f"{term} ({_num(score, 2)})" if score is not None else str(term))
+        elif isinstance(item, (list, tuple)) and item:
+            parts.append(f"{item[0]} ({_num(item[1], 2)})" if len(item) > 1 else str(item[0]))
+        else:
+            parts.append(str(item))
+    return ", ".join(parts)
+
+
+def _causal_text(causal: Any) -> str | None:
+    """One line from a masking check (flip rate, accuracy before → after)."""
+    if isinstance(causal, list):  # several random controls: show the first
+        causal = causal[0] if causal else None
+    if not isinstance(causal, Mapping):
+        return None
+    parts = []
+    if causal.get("flip_rate") is not None:
+        parts.append(f"flip rate {_num(causal['flip_rate'], 2)}")
+    if causal.get("acc_before") is not None or causal.get("acc_after") is not None:
+        parts.append(f"accuracy {_num(causal.get('acc_before'), 2)} → {_num(causal.get('acc_after'), 2)}")
+    if causal.get("parity_shift") is not None:
+        parts.append(f"parity shift {_num(causal['parity_shift'], 2)}")
+    if causal.get("n_images") is not None:
+        parts.append(f"{causal['n_images']} images, {causal.get('fill', '?')} fill")
+    return ", ".join(parts) or None
+
+
+def _per_class_table(feat: Mapping[str, Any]) -> str:
+    attribute = feat.get("attribute")
+    head = ("<tr><th>class</th><th>n present</th><th>acc present</th><th>n absent</th>"
+            "<th>acc absent</th><th>gap</th></tr>")
+    body = []
+    for row in feat.get("per_class", []):
+        ivs = row_intervals(row)
+        gap = row.get("gap")
+        sign = "pos" if (_metric_value(gap) or 0) > 0 else "neg" if (_metric_value(gap) or 0) < 0 else ""
+        css = ' class="attribute"' if row.get("label") == attribute else ""
+        body.append(
+            f"<tr{css}><td>{_e(row.get('label'))}</td><td>{_e(row.get('n_present'))}</td>"
+            f"<td>{_with_ci(row.get('acc_present'), ivs.get('acc_present'))}</td>"
+            f"<td>{_e(row.get('n_absent'))}</td>"
+            f"<td>{_with_ci(row.get('acc_absent'), ivs.get('acc_absent'))}</td>"
+            f'<td class="gap {sign}">{_with_ci(gap, ivs.get("gap"))}</td></tr>')
+    return f'<table class="per-class">{head}{"".join(body)}</table>'
+
+
+def _region_grid(feat: Mapping[str, Any], images: _ImageSource | None, top: int) -> str:
+    regions = list(feat.get("regions", []))[:top]
+    if not regions:
+        return '<p class="note">No regions listed for this feature.</p>'
+    if images is None:
+        ids = ", ".join(f"{r.get('image_id')}#{r.get('region_index')}" for r in regions)
+        return ('<p class="note">Region images not shown: no dataset directory was given. '
+                f"Top region ids: {_e(ids)}</p>")
+    cells = []
+    for pos, region in enumerate(regions, start=1):
+        image = images.image(region.get("image_id"))
+        png = region_thumbnail(image, region.get("box"))
+        caption = f"#{pos} {region.get('image_id')} r{region.get('region_index')} · sim {_num(region.get('similarity'), 2)}"
+        if region.get("region_label"):
+            caption += f" · {region['region_label']}"
+        alt = f"region {region.get('region_index')} of image {region.get('image_id')}"
+        cells.append(f'<figure class="region"><img src="{_data_uri(png)}" alt="{_e(alt)}" '
+                     f'width="{THUMB_SIZE}" height="{THUMB_SIZE}"><figcaption>{_e(caption)}</figcaption></figure>')
+    return '<div class="grid">' + "".join(cells) + "</div>"
+
+
+def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str) -> str:
+    rank = feat.get("rank")
+    facts = [("score G_c", _num(feat.get("score"))), ("influence H_c", _num(feat.get("influence"))),
+             ("correlated class", feat.get("attribute")), ("cluster", feat.get("cluster_id"))]
+    if "size" in feat:
+        facts.append(("regions in cluster", feat.get("size")))
+    facts += _significance(feat)
+    for key, label in (("causal", "masking check"), ("causal_control", "masking random regions")):
+        text = _causal_text(feat.get(key))
+        if text:
+            facts.append((label, text))
+    names = _names_text(feat.get("names"))
+    if names:
+        facts.append(("name (model-derived)", names))
+    called = feat.get("called")
+    badge = ""
+    if called is not None:
+        badge = (' <span class="badge called">called</span>' if called
+                 else ' <span class="badge not-called">not significant</span>')
+    title = f"Feature {rank}: correlated with “{feat.get('attribute')}”"
+    return (f'<section class="feature" id="{prefix}feature-{_e(rank)}">'
+            f"<h3>{_e(title)}{badge}</h3>"
+            f'<div class="feature-body"><div class="facts">{_kv_table(facts)}</div>'
+            f'<div class="table-wrap">{_per_class_table(feat)}</div></div>'
+            f"<h4>Top regions</h4>{_region_grid(feat, images, top)}</section>")
+
+
+def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_id: str,
+                      title: str, prefix: str = "") -> str:
+    summary = [("K (clusters)", findings.get("k")), ("silhouette", _num(findings.get("silhouette"))),
+               ("regions", findings.get("n_regions")), ("images", findings.get("n_images")),
+               ("features found", len(findings.get("features", [])))]
+    if findings.get("sampled"):
+        summary.append(("clustered sample", f"{findings.get('n_sample')} regions, rest assigned to nearest medoid"))
+    if "image_accuracy" in findings:
+        summary.append(("image accuracy", _num(findings.get("image_accuracy"))))
+    parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>', _kv_table(summary, "kv summary")]
+    features = findings.get("features", [])
+    if not features:
+        parts.append('<p class="empty" id="{}no-feature">No spurious feature found: no cluster has a '
+                     'positive and a negative per-class gap together with influence ≥ {}.</p>'
+                     .format(prefix, _e(_num(findings.get("influence_threshold", 0.25), 2))))
+    for feat in features:
+        parts.append(_feature_section(feat, images, top, prefix))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _baseline_method(metrics: Mapping[str, Mapping]) -> str:
+    for name in BASELINE_NAMES:
+        if name in metrics:
+            return name
+    return next(iter(metrics))
+
+
+def _bar_chart(metrics: Mapping[str, Mapping], key: str) -> str:
+    """Inline SVG bars, one per method, for one metric in [0, 1]."""
+    names = list(metrics)
+    bar_h, gap, label_w, width = 16, 6, 120, 320
+    height = len(names) * (bar_h + gap) + gap
+    rows = []
+    for i, name in enumerate(names):
+        value = _metric_value(metrics[name].get(key))
+        y = gap + i * (bar_h + gap)
+        length = 0 if value is None else max(0.0, min(1.0, value)) * (width - label_w - 50)
+        rows.append(f'<text x="0" y="{y + bar_h - 4}" class="bar-label">{_e(name)}</text>'
+                    f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" class="bar"></rect>'
+                    f'<text x="{label_w + length + 4:.1f}" y="{y + bar_h - 4}" class="bar-value">{_pct(value)}</text>')
+    return (f'<figure class="chart"><figcaption>{_e(METRIC_TITLES[key])}</figcaption>'
+            f'<svg width="{width}" height="{height}" role="img" aria-label="{_e(METRIC_TITLES[key])}">'
+            + "".join(rows) + "</svg></figure>")
+
+
+def _metrics_section(metrics: Mapping[str, Mapping]) -> str:
+    base = _baseline_method(metrics)
+    head = "<tr><th>method</th>" + "".join(f"<th>{_e(METRIC_TITLES[k])}</th>" for k in METRIC_KEYS) + "</tr>"
+    body = []
+    for name, m in metrics.items():
+        cells = []
+        for key in METRIC_KEYS:
+            value = _metric_value(m.get(key))
+            text = _pct(value)
+            if name != base and value is not None and _metric_value(metrics[base].get(key)) is not None:
+                delta = 100 * (value - _metric_value(metrics[base].get(key)))
+                css = "pos" if delta > 0 else "neg" if delta < 0 else ""
+                text += f' <span class="delta {css}">({delta:+.1f})</span>'
+            cells.append(f"<td>{text}</td>")
+        css = ' class="baseline"' if name == base else ""
+        body.append(f"<tr{css}><th>{_e(name)}</th>{''.join(cells)}</tr>")
+    charts = "".join(_bar_chart(metrics, key) for key in METRIC_KEYS)
+    return ('<section id="metrics"><h2>Mitigation: before and after</h2>'
+            f'<p class="note">Accuracy in percent on the test split (SPEC §4.2); '
+            f'differences in points against <b>{_e(base)}</b>.</p>'
+            f'<table class="metrics">{head}{"".join(body)}</table>'
+            f'<div class="charts">{charts}</div></section>')
+
+
+def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
+    n = len(findings.get("features", []))
+    verdict = (f"{n} spurious feature{'s' if n != 1 else ''} found" if n else "No spurious feature found")
+    flags = [f.get("called") for f in findings.get("features", []) if "called" in f]
+    if flags:  # significance was computed: say how many survive it
+        verdict += f", {sum(bool(c) for c in flags)} called significant"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f'<header id="top"><h1>RaVL audit report</h1>'
+            f'<p class="verdict">{_e(verdict)} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'
+            f' · dataset <b>{_e(provenance.get("dataset") or findings.get("dataset"))}</b></p>'
+            f'<p class="stamp">generated {stamp}</p></header>')
+
+
+def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=None, reaudit=None,
+                  provenance=None, top_regions: int = DEFAULT_TOP_REGIONS) -> str:
+    """The report as an HTML string (see :func:`write_report`)."""
+    images = _ImageSource(dataset_root) if dataset_root is not None else None
+    prov = default_provenance(findings, dataset_root)
+    prov.update(dict(provenance or {}))
+    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+             f"<title>RaVL audit report — {_e(prov.get('model') or findings.get('model'))}</title>",
+             f"<style>{_style()}</style></head><body>", _header(findings, prov), "<main>",
+             f'<section id="provenance"><h2>Model, data and parameters</h2>{_kv_table(prov.items())}</section>',
+             _findings_section(findings, images, top_regions, section_id="findings",
+                               title="Discovered spurious features")]
+    if metrics:
+        parts.append(_metrics_section(metrics))
+    if reaudit is not None:
+        parts.append(_findings_section(reaudit, images, top_regions, section_id="reaudit",
+                                       title="Re-audit of the mitigated model", prefix="reaudit-"))
+    parts.append("</main></body></html>\n")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- writing
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, non-finite floats to ``None``."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # a report is for reading; mkstemp's 0600 would hide it
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _normalise_metrics(metrics) -> dict[str, dict]:
+    """``{method: metrics dict}`` from dicts or ``metrics.json`` paths."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ReportError("metrics must map method name -> metrics.json dict or path")
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, (str, os.PathLike)):
+            value = load_metrics(value)
+        else:
+            _check_metrics(value, f"metrics[{name!r}]")
+        out[str(name)] = dict(value)
+    return out
+
+
+def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit=None,
+                 provenance=None, top_regions: int = DEFAULT_TOP_REGIONS) -> Path:
+    """Write the HTML report to ``out_path`` and its JSON twin beside it.
+
+    ``findings`` and ``reaudit`` are findings dicts or ``findings.json``
+    paths (SPEC §5); ``metrics`` maps a method name to a ``metrics.json``
+    dict or path (SPEC §5); ``provenance`` adds or overrides entries of the
+    model/data/parameters table (e.g. ``data_version``, ``code_version``).
+    ``dataset_root`` is the dataset the findings were computed on; its
+    manifest maps each region's ``image_id`` to the image drawn.
+
+    Beside the page: ``findings.json``, and ``metrics.json`` (method →
+    metrics) and ``reaudit_findings.json`` when given.  Everything is
+    rendered before anything is written, and each file is renamed into place,
+    so a failure leaves earlier files untouched.
+    """
+    out = Path(out_path)
+    findings = _load_findings(findings, "findings")
+    reaudit = _load_findings(reaudit, "reaudit") if reaudit is not None else None
+    metrics = _normalise_metrics(metrics)
+    page = render_report(findings, dataset_root=dataset_root, metrics=metrics, reaudit=reaudit,
+                         provenance=provenance, top_regions=top_regions)
+    twins = {"findings.json": _json_bytes(findings)}
+    if metrics:
+        twins["metrics.json"] = _json_bytes(metrics)
+    if reaudit is not None:
+        twins["reaudit_findings.json"] = _json_bytes(reaudit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, data in twins.items():
+        _write_atomic(out.parent / name, data)
+    _write_atomic(out, page.encode("utf-8"))
+    return out
