@@ -176,6 +176,8 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``lm.model`` in place with ``cfg.method``; return the history."""
     if cfg.method not in METHODS:
+        from . import mitigate  # noqa: F401  -- registers the Stage-2 methods (SPEC §3)
+    if cfg.method not in METHODS:
         raise TrainError(f"unknown method {cfg.method!r}; expected one of {', '.join(sorted(METHODS))}")
     if len(data) < 2:
         raise TrainError("fine-tuning needs at least two images")
