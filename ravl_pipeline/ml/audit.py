@@ -68,23 +68,56 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
                   proposer: str = "quadrants", mode: str = "auto", tau: float | None = None,
                   seed: int = 0, batch_size: int = 64, progress: bool = True,
                   embeddings: Embeddings | None = None, top_regions: int | None = 50,
-                  max_regions: int = 20000, dataset_name: str | None = None) -> tuple[dict, Embeddings, Scores]:
+                  max_regions: int = 20000, dataset_name: str | None = None,
+                  evidence: bool = False, permutations: int = 200, alpha: float = 0.05,
+                  mask_fill: str = "mean", vocab: Sequence[str] | None = None) -> tuple[dict, Embeddings, Scores]:
+    """Embed, score and discover (SPEC §1–2).  With ``evidence``, every
+    feature also gets permutation/BH significance (``p_value``, ``q_value``,
+    ``called``, per-class ``ci``), a masking check (``causal``) and
+    model-derived ``names``; see :func:`add_evidence`."""
     emb = embeddings if embeddings is not None else embed_dataset(
         lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress)
     sc = score(lm, emb, classes, templates, tau)
     labels = label_indices(ds, classes)
     gt = region_labels_for(ds, proposer)
     flat_gt = [lab for labs in gt for lab in labs] if gt is not None else None
+    # the evidence needs every region's cluster, which the findings list only in part
+    clustering = disc.cluster_regions(emb.region_emb, len(classes), seed=seed,
+                                      max_regions=max_regions) if evidence else None
     findings = disc.discover(
         emb.region_emb, emb.region_image, emb.region_index, sc.region_probs, labels, sc.image_pred,
         list(classes), boxes=emb.boxes, image_ids=emb.image_ids, region_labels=flat_gt, seed=seed,
         top_regions=top_regions, max_regions=max_regions, model=lm.name,
-        dataset=dataset_name or str(ds.root))
+        dataset=dataset_name or str(ds.root), clustering=clustering)
     findings["embedding_mode"] = emb.mode
     findings["proposer"] = emb.proposer
     findings["templates"] = list(templates)
     findings["image_accuracy"] = float((sc.image_pred == labels).mean())
+    # Stage 2 assigns training regions to these medoids (SPEC §3.1); storing
+    # the vectors keeps findings.json self-contained, since `medoids` are only
+    # row numbers into embeddings that are not kept.
+    findings["medoid_embeddings"] = [[float(v) for v in emb.region_emb[m]] for m in findings["medoids"]]
+    if evidence:
+        add_evidence(findings, lm, ds, emb, sc, labels, clustering.labels, templates=templates,
+                     tau=model_tau(lm) if tau is None else tau, seed=seed, permutations=permutations,
+                     alpha=alpha, mask_fill=mask_fill, vocab=vocab, batch_size=batch_size)
     return findings, emb, sc
+
+
+def add_evidence(findings: dict, lm: LoadedModel, ds, emb: Embeddings, sc: Scores, labels: np.ndarray,
+                 cluster_labels: np.ndarray, *, templates: Sequence[str], tau: float, seed: int = 0,
+                 permutations: int = 200, alpha: float = 0.05, mask_fill: str = "mean",
+                 vocab: Sequence[str] | None = None, batch_size: int = 64) -> dict:
+    """Significance, causal masking check and names for every feature, in place."""
+    from . import causal, names, stats
+
+    stats.annotate_significance(findings, cluster_labels, emb.region_image, labels, sc.image_pred,
+                                n_permutations=permutations, alpha=alpha, seed=seed)
+    causal.annotate_causal(findings, lm, ds, cluster_labels, emb.region_image, emb.boxes, labels,
+                           sc.image_pred, sc.classes, templates, tau, fill=mask_fill, seed=seed,
+                           batch_size=batch_size)
+    names.annotate_names(findings, lm, emb.region_emb, vocab)
+    return findings
 
 
 def ground_truth_summary(findings: dict, ds, emb: Embeddings, scores: Scores, classes: Sequence[str],

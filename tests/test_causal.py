@@ -1,0 +1,159 @@
+"""Causal masking check (ml/causal.py)."""
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ravl_pipeline.ml import causal
+
+
+def test_box_pixel_mask_integer_and_fractional_boxes():
+    m = causal.box_pixel_mask(56, 56, [[28, 0, 56, 28]])
+    expected = np.zeros((56, 56), bool)
+    expected[0:28, 28:56] = True
+    np.testing.assert_array_equal(m, expected)
+    # pixel centres (c + .5, r + .5) inside [0.4, 2.5) x [0.6, 2.4): cols 0, 1 and row 1
+    m = causal.box_pixel_mask(4, 4, [[0.4, 0.6, 2.5, 2.4]])
+    assert np.argwhere(m).tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="empty or inverted"):
+        causal.box_pixel_mask(4, 4, [[2, 2, 2, 3]])
+
+
+def _image_without(colour, seed=0):
+    """Random RGB image in which no channel value equals ``colour``'s (so any
+    filled pixel visibly changes)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(56, 56, 3)).astype(np.uint8)
+    for ch in range(3):
+        plane = img[:, :, ch]
+        plane[plane == colour[ch]] = np.uint8((int(colour[ch]) + 1) % 256)
+    return img
+
+
+@pytest.mark.parametrize("fill", ["mean", "black"])
+def test_masking_changes_exactly_the_masked_pixels(fill):
+    colour = causal.fill_colour() if fill == "mean" else np.zeros(3, np.uint8)
+    img = _image_without(colour)
+    boxes = [[0, 0, 28, 28], [28, 28, 56, 56]]
+    out = causal.mask_regions(img, boxes, fill)
+    changed = (out != img).any(axis=2)
+    np.testing.assert_array_equal(changed, causal.box_pixel_mask(56, 56, boxes))
+    assert (out[changed] == colour).all()
+    assert out.dtype == np.uint8 and img is not out
+
+
+def test_mean_fill_is_the_normalisation_mean():
+    # the OpenAI CLIP mean * 255, rounded: a zero tensor after normalisation
+    assert causal.fill_colour().tolist() == [123, 117, 104]
+    assert causal.fill_colour({"mean": [0.5, 0.5, 0.5]}).tolist() == [128, 128, 128]
+
+
+def test_blur_only_touches_the_box():
+    img = _image_without([0, 0, 0], seed=1)
+    out = causal.mask_regions(img, [[10, 10, 30, 40]], "blur", blur_radius=3)
+    inside = causal.box_pixel_mask(56, 56, [[10, 10, 30, 40]])
+    np.testing.assert_array_equal(out[~inside], img[~inside])
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(3)))
+    np.testing.assert_array_equal(out[inside], blurred[inside])
+    assert (out[inside] != img[inside]).any()
+
+
+def test_mask_regions_rejects_bad_input():
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="unknown mask fill 'grey'"):
+        causal.mask_regions(img, [[0, 0, 4, 4]], "grey")
+    with pytest.raises(ValueError, match="uint8"):
+        causal.mask_regions(img.astype(np.float32), [[0, 0, 4, 4]])
+
+
+def test_random_control_rows_are_seeded_and_distinct():
+    a = causal.random_control_rows(10, 100, seed=3)
+    assert len(set(a.tolist())) == 10 and a.max() < 100
+    np.testing.assert_array_equal(a, causal.random_control_rows(10, 100, seed=3))
+    assert causal.random_control_rows(50, 20, seed=0).size == 20
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    from ravl_pipeline.ml.data import load_dataset
+    from ravl_pipeline.ml.models import load_model
+    from ravl_pipeline.ml.synth import SynthConfig, make_setting
+
+    out = tmp_path_factory.mktemp("causal")
+    cfg = SynthConfig(classes=["zero", "one", "nine"], correlated_class="nine", n_pretrain=3, n_finetune=3,
+                      n_val=24, n_test=3, seed=0)
+    make_setting(out, cfg)
+    ds = load_dataset(out / "eval", split="val")
+    return ds, load_model("ravl-tiny-rn", seed=0)
+
+
+def test_causal_effect_on_a_real_model(tiny_eval):
+    from ravl_pipeline.ml.audit import label_indices, score
+    from ravl_pipeline.ml.embed import class_text_embeddings, embed_dataset
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    templates = ["the number is a {}"]
+    emb = embed_dataset(lm, ds, progress=False)
+    sc = score(lm, emb, classes, templates, 0.07)
+    labels = label_indices(ds, classes)
+    text = class_text_embeddings(lm, classes, templates).numpy()
+    region_labels = [lab for labs in ds.region_labels for lab in labs]
+    empty = np.flatnonzero(np.array(region_labels) == "empty")
+    # black quadrants filled with black: nothing changes, so nothing may flip
+    res = causal.causal_effect(lm, ds, empty, emb.region_image, emb.boxes, labels, sc.image_pred, classes,
+                               text, 0.07, fill="black", attribute="nine")
+    assert res["n_regions"] == empty.size
+    assert res["n_images"] == np.unique(emb.region_image[empty]).size
+    assert res["flip_rate"] == 0.0 and res["acc_before"] == res["acc_after"]
+    for row in res["per_class"]:
+        assert row["gap_before"] == pytest.approx(row["gap_after"])
+    # "before" through encode_image agrees with the RoI image embedding of discovery
+    images = np.unique(emb.region_image[empty])
+    assert res["acc_before"] == pytest.approx(float(np.mean(sc.image_pred[images] == labels[images])))
+    # hiding the digits themselves does change what the model sees
+    digits = np.flatnonzero(np.isin(region_labels, classes))
+    res = causal.causal_effect(lm, ds, digits, emb.region_image, emb.boxes, labels, sc.image_pred, classes,
+                               text, 0.07, fill="mean")
+    assert res["n_images"] == len(ds) and 0.0 <= res["flip_rate"] <= 1.0
+    assert sum(r["n_present"] for r in res["per_class"]) == len(ds)
+
+
+def test_before_pred_shortcut_matches_recomputing(tiny_eval):
+    from ravl_pipeline.ml.audit import label_indices
+    from ravl_pipeline.ml.embed import class_text_embeddings, embed_dataset
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    emb = embed_dataset(lm, ds, progress=False)
+    labels = label_indices(ds, classes)
+    text = class_text_embeddings(lm, classes, ["the number is a {}"]).numpy()
+    rows = np.arange(0, emb.n_regions, 3)
+    args = (emb.region_image, emb.boxes, labels, labels, classes, text, 0.07)
+    slow = causal.causal_effect(lm, ds, rows, *args, fill="blur")
+    before = causal.predict_dataset(lm, ds, text, 0.07, batch_size=7)  # batches that do not divide 24
+    fast = causal.causal_effect(lm, ds, rows, *args, fill="blur", before_pred=before)
+    assert fast == slow
+
+
+def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
+    import json
+
+    from ravl_pipeline import cli
+
+    ds, _ = tiny_eval
+    out = tmp_path / "findings.json"
+    base = ["discover", "--model", "ravl-tiny-rn", "--data", str(ds.root), "--split", "val", "--quiet",
+            "--out", str(out)]
+    assert cli.main(base + ["--permutations", "20", "--alpha", "0.2", "--mask-fill", "black"]) == 0
+    findings = json.loads(out.read_text())
+    sig = findings["significance"]
+    assert sig["n_permutations"] == 20 and sig["alpha"] == 0.2 and sig["n_tests"] == findings["k"]
+    for feat in findings["features"]:
+        assert feat["called"] == (feat["q_value"] <= 0.2)
+        assert feat["names"]["model_derived"] is True
+    for feat in findings["features"][:5]:
+        assert feat["causal"]["fill"] == "black" and "causal_control" in feat
+    assert cli.main(base + ["--no-evidence"]) == 0
+    assert "significance" not in json.loads(out.read_text())
+    assert cli.main(base + ["--alpha", "2"]) == 2
+    assert "--alpha must lie in (0, 1)" in capsys.readouterr().err
