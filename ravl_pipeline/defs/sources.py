@@ -1,0 +1,54 @@
+"""Observable source assets: what the pipeline reads but does not make.
+
+* ``validation_set`` — one data version per partition from the set's content
+  (the ``.dvc`` md5 when DVC tracks it, else a hash of the manifest and image
+  bytes), so a changed set makes only its own downstream stale;
+* ``params_<section>`` — one source per ``params.yaml`` section with the
+  section's hash as data version, so changing a parameter makes exactly the
+  assets that read that section (and their downstream) stale.
+"""
+
+import warnings
+
+import dagster as dg
+
+from ..ml.params import SECTIONS, section_version
+from .partitions import validation_sets
+from .project import RavlProject, dataset_fingerprint
+
+# observable source assets are the documented way to version external data
+# (DESIGN); their beta label is no news to anyone reading the run logs
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+
+@dg.observable_source_asset(partitions_def=validation_sets, group_name="sources",
+                            description="A labelled validation set (dataset directory, SPEC §5).")
+def validation_set(context, ravl: RavlProject) -> dg.DataVersionsByPartition:
+    known = set(context.instance.get_dynamic_partitions(validation_sets.name))
+    versions = {}
+    for name in ravl.validation_set_names():
+        if name in known:
+            versions[name] = dataset_fingerprint(ravl.validation_root / name)
+    return dg.DataVersionsByPartition(versions)
+
+
+def _params_source(section: str) -> dg.SourceAsset:
+    @dg.observable_source_asset(name=f"params_{section}", group_name="params",
+                                description=f"The `{section}` section of params.yaml.")
+    def _observe(ravl: RavlProject) -> dg.ObserveResult:
+        params = ravl.params()
+        return dg.ObserveResult(data_version=dg.DataVersion(section_version(params, section)),
+                                metadata={"values": dg.MetadataValue.json(params[section]),
+                                          "path": dg.MetadataValue.path(ravl.params_path)})
+
+    return _observe
+
+
+PARAMS_SOURCES = {section: _params_source(section) for section in SECTIONS}
+params_audited_model = PARAMS_SOURCES["audited_model"]
+params_regions = PARAMS_SOURCES["regions"]
+params_labels = PARAMS_SOURCES["labels"]
+params_scores = PARAMS_SOURCES["scores"]
+params_discovery = PARAMS_SOURCES["discovery"]
+params_mitigation = PARAMS_SOURCES["mitigation"]
+params_evaluation = PARAMS_SOURCES["evaluation"]
