@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DVC_VENV := .venv-dvc
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup setup-dvc demo test test-fast ui bench clean
+.PHONY: setup setup-dvc setup-chromium repro demo test test-fast ui bench clean
 
 setup: $(VENV)/.stamp-setup
 
@@ -21,22 +21,38 @@ $(VENV)/.stamp-setup: pyproject.toml
 
 setup-dvc: $(DVC_VENV)/.stamp-setup
 
+# About 1.5 minutes from the package index on first use.
 $(DVC_VENV)/.stamp-setup:
 	@test -x $(DVC_VENV)/bin/python || $(PY) -m venv $(DVC_VENV) || python3 -m venv $(DVC_VENV)
-	$(DVC_VENV)/bin/pip install -q 'dvc>=3.50'
+	$(DVC_VENV)/bin/pip install -q --upgrade pip
+	$(DVC_VENV)/bin/pip install -q 'dvc>=3.50,<4'
 	@touch $@
 
+# The DVC stages (dvc.yaml) launch the Dagster materializations; no run-cache
+# restores, so every output DVC records comes from a recorded Dagster run.
+repro: setup setup-dvc
+	$(DVC_VENV)/bin/dvc repro --no-run-cache
+
+# The report's browser test renders with headless Chromium (Debian package;
+# needs root for apt-get, as in CI).
+CHROMIUM ?= /usr/bin/chromium
+setup-chromium:
+	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# The whole Dagster asset graph on the built-in synthetic default; the runs
+# are recorded in $(DAGSTER_HOME), so `make ui` shows them afterwards.
 demo: setup
 	$(BIN)/ravl demo
 
-test: setup
+test: setup setup-dvc setup-chromium
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Dagster UI + daemon (sensor, schedule) on the same instance as `ravl`.
 ui: setup
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -c "from ravl_pipeline.defs.runner import ensure_dagster_home; ensure_dagster_home()"
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean:

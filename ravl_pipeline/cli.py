@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_OUT = Path("runs/demo")
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -26,6 +25,23 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help="comma-separated class names (default: labels in the data)")
     p.add_argument("--tau", type=float, default=None, help="softmax temperature (default 0.07)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="embedding cache directory: reuse embeddings of unchanged images (e.g. data/cache/embeddings)")
+
+
+def _embeddings_via_cache(args, lm, ds):
+    """Embeddings read from / added to ``--cache DIR``; None without it."""
+    if not getattr(args, "cache", None):
+        return None
+    from .ml.cache import EmbeddingCache
+    from .ml.embed import embed_dataset
+
+    cache = EmbeddingCache(Path(args.cache))
+    emb = embed_dataset(lm, ds, proposer=args.proposer, mode=args.mode, batch_size=args.batch_size,
+                        progress=not args.quiet, cache=cache)
+    if not args.quiet:
+        print(f"embedding cache {args.cache}: {cache.stats.hits} images reused, {cache.stats.misses} embedded")
+    return emb
 
 
 def cmd_synth(args) -> int:
@@ -81,12 +97,22 @@ def cmd_finetune(args) -> int:
     from .ml.data import load_dataset
     from .ml.models import load_model, save_model
 
-    ds = load_dataset(args.data, split=args.split)
-    lm = load_model(args.model, args.pretrained, seed=args.seed)
     template = args.caption_template or _default_caption_template(args.data)
     cfg = train.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, lock_text=args.lock_text, caption_template=template,
-                            lam=args.lam, max_steps=args.max_steps)
+                            lam=args.lam, tau=args.tau, max_steps=args.max_steps)
+    from .ml.distributed import is_distributed_launch
+
+    if is_distributed_launch():
+        # under torchrun: one data-parallel run instead of N racing copies
+        if args.findings:
+            raise ValueError("--findings: Stage-2 methods cannot run under torchrun yet; run one process")
+        args.history, args.record_indices = None, False
+        return cmd_train(args)
+    if args.method != "standard" or args.findings:
+        return _finetune_mitigated(args, cfg)
+    ds = load_dataset(args.data, split=args.split)
+    lm = load_model(args.model, args.pretrained, seed=args.seed)
     data = train.build_train_data(lm, ds, template, progress=not args.quiet)
     history = train.finetune(lm, data, cfg, progress=not args.quiet)
     meta = {"base_model": args.model, "pretrained": args.pretrained, "train_data": str(Path(args.data).resolve()),
@@ -96,6 +122,85 @@ def cmd_finetune(args) -> int:
     losses = history["losses"]
     print(f"wrote {args.out}  ({history['steps']} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"{history['seconds']:.1f}s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Fine-tune in one process, or data-parallel under ``torchrun`` (DDP;
+    rank 0 alone saves the checkpoint and writes the history)."""
+    from .ml import distributed, train
+    from .ml.data import load_dataset, write_json_atomic
+    from .ml.models import load_model, save_model
+
+    world = distributed.world_from_env()
+    if world.world_size > 1:
+        distributed.init_process_group(world)
+    try:
+        ds = load_dataset(args.data, split=args.split)
+        lm = load_model(args.model, args.pretrained, seed=args.seed)
+        template = args.caption_template or _default_caption_template(args.data)
+        cfg = train.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, lock_text=args.lock_text, caption_template=template,
+                                lam=args.lam, max_steps=args.max_steps)
+        data = train.build_train_data(lm, ds, template)
+        quiet = args.quiet or not world.is_main
+        if world.world_size > 1:
+            history = distributed.finetune_distributed(lm, data, cfg, world, progress=not quiet,
+                                                       record_indices=args.record_indices)
+        else:
+            history = train.finetune(lm, data, cfg, progress=not quiet)
+        if world.is_main:
+            meta = {"base_model": args.model, "pretrained": args.pretrained,
+                    "train_data": str(Path(args.data).resolve()), "split": args.split, "train": cfg.to_dict(),
+                    "world_size": world.world_size,
+                    "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")}}
+            save_model(lm, args.out, meta)
+            if args.history:
+                write_json_atomic(args.history, history)
+            losses = history["losses"]
+            print(f"wrote {args.out}  ({history['steps']} steps on {world.world_size} process(es), "
+                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
+    finally:
+        if world.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+def _finetune_mitigated(args, cfg) -> int:
+    """Stage 2 methods (SPEC §3): groups and spurious regions from ``--findings``."""
+    from .ml import mitigate
+    from .ml.discover import read_findings
+
+    findings = read_findings(args.findings) if args.findings else None
+    history = mitigate.train_mitigated(args.model, args.data, findings, args.audited_model, args.out, cfg,
+                                       progress=not args.quiet, features=args.features,
+                                       cache_dir=args.cache_dir, findings_path=args.findings,
+                                       pretrained=args.pretrained, split=args.split)
+    losses = history["losses"]
+    print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps, loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}, {history['seconds']:.1f}s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Mitigation metrics of one model on one split (SPEC §4.2)."""
+    from .ml.evaluate import evaluate_model, write_metrics
+
+    metrics = evaluate_model(args.model, args.data, split=args.split, features=args.feature,
+                             templates=args.template, pretrained=args.pretrained,
+                             classes=args.classes.split(",") if args.classes else None,
+                             min_group_size=args.min_group_size, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    write_metrics(metrics, args.out)
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"wrote {args.out}: image overall {fmt(metrics['image_overall'])}, worst-group "
+          f"{fmt(metrics['image_worst_group'])}; region overall {fmt(metrics['region_overall'])}, worst-group "
+          f"{fmt(metrics['region_worst_group'])}" + ("  (partial)" if metrics["partial"] else ""))
+    for w in metrics["warnings"]:
+        print(f"  warning: {w}")
     return 0
 
 
@@ -118,7 +223,9 @@ def cmd_discover(args) -> int:
     t0 = time.perf_counter()
     findings, emb, sc = run_discovery(lm, ds, classes, templates=templates, proposer=args.proposer,
                                       mode=args.mode, tau=args.tau, seed=args.seed,
-                                      batch_size=args.batch_size, progress=not args.quiet)
+                                      batch_size=args.batch_size, progress=not args.quiet,
+                                      embeddings=_embeddings_via_cache(args, lm, ds),
+                                      **_evidence_kwargs(args))
     findings["seconds"] = time.perf_counter() - t0
     setting = dataset_setting(args.data)
     if setting is not None:
@@ -126,6 +233,36 @@ def cmd_discover(args) -> int:
         findings["ground_truth"] = ground_truth_summary(findings, ds, emb, sc, classes, induced)
     write_findings(findings, args.out)
     _print_findings(findings, args.out)
+    return 0
+
+
+def _evidence_kwargs(args) -> dict:
+    """``run_discovery`` options of ``--permutations/--alpha/--mask-fill/--vocab/--no-evidence``."""
+    if args.no_evidence:
+        return {"evidence": False}
+    if args.permutations < 1:
+        raise ValueError(f"--permutations must be at least 1, got {args.permutations}")
+    if not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    from .ml.names import load_vocabulary
+
+    return {"evidence": True, "permutations": args.permutations, "alpha": args.alpha,
+            "mask_fill": args.mask_fill, "vocab": load_vocabulary(args.vocab) if args.vocab else None}
+
+
+def cmd_bench(args) -> int:
+    """``ravl bench discovery``: the discovery benchmark grid (``ml/bench.py``)."""
+    from .ml.bench import run_bench
+
+    summary = run_bench(args.grid, args.out, limit=args.limit, permutations=args.permutations, alpha=args.alpha)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    return 0 if summary["n_settings"] else 1
+
+
+def cmd_bench_significance(args) -> int:
+    from .ml.bench import significance_calibration
+
+    print(json.dumps(significance_calibration(args.tests, args.permutations), indent=2))
     return 0
 
 
@@ -147,6 +284,12 @@ def _print_findings(findings: dict, path) -> None:
     for f in feats[:5]:
         print(f"  #{f['rank']} cluster {f['cluster_id']}: score {f['score']:.3f}, influence "
               f"{f['influence']:.2f}, attribute {f['attribute']!r}, {f.get('size', '?')} regions")
+        if "q_value" in f:
+            names = ", ".join(t["term"] for t in f.get("names", {}).get("terms", [])[:3])
+            flips = (f.get("causal") or {}).get("flip_rate")
+            print(f"      p={f['p_value']:.3f} q={f['q_value']:.3f} {'CALLED' if f['called'] else 'not called'}"
+                  + (f", masking flips {flips:.0%} of its images" if flips is not None else "")
+                  + (f"; model-derived names: {names}" if names else ""))
     for name, gt in (findings.get("ground_truth") or {}).items():
         v = gt["validity"]
         print(f"  ground truth {name!r} ↔ {gt['correlated_class']!r}: valid={v['valid']} "
@@ -158,27 +301,101 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
 
+def _dagster_session():
+    """The persistent instance (``DAGSTER_HOME``, default ``<repo>/dagster_home``)
+    and the pipeline's definitions."""
+    from .defs import runner
+
+    runner.ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from .definitions import build_definitions
+
+    return DagsterInstance.get(), build_definitions()
+
+
+def _print_runs(runs) -> bool:
+    for run in runs:
+        for line in run.lines():
+            print(line)
+    return all(run.success for run in runs)
+
+
+def cmd_materialize(args) -> int:
+    """Materialize the Dagster asset graph in process (the orchestrator of record)."""
+    from .defs import runner
+
+    instance, defs = _dagster_session()
+    with instance:
+        runs = runner.materialize(defs, instance, partitions=args.partition or None, select=args.select,
+                                  log_level="INFO" if args.verbose else "WARNING")
+    if not runs:
+        print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
+    return 0 if _print_runs(runs) else 1
+
+
 def cmd_demo(args) -> int:
-    """Synthetic setting → pre-train → fine-tune → discover, through the CLI steps."""
-    out = Path(args.out)
+    """Built-in synthetic setting → audited model → the whole asset graph, through Dagster."""
+    from .defs import runner
+    from .ml.discover import read_findings
+
     t0 = time.perf_counter()
-    steps = [
-        ["synth", "--out", str(out / "setting"), "--seed", str(args.seed)],
-        ["finetune", "--model", "ravl-tiny-rn", "--data", str(out / "setting/pretrain"),
-         "--out", str(out / "models/pretrained"), "--epochs", "6", "--seed", str(args.seed)],
-        ["finetune", "--model", f"local-dir:{out / 'models/pretrained'}", "--data",
-         str(out / "setting/finetune"), "--out", str(out / "models/audited"), "--epochs", "4",
-         "--lr", "1e-4", "--seed", str(args.seed)],
-        ["discover", "--model", f"local-dir:{out / 'models/audited'}", "--data", str(out / "setting/eval"),
-         "--split", "val", "--out", str(out / "findings.json")],
-    ]
-    for argv in steps:
-        print(f"$ ravl {' '.join(argv)}", flush=True)
-        rc = main(argv)
-        if rc:
-            return rc
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; outputs under {out}/")
+    instance, defs = _dagster_session()
+    with instance:
+        runs = runner.run_demo(defs, instance)
+    ok = _print_runs(runs)
+    out = defs.resources["ravl"].outputs_root / runner.DEMO_SET
+    if (out / "findings.json").is_file():
+        _print_findings(read_findings(out / "findings.json"), out / "findings.json")
+    if (out / "metrics.json").is_file():
+        metrics = json.loads((out / "metrics.json").read_text())
+        for name in ("audited", "mitigated"):
+            m = metrics[name]
+            print(f"  {name}: image overall {_fmt(m['image_overall'])}, worst group "
+                  f"{_fmt(m['image_worst_group'])}, region overall {_fmt(m['region_overall'])}, "
+                  f"worst group {_fmt(m['region_worst_group'])}")
+    for name in ("report.html", "summary.json"):
+        if (out / "report" / name).is_file():
+            print(f"report: {out / 'report' / name}")
+    print(f"demo {'finished' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s "
+          f"(Dagster instance: {instance.root_directory}; `make ui` shows the runs)")
+    return 0 if ok else 1
+
+
+def cmd_report(args) -> int:
+    """Static HTML audit report with its JSON twin (``ml/report.py``)."""
+    from .ml.report import load_metrics, write_report
+
+    metrics = {}
+    for item in args.metrics or []:
+        name, path = _metrics_arg(item)
+        if name in metrics:
+            raise ValueError(f"--metrics: method {name!r} given twice")
+        metrics[name] = load_metrics(path)
+    provenance = None
+    if args.provenance:
+        provenance = json.loads(Path(args.provenance).read_text(encoding="utf-8"))
+        if not isinstance(provenance, dict):
+            raise ValueError(f"{args.provenance}: provenance must be a JSON object")
+    out = write_report(args.out, args.findings, dataset_root=args.data, metrics=metrics or None,
+                       reaudit=args.reaudit, provenance=provenance, top_regions=args.top_regions)
+    print(f"wrote {out} (open it in any browser; JSON beside it)")
     return 0
+
+
+def _metrics_arg(item: str) -> tuple[str, Path]:
+    """``NAME=PATH``, or ``PATH`` named by its ``method`` key, its stem, or its folder."""
+    if "=" in item:
+        name, path = item.split("=", 1)
+        return name, Path(path)
+    path = Path(item)
+    try:
+        method = json.loads(path.read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        method = None
+    if method:
+        return str(method), path
+    return (path.parent.name or path.stem) if path.stem == "metrics" else path.stem, path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,16 +433,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="standard")
     p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
+    p.add_argument("--audited-model", default=None,
+                   help="the audited model the findings came from (default: the findings' 'model')")
+    p.add_argument("--features", default="called",
+                   help="discovered features treated as spurious: called (significant ones where the findings "
+                        "carry significance, else all kept) | all (every kept cluster) | top1 | K")
+    p.add_argument("--cache-dir", default=None, help="cache of spurious-region assignments (default: beside --out)")
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lam", type=float, default=0.8)
+    p.add_argument("--tau", type=float, default=0.07, help="temperature of the region-aware loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lock-text", action="store_true")
     p.add_argument("--caption-template", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="image/region overall and worst-group accuracy (SPEC §4.2)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", help="split to evaluate (default test; 'all' for every row)")
+    p.add_argument("--feature", action="append", default=None,
+                   help="region label of a feature defining the groups (repeatable; default: setting.json)")
+    p.add_argument("--template", action="append", default=None, help="prompt template (default from the dataset)")
+    p.add_argument("--classes", default=None, help="comma-separated class names (default: setting or labels)")
+    p.add_argument("--min-group-size", type=int, default=10,
+                   help="groups smaller than this are reported but left out of worst-group")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="metrics.json to write")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="fine-tune; also data-parallel under torchrun --nproc-per-node N (DDP)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="standard")
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lam", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lock-text", action="store_true")
+    p.add_argument("--caption-template", default=None)
+    p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
+    p.add_argument("--record-indices", action="store_true",
+                   help="record which sample indices each process saw at each step (in the history)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("discover", help="Stage 1: find spurious region features (SPEC §2)")
     _add_model_args(p)
@@ -235,11 +494,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--permutations", type=int, default=200,
+                   help="permutations for each cluster's p-value (default 200)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="Benjamini-Hochberg level deciding which features are 'called' (default 0.05)")
+    p.add_argument("--mask-fill", default="mean", choices=["mean", "black", "blur"],
+                   help="how the causal check hides a feature's regions (default mean)")
+    p.add_argument("--vocab", action="append", default=None, metavar="FILE",
+                   help="extra naming concepts, one per line (repeatable; added to the packaged list)")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="skip significance, the causal masking check and names")
     p.set_defaults(func=cmd_discover)
 
-    p = sub.add_parser("demo", help="run the whole audit on the built-in synthetic default")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("discovery", help="RaVL vs image-level baselines over synthetic settings (SPEC §4)")
+    b.add_argument("--grid", default="small", choices=["small", "full"])
+    b.add_argument("--out", default="runs/bench-discovery", help="output folder (resumes a partial run)")
+    b.add_argument("--limit", type=int, default=None, help="run only the first N settings of the grid")
+    b.add_argument("--permutations", type=int, default=200)
+    b.add_argument("--alpha", type=float, default=0.05)
+    b.set_defaults(func=cmd_bench)
+    b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
+    b.add_argument("--tests", type=int, default=1000)
+    b.add_argument("--permutations", type=int, default=200)
+    b.set_defaults(func=cmd_bench_significance)
+
+    p = sub.add_parser("report", help="static HTML audit report (+ JSON twin)")
+    p.add_argument("--findings", required=True, help="findings.json of the audited model")
+    p.add_argument("--metrics", action="append", default=None,
+                   help="[NAME=]metrics.json of one method (repeatable); NAME defaults to the file's "
+                        "'method' key, stem, or folder")
+    p.add_argument("--reaudit", default=None, help="findings.json of the mitigated model")
+    p.add_argument("--data", default=None, help="dataset directory the findings were computed on (images)")
+    p.add_argument("--provenance", default=None, help="JSON object of extra provenance (versions, parameters)")
+    p.add_argument("--top-regions", type=int, default=12, help="regions drawn per feature")
+    p.add_argument("--out", required=True, help="report.html to write")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("materialize", help="materialize the Dagster asset graph in process")
+    p.add_argument("--partition", action="append", default=None,
+                   help="validation set (repeatable; default: every registered set); registered if new")
+    p.add_argument("--select", action="append", default=None,
+                   help="Dagster asset selection, e.g. audited_model or 'key:region_*' (repeatable; default: all)")
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("demo", help="the whole asset graph on the built-in synthetic default, through Dagster")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -41,8 +41,9 @@ def small_ds(tmp_path):
 def test_whole_image_box_reproduces_image_embedding_resnet(rn):
     """SPEC §1.2 check: the box covering the whole image gives back f(I)."""
     torch.manual_seed(1)
-    pixels = torch.randn(4, 3, 64, 64)
-    whole = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [0.0, 0.0, 32.0, 32.0]])] * 4
+    s = float(rn.image_size)
+    pixels = torch.randn(4, 3, rn.image_size, rn.image_size)
+    whole = [torch.tensor([[0.0, 0.0, s, s], [0.0, 0.0, s / 2, s / 2]])] * 4
     with torch.no_grad():
         image, regions = encode_image_and_regions(rn.model, pixels, whole)
         reference = rn.model.encode_image(pixels)
@@ -127,7 +128,7 @@ def test_checkpoint_round_trip_and_architecture_check(tmp_path, rn, vit):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "open_clip_config.json", "open_clip_model.safetensors", "ravl_model.json"]
     back = load_model(f"local-dir:{tmp_path / 'ck'}")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, rn.image_size, rn.image_size)
     with torch.no_grad():
         assert torch.equal(back.model.encode_image(x), rn.model.encode_image(x))
     assert back.meta == {"note": "x"}
@@ -140,7 +141,7 @@ def test_open_clip_loads_saved_checkpoint_unchanged(tmp_path, rn):
     import open_clip
     save_model(rn, tmp_path / "ck")
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ck'}")
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, rn.image_size, rn.image_size)
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(x), rn.model.encode_image(x), atol=1e-6)
 
@@ -150,7 +151,7 @@ def test_open_clip_name_with_pretrained_file(tmp_path, rn):
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in rn.model.state_dict().items()}, str(weights))
     lm = load_model("ravl-tiny-rn", pretrained=str(weights))
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, rn.image_size, rn.image_size)
     with torch.no_grad():
         assert torch.equal(lm.model.encode_image(x), rn.model.encode_image(x))
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, visual_architecture
+from .models import LoadedModel, _replace_dir, visual_architecture
 from .regions import propose_dataset
 
 MODES = ("auto", "roi", "crop")
@@ -191,9 +191,8 @@ class Embeddings:
             })
             pq.write_table(images, tmp / "images.parquet")
             pq.write_table(regions, tmp / "regions.parquet")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            # never delete before replacing: a crash must leave the old embeddings whole
+            _replace_dir(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -240,8 +239,15 @@ def preprocess_images(lm: LoadedModel, ds, indices: Sequence[int] | None = None,
 
 
 def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
-                  batch_size: int = 64, progress: bool = True) -> Embeddings:
-    """Image and region embeddings of every image of ``ds`` (SPEC §1.2)."""
+                  batch_size: int = 64, progress: bool = True, cache=None) -> Embeddings:
+    """Image and region embeddings of every image of ``ds`` (SPEC §1.2).
+
+    With ``cache`` (an :class:`~ravl_pipeline.ml.cache.EmbeddingCache`), images
+    already embedded under the same model, boxes and mode are read back and
+    only the others are computed (and added to the cache).
+    """
+    if cache is not None:
+        return cache.embed(lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress)
     mode = resolve_mode(lm.model, mode)
     proposals = propose_dataset(ds, proposer)
     device = next(lm.model.parameters()).device

@@ -34,6 +34,15 @@ RAVL_META_NAME = "ravl_model.json"
 
 open_clip.add_model_config(CONFIG_DIR)
 
+# Preprocessing of the built-in tiny models. Pixels are scaled so that black
+# is 0, the value convolutions pad with: with open_clip's default (CLIP)
+# normalisation black becomes about -1.8, the image border stands out from a
+# black background, and region features pick up where in the image a region
+# sits rather than what it shows.
+BUILTIN_PREPROCESS: dict[str, dict[str, Any]] = {
+    name: {"image_mean": (0.0, 0.0, 0.0), "image_std": (0.5, 0.5, 0.5)} for name in BUILTIN_MODELS
+}
+
 
 class ModelError(ValueError):
     """A model name, checkpoint or architecture that cannot be used."""
@@ -111,9 +120,10 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
                                  f"nor a known tag ({', '.join(tags) or 'none'})")
     if seed is not None:
         torch.manual_seed(seed)
+    overrides = BUILTIN_PREPROCESS.get(model_name, {}) if kind == "name" else {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, weights_only=True)
+            model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         raise ModelError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -155,13 +165,35 @@ def save_model(lm: LoadedModel, out_dir: str | os.PathLike, meta: dict[str, Any]
 
 
 def _replace_dir(new: Path, target: Path) -> None:
+    """Move directory ``new`` to ``target``, replacing any previous one.
+
+    An existing ``target`` is swapped with ``new`` in one step where the
+    kernel offers it (Linux ``renameat2(RENAME_EXCHANGE)``), so a process
+    killed at any point leaves either the old or the new directory at
+    ``target``, never neither; elsewhere the old one is renamed aside first.
+    """
     if target.exists():
+        if _exchange_paths(new, target):
+            shutil.rmtree(new, ignore_errors=True)  # now holds the previous content
+            return
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False when the platform cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _jsonable(obj: Any) -> Any:

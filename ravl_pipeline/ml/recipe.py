@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_dataset
-from .models import CONFIG_DIR, load_model, save_model
+from .models import BUILTIN_PREPROCESS, CONFIG_DIR, load_model, save_model
 from .synth import CAPTION_TEMPLATE, SynthConfig, make_setting
 from .train import TrainConfig, build_train_data, finetune
 
@@ -63,7 +63,9 @@ def train_model(model: str, data_dir: Path, out_dir: Path, cfg: TrainConfig, pro
 
 def _builtin_cfg(name: str) -> dict | None:
     path = CONFIG_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return {"model_cfg": json.loads(path.read_text()), "preprocess": BUILTIN_PREPROCESS.get(name)}
 
 
 def build_audited_model(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, progress: bool = False,
