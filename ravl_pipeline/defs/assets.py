@@ -444,7 +444,7 @@ def evaluation_report(context: dg.AssetExecutionContext, ravl: RavlProject) -> d
     before = disc.read_findings(out / "findings.json")
     after = disc.read_findings(out / "findings_mitigated.json")
     metrics = json.loads((out / "metrics.json").read_text())
-    provenance = {"validation_set": partition, "run_id": context.run_id,
+    provenance = {"validation_set": partition, "run_id": context.run.run_id,
                   "audited_model": audited_record(ravl)["model"],
                   "mitigated_model": mitigated_record(out)["model"],
                   "mitigation_method": _mitigation_config(ravl, audited_record(ravl)).method,

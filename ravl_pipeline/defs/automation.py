@@ -16,10 +16,10 @@ WEEKLY_CRON = "0 6 * * 1"  # Mondays 06:00 UTC
 model_job = dg.define_asset_job(MODEL_JOB, selection=dg.AssetSelection.assets(audited_model),
                                 description="Build or register the audited model.")
 audit_job = dg.define_asset_job(
-    AUDIT_JOB, selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS), partitions_def=validation_sets,
+    AUDIT_JOB, selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
     description="Discovery, mitigation, re-audit and report for one validation set.")
 reaudit_job = dg.define_asset_job(
-    REAUDIT_JOB, selection=dg.AssetSelection.assets(*DISCOVERY_ASSETS), partitions_def=validation_sets,
+    REAUDIT_JOB, selection=dg.AssetSelection.assets(*DISCOVERY_ASSETS),
     description="Stage-1 discovery of the audited model on one validation set.")
 
 

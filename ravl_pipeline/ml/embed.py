@@ -142,10 +142,15 @@ def class_text_embeddings(lm: LoadedModel, classes: Sequence[str],
 def zero_shot_probs(emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor,
                     tau: float = DEFAULT_TAU) -> np.ndarray:
     """``softmax(e · T / τ)`` (SPEC §1.4) for L2-normalised rows of ``emb``."""
-    e = torch.as_tensor(np.asarray(emb) if not torch.is_tensor(emb) else emb, dtype=torch.float32)
-    t = torch.as_tensor(np.asarray(text_emb) if not torch.is_tensor(text_emb) else text_emb,
-                        dtype=torch.float32)
+    e = _as_float_tensor(emb)
+    t = _as_float_tensor(text_emb)
     return torch.softmax(e @ t.T / tau, dim=-1).numpy()
+
+
+def _as_float_tensor(x) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.detach().to(torch.float32).cpu()
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def model_tau(lm: LoadedModel, use_logit_scale: bool = False) -> float:
