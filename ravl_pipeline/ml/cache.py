@@ -37,7 +37,7 @@ import torch
 
 from .data import _atomic_write, write_json_atomic
 from .embed import Embeddings, embed_dataset, resolve_mode
-from .models import CONFIG_NAME, WEIGHTS_NAME, LoadedModel
+from .models import WEIGHTS_NAME, LoadedModel
 from .regions import propose_dataset
 
 # Bumped whenever the way embeddings are computed changes, so entries written

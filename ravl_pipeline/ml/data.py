@@ -239,11 +239,15 @@ def write_manifest(
     return file
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: str | os.PathLike, write) -> Path:
     """Call ``write(fileobj)`` on a temporary file next to ``target``, then
-    move it into place; the temporary file never outlives a failure."""
+    move it into place; the temporary file never outlives a failure. Every
+    single-file output of the project is written through here."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # outputs are for reading; mkstemp's 0600 would hide them
         with open(fd, "wb") as f:
             write(f)
             f.flush()
@@ -252,6 +256,10 @@ def _atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return target
+
+
+_atomic_write = atomic_write
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -738,23 +737,10 @@ def precision_at_k(
 
 def write_findings(findings: Mapping, path) -> None:
     """Write findings as JSON atomically (temp file in the same folder + ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".findings-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(findings, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from .data import atomic_write
+
+    text = json.dumps(findings, indent=2, allow_nan=False) + "\n"  # raises before anything is written
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def read_findings(path) -> dict:

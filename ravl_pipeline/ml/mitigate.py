@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import train
-from .data import load_dataset
+from .data import atomic_write, load_dataset
 from .discover import assign_to_medoids
 from .embed import Embeddings, embed_dataset, encode_image_and_regions, input_boxes
 from .models import (RAVL_META_NAME, WEIGHTS_NAME, LoadedModel, check_same_architecture, load_model, save_model,
@@ -153,15 +152,7 @@ class RegionAssignment:
             "cluster": pa.array(self.cluster, pa.int64()),
             "spurious": pa.array(self.spurious, pa.bool_()),
         }).replace_schema_metadata({b"image_ids": json.dumps(self.image_ids).encode()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        return atomic_write(path, lambda fh: pq.write_table(table, fh))
 
     @classmethod
     def load(cls, path: Path) -> "RegionAssignment":

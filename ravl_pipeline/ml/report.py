@@ -23,10 +23,10 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .data import atomic_write
 from .discover import SCHEMA_VERSION, read_findings
 
 __all__ = [
@@ -554,17 +554,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # a report is for reading; mkstemp's 0600 would hide it
-        with open(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda fh: fh.write(data))
 
 
 def _json_bytes(obj: Any) -> bytes:
