@@ -354,12 +354,48 @@ def cmd_demo(args) -> int:
             print(f"  {name}: image overall {_fmt(m['image_overall'])}, worst group "
                   f"{_fmt(m['image_worst_group'])}, region overall {_fmt(m['region_overall'])}, "
                   f"worst group {_fmt(m['region_worst_group'])}")
+    rejected = not ok and _only_mitigation_check_failed(runs)
+    if rejected:
+        # The blocking check did its job: the mitigated model is not promoted
+        # and the pipeline's report step did not run. The demo still shows the
+        # audit, so the same report code writes it beside the run's outputs.
+        print("the blocking check rejected the mitigated model: it lost more image accuracy than "
+              "evaluation.max_accuracy_drop allows (params.yaml); the audit report below is marked so")
+        _write_demo_report(out)
     for name in ("report.html", "summary.json"):
         if (out / "report" / name).is_file():
             print(f"report: {out / 'report' / name}")
-    print(f"demo {'finished' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s "
+    status = "finished" if ok else ("finished, mitigated model rejected" if rejected else "FAILED")
+    print(f"demo {status} in {time.perf_counter() - t0:.0f}s "
           f"(Dagster instance: {instance.root_directory}; `make ui` shows the runs)")
-    return 0 if ok else 1
+    return 0 if ok or rejected else 1
+
+
+MITIGATION_CHECK = "mitigated_accuracy_within_margin"
+
+
+def _only_mitigation_check_failed(runs) -> bool:
+    """True when every failed run failed on the mitigation accuracy check alone."""
+    failed = [r for r in runs if not r.success]
+    return bool(failed) and all(
+        [name for name, passed, _ in r.checks if not passed]
+        and all(name.endswith(MITIGATION_CHECK) for name, passed, _ in r.checks if not passed)
+        for r in failed)
+
+
+def _write_demo_report(out: Path) -> None:
+    from .ml.report import write_report
+
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else None
+    per_method = {k: v for k, v in (metrics or {}).items() if isinstance(v, dict) and "image_overall" in v}
+    reaudit = out / "findings_mitigated.json"
+    # findings name the validation set; its directory sits under validation_sets/
+    name = json.loads((out / "findings.json").read_text()).get("dataset") or ""
+    dataset = out.parent.parent / "validation_sets" / name
+    write_report(out / "report" / "report.html", out / "findings.json",
+                 dataset_root=dataset if (dataset / "manifest.parquet").is_file() else None,
+                 metrics=per_method or None, reaudit=reaudit if reaudit.is_file() else None,
+                 provenance={"note": "mitigated model rejected by the blocking accuracy check"})
 
 
 def cmd_report(args) -> int:

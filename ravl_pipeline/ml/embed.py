@@ -150,7 +150,7 @@ def zero_shot_probs(emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch
 def _as_float_tensor(x) -> torch.Tensor:
     if torch.is_tensor(x):
         return x.detach().to(torch.float32).cpu()
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
 
 
 def model_tau(lm: LoadedModel, use_logit_scale: bool = False) -> float:
