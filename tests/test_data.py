@@ -214,7 +214,8 @@ def test_bad_box(root: Path, box: list, expected: str) -> None:
 
 def test_box_within_half_pixel_tolerance_is_accepted(root: Path) -> None:
     write_manifest(root, _with(1, boxes=[[-0.4, 0, 8.4, 8]], region_labels=["dog"]))
-    load_dataset(root)
+    ds = load_dataset(root)
+    np.testing.assert_allclose(ds.boxes[1], [[-0.4, 0, 8.4, 8]], rtol=1e-6)
 
 
 def test_region_labels_length_differs_from_boxes(root: Path) -> None:
