@@ -25,7 +25,6 @@ Run: ``torchrun --nproc-per-node 2 -m ravl_pipeline.ml.distributed --model … -
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -36,10 +35,11 @@ import torch
 import torch.distributed as dist
 
 from .train import (
+    build_optimizer,
+    optimizer_step,
     TrainConfig,
     TrainData,
     TrainError,
-    _cosine_with_warmup,
     _set_seed,
     clip_loss,
     configure_trainable,
@@ -208,12 +208,8 @@ def finetune_distributed(lm, data: TrainData, cfg: TrainConfig, world: WorldInfo
     params = configure_trainable(model, cfg.lock_text)
     use_global_batchnorm(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n_steps = total_steps(len(data), cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, n_steps))
+    opt, sched = build_optimizer(params, cfg, n_steps)
     losses: list[float] = []
     seen: list[list[list[int]]] = []
     model.train()
@@ -222,15 +218,7 @@ def finetune_distributed(lm, data: TrainData, cfg: TrainConfig, world: WorldInfo
         mine = local_slice(idx, world)
         sizes = [b - a for a, b in shard_bounds(len(idx), world.world_size)]
         loss = distributed_clip_loss(ddp, data.pixels[mine], data.tokens[mine], sizes, world.rank)
-        if not torch.isfinite(loss):
-            raise TrainError(f"non-finite loss {loss.item()} at step {step} (rank {world.rank})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.item()))
+        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (rank {world.rank})"))
         if record_indices:
             per_rank: list = [None] * world.world_size
             dist.all_gather_object(per_rank, mine.tolist())

@@ -172,6 +172,29 @@ def configure_trainable(model: torch.nn.Module, lock_text: bool) -> list[torch.n
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, n_steps: int):
+    """AdamW without weight decay on biases and norms, cosine schedule with warm-up."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, n_steps))
+    return opt, sched
+
+
+def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where: str) -> float:
+    """One update shared by every training loop; returns the loss value."""
+    if not torch.isfinite(loss):
+        raise TrainError(f"non-finite loss {loss.item()} at {where}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the learned temperature
+    return float(loss.item())
+
+
 def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool = True,
              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``lm.model`` in place with ``cfg.method``; return the history."""
@@ -184,12 +207,8 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
     gen = _set_seed(cfg.seed)
     model = lm.model
     params = configure_trainable(model, cfg.lock_text)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n_steps = total_steps(len(data), cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, n_steps))
+    opt, sched = build_optimizer(params, cfg, n_steps)
     state: dict[str, Any] = {}
     if cfg.method in PREPARE:
         PREPARE[cfg.method](data, cfg, state)
@@ -203,15 +222,7 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
         if data.labels is not None:
             batch["labels"] = data.labels[idx]
         loss = loss_fn(model, batch, data, cfg, state)
-        if not torch.isfinite(loss):
-            raise TrainError(f"non-finite loss {loss.item()} at step {step} (method {cfg.method})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.item()))
+        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (method {cfg.method})"))
         if on_step is not None:
             on_step(step, losses[-1])
         bar.update(1)
