@@ -48,7 +48,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
 
 
 def test_replace_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path):
-    from ravl_pipeline.ml.models import _exchange_paths, _replace_dir
+    from ravl_pipeline.ml.data import _exchange_paths, replace_dir as _replace_dir
 
     target, new = tmp_path / "out", tmp_path / ".out.new"
     target.mkdir()
@@ -66,6 +66,30 @@ def test_replace_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path):
         (a / "x").write_text("1")
         assert _exchange_paths(a, b)
         assert (b / "x").read_text() == "1" and not any(a.iterdir())
+
+
+def test_replace_dir_without_exchange_puts_the_old_folder_back_when_the_move_fails(tmp_path, monkeypatch):
+    from ravl_pipeline.ml import data
+
+    target, new = tmp_path / "out", tmp_path / ".out.new"
+    target.mkdir()
+    (target / "f").write_text("old")
+    new.mkdir()
+    (new / "f").write_text("new")
+    monkeypatch.setattr(data, "_exchange_paths", lambda a, b: False)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == new:
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        data.replace_dir(new, target)
+    monkeypatch.setattr(data.os, "replace", real_replace)
+    assert (target / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.new", "out"]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from ..ml.data import MANIFEST_NAME, read_manifest
+from ..ml.data import MANIFEST_NAME, read_manifest, replace_dir
 from ..ml.params import PARAMS_NAME, load_params
 
 PARTITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -139,13 +139,7 @@ def copy_dataset_dir(src: Path, target: Path, extra_files: tuple[Path, ...] = ()
         shutil.copytree(src, staged)
         for extra in extra_files:
             shutil.copy2(extra, staged / extra.name)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(staged, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -160,13 +154,7 @@ def atomic_dir(target: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

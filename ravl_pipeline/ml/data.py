@@ -239,6 +239,44 @@ def write_manifest(
     return file
 
 
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move directory ``new`` to ``target``, replacing any previous one.
+
+    An existing ``target`` is swapped with ``new`` in one step where the
+    kernel offers it (Linux ``renameat2(RENAME_EXCHANGE)``), so a process
+    killed at any point leaves either the old or the new directory at
+    ``target``, never neither; elsewhere the old one is renamed aside first.
+    If moving ``new`` in fails, the previous ``target`` is put back.
+    """
+    new, target = Path(new), Path(target)
+    if target.exists():
+        if _exchange_paths(new, target):
+            shutil.rmtree(new, ignore_errors=True)  # now holds the previous content
+            return
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False when the platform cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def atomic_write(target: str | os.PathLike, write) -> Path:
     """Call ``write(fileobj)`` on a temporary file next to ``target``, then
     move it into place; the temporary file never outlives a failure. Every

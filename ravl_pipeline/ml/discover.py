@@ -56,6 +56,7 @@ __all__ = [
     "region_label_map",
     "precision_at_k",
     "write_findings",
+    "check_findings",
     "read_findings",
 ]
 
@@ -743,34 +744,41 @@ def write_findings(findings: Mapping, path) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
-def read_findings(path) -> dict:
-    """Read and validate findings JSON; ``ValueError`` naming the file on any problem.
+def check_findings(data, where: str, *, required: Sequence[str] = REQUIRED_FINDINGS_KEYS,
+                   feature_keys: Sequence[str] = REQUIRED_FEATURE_KEYS, error: type = ValueError) -> dict:
+    """Check a findings object against the schema (SPEC §5); ``error``
+    naming ``where`` on any problem.
 
-    A file without ``schema_version`` (a plain SPEC §5 file) is accepted;
-    any other version than :data:`SCHEMA_VERSION` is refused.
+    A missing ``schema_version`` (a plain SPEC §5 file) is accepted; any
+    other version than :data:`SCHEMA_VERSION` is refused by name. Readers
+    that need less than a full findings file (the report) pass their own
+    ``required`` and ``feature_keys``.
     """
+    if not isinstance(data, Mapping):
+        raise error(f"{where}: findings must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise error(f"{where}: findings schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise error(f"{where}: findings missing required key(s): {', '.join(missing)}")
+    if not isinstance(data.get("features"), list):
+        raise error(f"{where}: 'features' must be a list")
+    for i, feat in enumerate(data["features"]):
+        if not isinstance(feat, Mapping):
+            raise error(f"{where}: features[{i}] must be an object")
+        missing = [key for key in feature_keys if key not in feat]
+        if missing:
+            raise error(f"{where}: features[{i}] missing required key(s): {', '.join(missing)}")
+    return dict(data)
+
+
+def read_findings(path) -> dict:
+    """Read and validate findings JSON; ``ValueError`` naming the file on any problem."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: findings must be a JSON object, got {type(data).__name__}")
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path}: findings schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
-        )
-    missing = [key for key in REQUIRED_FINDINGS_KEYS if key not in data]
-    if missing:
-        raise ValueError(f"{path}: findings missing required key(s): {', '.join(missing)}")
-    if not isinstance(data["features"], list):
-        raise ValueError(f"{path}: 'features' must be a list")
-    for i, feat in enumerate(data["features"]):
-        if not isinstance(feat, dict):
-            raise ValueError(f"{path}: features[{i}] must be an object")
-        missing = [key for key in REQUIRED_FEATURE_KEYS if key not in feat]
-        if missing:
-            raise ValueError(f"{path}: features[{i}] missing required key(s): {', '.join(missing)}")
-    return data
+    return check_findings(data, path)

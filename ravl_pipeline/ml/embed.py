@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, _replace_dir, visual_architecture
+from .data import replace_dir
+from .models import LoadedModel, visual_architecture
 from .regions import propose_dataset
 
 MODES = ("auto", "roi", "crop")
@@ -197,7 +198,7 @@ class Embeddings:
             pq.write_table(images, tmp / "images.parquet")
             pq.write_table(regions, tmp / "regions.parquet")
             # never delete before replacing: a crash must leave the old embeddings whole
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

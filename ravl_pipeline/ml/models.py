@@ -26,6 +26,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from .data import replace_dir
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUILTIN_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 CONFIG_NAME = "open_clip_config.json"
@@ -157,43 +159,11 @@ def save_model(lm: LoadedModel, out_dir: str | os.PathLike, meta: dict[str, Any]
         save_file(state, str(tmp / WEIGHTS_NAME))
         if meta is not None:
             (tmp / RAVL_META_NAME).write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing any previous one.
-
-    An existing ``target`` is swapped with ``new`` in one step where the
-    kernel offers it (Linux ``renameat2(RENAME_EXCHANGE)``), so a process
-    killed at any point leaves either the old or the new directory at
-    ``target``, never neither; elsewhere the old one is renamed aside first.
-    """
-    if target.exists():
-        if _exchange_paths(new, target):
-            shutil.rmtree(new, ignore_errors=True)  # now holds the previous content
-            return
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
-def _exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swap two paths; False when the platform cannot."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _jsonable(obj: Any) -> Any:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .data import atomic_write
-from .discover import SCHEMA_VERSION, read_findings
+from .discover import read_findings
+from .discover import check_findings as discover_check_findings
 
 __all__ = [
     "METRIC_KEYS",
@@ -63,31 +64,16 @@ class ReportError(ValueError):
     """Findings, metrics or images that cannot be rendered."""
 
 
+REPORT_FEATURE_KEYS = ("rank", "score", "per_class", "regions")  # what the report reads of a feature
+
+
 # --------------------------------------------------------------------------- inputs
 
 def check_findings(findings: Mapping[str, Any], where: str = "findings") -> dict:
-    """The findings dict, checked for the schema this report understands (SPEC §5).
-
-    A missing ``schema_version`` is a plain SPEC §5 file and accepted; any
-    other version than :data:`discover.SCHEMA_VERSION` is refused by name.
-    """
-    if not isinstance(findings, Mapping):
-        raise ReportError(f"{where}: findings must be a JSON object, got {type(findings).__name__}")
-    version = findings.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise ReportError(
-            f"{where}: findings schema_version {version!r} is not supported by this report "
-            f"(expected {SCHEMA_VERSION})")
-    features = findings.get("features")
-    if not isinstance(features, list):
-        raise ReportError(f"{where}: 'features' must be a list")
-    for i, feat in enumerate(features):
-        if not isinstance(feat, Mapping):
-            raise ReportError(f"{where}: features[{i}] must be an object")
-        for key in ("rank", "score", "per_class", "regions"):
-            if key not in feat:
-                raise ReportError(f"{where}: features[{i}] has no {key!r}")
-    return dict(findings)
+    """The findings dict, checked for the schema this report understands
+    (SPEC §5; :func:`discover.check_findings` with the keys the report reads)."""
+    return discover_check_findings(findings, where, required=("features",), feature_keys=REPORT_FEATURE_KEYS,
+                                   error=ReportError)
 
 
 def _load_findings(findings, where: str) -> dict:

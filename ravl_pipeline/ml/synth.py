@@ -26,7 +26,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ravl_pipeline.ml.data import SCHEMA, write_json_atomic, write_manifest
+from ravl_pipeline.ml.data import SCHEMA, replace_dir, write_json_atomic, write_manifest
 
 __all__ = [
     "CAPTION_TEMPLATE",
@@ -463,30 +462,13 @@ def _write_images_and_manifest(directory: Path, sample: _Sample, splits: list[st
     write_manifest(directory, table)
 
 
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move a complete directory ``new`` to ``target``; an existing
-    ``target`` is set aside first and restored if the move fails."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_dataset_dir(target: Path, sample: _Sample, splits: list[str], cfg: SynthConfig) -> None:
     """Build the dataset directory next to ``target`` and swap it in only
     once complete."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         _write_images_and_manifest(tmp, sample, splits, cfg, prefix=target.name)
-        _replace_directory(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
