@@ -254,7 +254,8 @@ def cmd_bench(args) -> int:
     """``ravl bench discovery``: the discovery benchmark grid (``ml/bench.py``)."""
     from .ml.bench import run_bench
 
-    summary = run_bench(args.grid, args.out, limit=args.limit, permutations=args.permutations, alpha=args.alpha)
+    summary = run_bench(args.grid, args.out, limit=args.limit, permutations=args.permutations, alpha=args.alpha,
+                        workers=args.workers, threads_per_worker=args.threads)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 0 if summary["n_settings"] else 1
 
@@ -347,6 +348,11 @@ def cmd_demo(args) -> int:
     out = defs.resources["ravl"].outputs_root / runner.DEMO_SET
     if (out / "findings.json").is_file():
         _print_findings(read_findings(out / "findings.json"), out / "findings.json")
+    if (out / "mitigated_model.json").is_file():
+        record = json.loads((out / "mitigated_model.json").read_text())
+        print(f"mitigated model: {record['method']} on the called findings" if record.get("trained")
+              else f"mitigated model: not trained ({record.get('reason', 'nothing to mitigate')}); "
+                   "the audited model is kept")
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
         for name in ("audited", "mitigated"):
@@ -550,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="run only the first N settings of the grid")
     b.add_argument("--permutations", type=int, default=200)
     b.add_argument("--alpha", type=float, default=0.05)
+    b.add_argument("--workers", type=int, default=1,
+                   help="settings run at once, each in its own process (default 1)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: CPU count / workers)")
     b.set_defaults(func=cmd_bench)
     b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
     b.add_argument("--tests", type=int, default=1000)

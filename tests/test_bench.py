@@ -78,9 +78,15 @@ def test_summarise_by_hand():
 @pytest.mark.slow
 def test_small_grid_end_to_end(tmp_path):
     out = tmp_path / "bench"
+    # the first two settings on two worker processes, then the rest resumed in this one
+    part = bench.run_bench("small", out, limit=2, permutations=50, progress=False, workers=2,
+                           threads_per_worker=1)
+    assert part["n_settings"] == 2
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
     summary = bench.run_bench("small", out, permutations=50, progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["setting"]["kind"] for r in rows] == [s.kind for s in bench.grid_settings("small")]
+    assert sorted(r["setting"]["name"] for r in rows) == sorted(s.name for s in bench.grid_settings("small"))
+    assert rows[-1]["setting"]["name"] == bench.grid_settings("small")[-1].name
     assert summary["n_settings"] == 3 and summary["n_null"] == 1 and summary["n_two"] == 1
     for r in rows:
         for f in r["features"].values():
@@ -93,6 +99,11 @@ def test_small_grid_end_to_end(tmp_path):
     # resuming a finished grid recomputes nothing and gives the same table
     again = bench.run_bench("small", out, permutations=50, progress=False)
     assert again == summary
+
+
+def test_run_bench_rejects_zero_workers(tmp_path):
+    with pytest.raises(ValueError, match="workers"):
+        bench.run_bench("small", tmp_path / "b", workers=0, progress=False)
 
 
 def test_significance_calibration_is_fast_and_calibrated():

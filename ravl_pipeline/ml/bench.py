@@ -410,10 +410,31 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _worker_init(threads: int) -> None:
+    # one BLAS/OpenMP pool per worker: oversubscribed threads made tiny-model
+    # training about ten times slower on a 2-core machine
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def _run_one(args) -> dict:
+    setting, settings_dir, base, permutations, alpha = args
+    return run_setting(setting, settings_dir, base=base, permutations=permutations, alpha=alpha)
+
+
 def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery", *, limit: int | None = None,
               permutations: int = 200, alpha: float = 0.05, base: Recipe | None = None,
-              progress: bool = True) -> dict:
-    """Run (or resume) a grid; returns the summary."""
+              progress: bool = True, workers: int = 1, threads_per_worker: int | None = None) -> dict:
+    """Run (or resume) a grid; returns the summary.
+
+    ``workers > 1`` runs that many settings at once in separate processes
+    (each with ``threads_per_worker`` torch threads, default
+    ``cpu_count // workers``); rows are appended in the order settings
+    finish, and the summary does not depend on that order.
+    """
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     settings = grid_settings(grid)
     n_grid = len(settings)
     if limit is not None:
@@ -423,22 +444,41 @@ def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery",
     results = out / "results.jsonl"
     rows = _read_rows(results)
     done = {r["setting"]["name"] for r in rows}
-    for i, setting in enumerate(settings, start=1):
-        if setting.name in done:
-            continue
-        if progress:
-            print(f"[{i}/{len(settings)}] {setting.name}", flush=True)
-        row = run_setting(setting, out / "settings", base=base, permutations=permutations, alpha=alpha)
+    names = {s.name for s in settings}
+    todo = [s for s in settings if s.name not in done]
+
+    def finished(row: dict, i: int) -> None:
         _append_row(results, row)
         rows.append(row)
-        names = {s.name for s in settings}
-        summary = summarise([r for r in rows if r["setting"]["name"] in names])
-        _write_summary(out, grid, summary, n_grid)
+        _write_summary(out, grid, summarise([r for r in rows if r["setting"]["name"] in names]), n_grid)
         if progress:
             f = next(iter(row["features"].values()))
-            print(f"    valid={f['validity']} P@10 ravl={f['ravl']['top']:.2f} "
-                  f"called={row['n_called']}/{row['n_kept']} {row['seconds']['total']:.0f}s", flush=True)
-    names = {s.name for s in settings}
+            print(f"[{i}/{len(todo)} done] {row['setting']['name']}: valid={f['validity']} "
+                  f"P@10 ravl={f['ravl']['top']:.2f} called={row['n_called']}/{row['n_kept']} "
+                  f"{row['seconds']['total']:.0f}s", flush=True)
+
+    jobs = [(s, out / "settings", base, permutations, alpha) for s in todo]
+    if int(workers) == 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs, start=1):
+            if progress:
+                print(f"[{i}/{len(todo)}] {job[0].name}", flush=True)
+            finished(_run_one(job), i)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // int(workers))
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_one, job): job[0].name for job in jobs}
+            if progress:
+                print(f"{len(jobs)} settings on {workers} workers x {threads} threads", flush=True)
+            for i, fut in enumerate(as_completed(futures), start=1):
+                try:
+                    row = fut.result()
+                except Exception as exc:
+                    raise RuntimeError(f"benchmark setting {futures[fut]!r} failed: {exc}") from exc
+                finished(row, i)
     final = [r for r in rows if r["setting"]["name"] in names]
     summary = summarise(final)
     _write_summary(out, grid, summary, n_grid)
