@@ -51,8 +51,10 @@ def discover_on_val(audited: Path, setting: Path, seed: int) -> dict:
     classes = info["classes"]
     ds = load_dataset(eval_dir, classes=classes, split="val", require_labels=True)
     lm = load_model(f"local-dir:{audited}")
+    # with evidence, as `ravl discover` and the pipeline run it: Stage 2 then
+    # mitigates the called findings (significant at BH q <= 0.05)
     findings, emb, sc = run_discovery(lm, ds, classes, templates=dataset_templates(eval_dir), seed=seed,
-                                      progress=False)
+                                      progress=False, evidence=True)
     feats = info["config"]["features"]
     induced = list(zip([f["name"] for f in feats], info["correlated_classes"]))
     findings["ground_truth"] = ground_truth_summary(findings, ds, emb, sc, classes, induced)
@@ -119,12 +121,16 @@ def run_seed(seed: int, out: Path, small: bool, resume: bool = False, methods=ME
         findings, prefix = oracle_findings(findings, paths["audited"], paths["setting"]), "oracle-"
         write_findings(findings, root / "findings_oracle.json")
     result = {"seed": seed, "recipe": recipe.to_dict(), "seconds_build": t_build, "n_features": len(findings["features"]),
+              "n_called": sum(bool(f.get("called")) for f in findings["features"]),
               "ground_truth": findings.get("ground_truth"), "metrics": {}, "seconds_per_step": {}}
     models = {} if oracle else {"audited": f"local-dir:{paths['audited']}"}
     for method in methods:
-        if method in mitigate.FINDINGS_METHODS and not findings["features"]:
-            print(f"seed {seed}: no feature discovered; {method} skipped", file=sys.stderr)
-            continue
+        if method in mitigate.FINDINGS_METHODS:
+            try:
+                mitigate.select_features(findings)
+            except mitigate.MitigationError as exc:
+                print(f"seed {seed}: {method} skipped: {exc}", file=sys.stderr)
+                continue
         cfg = replace(recipe.finetune, method=method)
         target = root / "models" / f"{prefix}{method}"
         hist = _trained(target, cfg) if resume else None
@@ -199,7 +205,7 @@ def table(results: list[dict]) -> str:
 
 def per_seed(results: list[dict]) -> str:
     methods = list(dict.fromkeys(m for r in results for m in r["metrics"] if m != "audited"))
-    lines = ["| Seed | valid | features | P@10 top | " + " | ".join(
+    lines = ["| Seed | valid | features (called) | P@10 top | " + " | ".join(
         f"{m} img-wg / reg-wg" for m in methods) + " |", "|---" * (4 + len(methods)) + "|"]
     for r in results:
         gt = next(iter((r.get("ground_truth") or {}).values()), {})
@@ -210,7 +216,7 @@ def per_seed(results: list[dict]) -> str:
             x = r["metrics"].get(m)
             cells.append("skipped" if x is None else
                          f"{100 * x['image_worst_group']:.1f} / {100 * x['region_worst_group']:.1f}")
-        lines.append(f"| {r['seed']} | {valid} | {r['n_features']} | "
+        lines.append(f"| {r['seed']} | {valid} | {r['n_features']} ({r.get('n_called', 'n/a')}) | "
                      f"{'n/a' if p10 is None else f'{p10:.2f}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

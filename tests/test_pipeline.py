@@ -121,6 +121,16 @@ def test_full_graph_materializes_with_checks(pipeline):
     assert "data:image/png;base64," in _latest_metadata(instance, "spurious_features", "set-a")["top_regions"].value \
         or not findings["features"]
     assert findings["ground_truth"]["red square"]["correlated_class"] == "nine"
+    # every feature carries its evidence (params discovery.evidence defaults to true)
+    feats = findings["features"]
+    assert all({"p_value", "q_value", "called", "names"} <= set(f) for f in feats)
+    assert all("causal" in f for f in feats[:5])
+    assert all(f["called"] == (f["q_value"] <= 0.05) for f in feats)
+    # Stage 2 trains on the called findings, and only when there is one
+    record = json.loads((out / "mitigated_model.json").read_text())
+    assert record["trained"] == any(f["called"] for f in feats)
+    if not record["trained"]:
+        assert record["model"] == findings["model"] and "significant" in record["reason"] or not feats
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test"

@@ -29,6 +29,10 @@ def test_params_defaults_overlay_and_section_versions(tmp_path):
     ("discovery:\n  influence_threshold: 2\n", "discovery.influence_threshold"),
     ("audited_model:\n  source: checkpoint\n", "audited_model.checkpoint"),
     ("discovery: [1, 2\n", "not valid YAML"),
+    ("discovery:\n  evidence: yes please\n", "discovery.evidence"),
+    ("discovery:\n  permutations: 0\n", "discovery.permutations"),
+    ("discovery:\n  alpha: 1.5\n", "discovery.alpha"),
+    ("discovery:\n  mask_fill: grey\n", "discovery.mask_fill"),
 ])
 def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
     path = tmp_path / "params.yaml"
@@ -36,6 +40,13 @@ def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
     with pytest.raises(ParamsError) as err:
         load_params(path)
     assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_mask_fills_accepted_by_params_are_the_causal_check_fills():
+    from ravl_pipeline.ml.causal import FILLS
+    from ravl_pipeline.ml.params import MASK_FILLS
+
+    assert tuple(MASK_FILLS) == tuple(FILLS)
 
 
 def _tiny_set(root, n=3):

@@ -269,8 +269,11 @@ def region_clusters(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
         "path": dg.MetadataValue.path(str(out / "clusters"))})
 
 
-@_partitioned(deps=[region_clusters, zero_shot_scores, params_discovery], kinds={"json"}, code_version="1",
-              description="Ranked spurious region features: findings.json (SPEC §2.2–2.6, §5).")
+@_partitioned(deps=[region_clusters, zero_shot_scores, audited_model, params_discovery], kinds={"json"},
+              code_version="2", pool=MODEL_POOL,
+              description="Ranked spurious region features with their evidence (permutation p- and "
+                          "BH q-values, the masking check, model-derived names): findings.json "
+                          "(SPEC §2.2–2.6, §5).")
 def spurious_features(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     partition = context.partition_key
     ds, classes = discovery_data(ravl, partition)
@@ -293,6 +296,13 @@ def spurious_features(context: dg.AssetExecutionContext, ravl: RavlProject) -> d
                      # Stage 2 assigns training regions to these vectors (SPEC §3.1), as
                      # audit.run_discovery records them
                      "medoid_embeddings": [[float(v) for v in emb.region_emb[m]] for m in findings["medoids"]]})
+    if p["evidence"]:
+        record = audited_record(ravl)
+        lm = load_model(record["model"], record["pretrained"])
+        audit.add_evidence(findings, lm, ds, emb, sc, labels, read_clustering(out).labels,
+                           templates=findings["templates"], tau=ravl.params()["scores"]["tau"], seed=p["seed"],
+                           permutations=p["permutations"], alpha=p["alpha"], mask_fill=p["mask_fill"],
+                           batch_size=ravl.params()["regions"]["batch_size"])
     induced = induced_pairs(ds.root)
     if induced:
         findings["ground_truth"] = audit.ground_truth_summary(findings, ds, emb, sc, classes, induced)
@@ -301,6 +311,7 @@ def spurious_features(context: dg.AssetExecutionContext, ravl: RavlProject) -> d
         "dagster/row_count": len(findings["features"]), "k": findings["k"],
         "silhouette": findings["silhouette"] if findings["silhouette"] is not None else -1.0,
         "top_attribute": findings["features"][0]["attribute"] if findings["features"] else "none",
+        "called": sum(bool(f.get("called")) for f in findings["features"]) if p["evidence"] else -1,
         "findings": meta.md(meta.findings_table(findings)),
         "top_regions": meta.md(meta.region_grid_markdown(ds.root, findings)),
         "path": dg.MetadataValue.path(str(out / "findings.json"))})
@@ -341,14 +352,22 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
     out = ravl.output_dir(context.partition_key)
     findings = disc.read_findings(out / "findings.json")
     cfg = _mitigation_config(ravl, record)
-    if not findings["features"] and cfg.method in mitigate.FINDINGS_METHODS:
-        # SPEC §2.6: an explicit empty result; there is nothing to mitigate, so
-        # the audited model stands as its own mitigated model
-        write_json_atomic(out / "mitigated_model.json", {
-            "model": record["model"], "pretrained": record["pretrained"], "trained": False,
-            "reason": "Stage 1 found no spurious feature"})
-        return dg.MaterializeResult(metadata={"model": record["model"], "trained": False,
-                                              "reason": "no spurious feature: the audited model is kept"})
+    if cfg.method in mitigate.FINDINGS_METHODS:
+        feats = findings["features"]
+        reason = None
+        if not feats:
+            reason = "Stage 1 found no spurious feature"
+        elif any("called" in f for f in feats) and not any(f.get("called") for f in feats):
+            reason = (f"none of the {len(feats)} kept features is called significant "
+                      f"(smallest q = {min(f['q_value'] for f in feats):.3g})")
+        if reason is not None:
+            # SPEC §2.6: an explicit empty result; there is nothing to mitigate, so
+            # the audited model stands as its own mitigated model
+            write_json_atomic(out / "mitigated_model.json", {
+                "model": record["model"], "pretrained": record["pretrained"], "trained": False,
+                "reason": reason})
+            return dg.MaterializeResult(metadata={"model": record["model"], "trained": False,
+                                                  "reason": f"{reason}: the audited model is kept"})
     history = mitigate.train_mitigated(record["init_model"], record["train_data"], findings, record["model"],
                                        out / "mitigated_model", cfg, findings_path=out / "findings.json")
     write_json_atomic(out / "mitigated_model.json", {
@@ -359,7 +378,7 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
         "model": f"local-dir:{out / 'mitigated_model'}", "trained": True, "method": cfg.method,
         "steps": history.get("steps", 0),
         "first_loss": float(losses[0]) if losses else -1.0, "last_loss": float(losses[-1]) if losses else -1.0,
-        "spurious_features_used": len(findings["features"]),
+        "spurious_features_used": len(mitigate.select_features(findings)),
         "train_config": dg.MetadataValue.json(cfg.to_dict()),
         "path": dg.MetadataValue.path(str(out / "mitigated_model"))})
 
@@ -412,7 +431,10 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
         mode=params["regions"]["mode"], tau=params["scores"]["tau"], seed=params["discovery"]["seed"],
         batch_size=params["regions"]["batch_size"], progress=False,
         top_regions=params["discovery"]["top_regions"], max_regions=params["discovery"]["max_regions"],
-        dataset_name=partition)
+        dataset_name=partition, evidence=params["discovery"]["evidence"],
+        permutations=params["discovery"]["permutations"], alpha=params["discovery"]["alpha"],
+        mask_fill=params["discovery"]["mask_fill"],
+        influence_threshold=params["discovery"]["influence_threshold"], k_range=params["discovery"]["k_range"])
     induced = induced_pairs(ds.root)
     if induced:
         findings["ground_truth"] = audit.ground_truth_summary(findings, ds, emb, sc, classes, induced)
@@ -428,7 +450,9 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
 def _feature_summary(findings: dict) -> dict:
     top = findings["features"][0] if findings["features"] else None
     gt = findings.get("ground_truth") or {}
+    called = [f for f in findings["features"] if f.get("called")]
     return {"n_features": len(findings["features"]), "k": findings["k"], "silhouette": findings["silhouette"],
+            "n_called": len(called) if any("called" in f for f in findings["features"]) else None,
             "image_accuracy": findings.get("image_accuracy"),
             "top_score": top["score"] if top else None, "top_attribute": top["attribute"] if top else None,
             "precision_at_10_top": {name: g.get("precision_at_10_top") for name, g in gt.items()}}

@@ -70,7 +70,8 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
                   embeddings: Embeddings | None = None, top_regions: int | None = 50,
                   max_regions: int = 20000, dataset_name: str | None = None,
                   evidence: bool = False, permutations: int = 200, alpha: float = 0.05,
-                  mask_fill: str = "mean", vocab: Sequence[str] | None = None) -> tuple[dict, Embeddings, Scores]:
+                  mask_fill: str = "mean", vocab: Sequence[str] | None = None,
+                  influence_threshold: float = 0.25, k_range=None) -> tuple[dict, Embeddings, Scores]:
     """Embed, score and discover (SPEC §1–2).  With ``evidence``, every
     feature also gets permutation/BH significance (``p_value``, ``q_value``,
     ``called``, per-class ``ci``), a masking check (``causal``) and
@@ -82,11 +83,12 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
     gt = region_labels_for(ds, proposer)
     flat_gt = [lab for labs in gt for lab in labs] if gt is not None else None
     # the evidence needs every region's cluster, which the findings list only in part
-    clustering = disc.cluster_regions(emb.region_emb, len(classes), seed=seed,
+    clustering = disc.cluster_regions(emb.region_emb, len(classes), seed=seed, k_range=k_range,
                                       max_regions=max_regions) if evidence else None
     findings = disc.discover(
         emb.region_emb, emb.region_image, emb.region_index, sc.region_probs, labels, sc.image_pred,
         list(classes), boxes=emb.boxes, image_ids=emb.image_ids, region_labels=flat_gt, seed=seed,
+        influence_threshold=influence_threshold, k_range=k_range,
         top_regions=top_regions, max_regions=max_regions, model=lm.name,
         dataset=dataset_name or str(ds.root), clustering=clustering)
     findings["embedding_mode"] = emb.mode

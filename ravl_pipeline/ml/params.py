@@ -35,13 +35,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "labels": {"classes": None},
     "scores": {"tau": 0.07, "templates": None},
     "discovery": {"seed": 0, "influence_threshold": 0.25, "k_range": None,
-                  "max_regions": 20000, "top_regions": 50},
+                  "max_regions": 20000, "top_regions": 50,
+                  # evidence for every feature: significance (permutations, BH at alpha)
+                  # decides which are called findings, which Stage 2 then mitigates
+                  "evidence": True, "permutations": 200, "alpha": 0.05, "mask_fill": "mean"},
     "mitigation": {"method": "ravl", "lam": 0.8, "epochs": None, "lr": None, "batch_size": None,
                    "seed": None, "max_steps": None},
     "evaluation": {"max_accuracy_drop": 0.05},
 }
 SECTIONS = tuple(DEFAULTS)
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
+MASK_FILLS = ("mean", "black", "blur")  # causal.FILLS, without importing the model code
 
 
 class ParamsError(ValueError):
@@ -88,6 +92,18 @@ def check_params(params: Mapping[str, Mapping[str, Any]], where: str | os.PathLi
     threshold = params["discovery"]["influence_threshold"]
     if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ParamsError(f"{where}: discovery.influence_threshold must lie in [0, 1], got {threshold!r}")
+    disc = params["discovery"]
+    if not isinstance(disc["evidence"], bool):
+        raise ParamsError(f"{where}: discovery.evidence must be true or false, got {disc['evidence']!r}")
+    perms = disc["permutations"]
+    if not isinstance(perms, int) or isinstance(perms, bool) or perms < 1:
+        raise ParamsError(f"{where}: discovery.permutations must be a positive integer, got {perms!r}")
+    alpha = disc["alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
+        raise ParamsError(f"{where}: discovery.alpha must lie in (0, 1), got {alpha!r}")
+    if disc["mask_fill"] not in MASK_FILLS:
+        raise ParamsError(f"{where}: discovery.mask_fill must be one of {', '.join(MASK_FILLS)}, "
+                          f"got {disc['mask_fill']!r}")
     tau = params["scores"]["tau"]
     if not isinstance(tau, (int, float)) or tau <= 0:
         raise ParamsError(f"{where}: scores.tau must be a positive number, got {tau!r}")
