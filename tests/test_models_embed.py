@@ -163,3 +163,16 @@ def test_bad_model_names(tmp_path):
         load_model(f"local-dir:{tmp_path}")
     with pytest.raises(ModelError, match="neither a file nor a known tag"):
         load_model("RN50", pretrained="not-a-tag")
+
+
+def test_random_init_warning_only_for_models_that_are_not_built_in(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_model("ravl-tiny-vit", seed=0)
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_model("RN50", seed=0)  # an open_clip model without weights: the user is told
+    assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter does not outlive the call

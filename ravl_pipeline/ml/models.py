@@ -14,7 +14,9 @@ arbitrary pickle is ever executed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -123,9 +125,13 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     if seed is not None:
         torch.manual_seed(seed)
     overrides = BUILTIN_PREPROCESS.get(model_name, {}) if kind == "name" else {}
+    # a built-in tiny model starts from random weights by design; open_clip's
+    # "no pretrained weights loaded" warning is kept for every other model
+    quiet = kind == "name" and pretrained is None and model_name in BUILTIN_MODELS
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
+        with _without_random_init_warning(quiet):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         raise ModelError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -133,6 +139,21 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
     return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool):
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(keep)
 
 
 def _model_cfg(model_name: str) -> dict[str, Any]:
