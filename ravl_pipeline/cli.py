@@ -282,6 +282,9 @@ def _print_findings(findings: dict, path) -> None:
           f"{findings.get('seconds', 0):.1f}s")
     if not feats:
         print("  no spurious feature found")
+    warning = (findings.get("significance") or {}).get("warning")
+    if warning:
+        print(f"  significance: {warning}")
     for f in feats[:5]:
         print(f"  #{f['rank']} cluster {f['cluster_id']}: score {f['score']:.3f}, influence "
               f"{f['influence']:.2f}, attribute {f['attribute']!r}, {f.get('size', '?')} regions")
@@ -536,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--permutations", type=int, default=200,
-                   help="permutations for each cluster's p-value (default 200)")
+    p.add_argument("--permutations", type=int, default=2000,
+                   help="permutations for each cluster's p-value (default 2000)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="Benjamini-Hochberg level deciding which features are 'called' (default 0.05)")
     p.add_argument("--mask-fill", default="mean", choices=["mean", "black", "blur"],
@@ -554,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--grid", default="small", choices=["small", "full"])
     b.add_argument("--out", default="runs/bench-discovery", help="output folder (resumes a partial run)")
     b.add_argument("--limit", type=int, default=None, help="run only the first N settings of the grid")
-    b.add_argument("--permutations", type=int, default=200)
+    b.add_argument("--permutations", type=int, default=2000)
     b.add_argument("--alpha", type=float, default=0.05)
     b.add_argument("--workers", type=int, default=1,
                    help="settings run at once, each in its own process (default 1)")
@@ -563,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
     b.add_argument("--tests", type=int, default=1000)
-    b.add_argument("--permutations", type=int, default=200)
+    b.add_argument("--permutations", type=int, default=2000)
     b.set_defaults(func=cmd_bench_significance)
 
     p = sub.add_parser("report", help="static HTML audit report (+ JSON twin)")

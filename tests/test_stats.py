@@ -167,6 +167,29 @@ def test_annotate_significance_calls_the_planted_feature():
     assert [c["p_value"] for c in again["clusters"]] == [c["p_value"] for c in findings["clusters"]]
 
 
+def test_default_permutations_can_call_a_lone_finding_among_fifty_clusters():
+    # K up to 5|Y| = 50 clusters for 10 classes: a single extreme cluster must be callable
+    assert stats.min_attainable_q(50, stats.DEFAULT_PERMUTATIONS) <= 0.05 / 2
+    assert stats.min_attainable_q(40, 200) == pytest.approx(40 / 201)
+
+
+def test_too_few_permutations_for_the_number_of_clusters_is_flagged():
+    d = _planted_discovery()
+    from ravl_pipeline.ml.discover import cluster_regions
+
+    clustering = cluster_regions(d["region_emb"], 2, seed=0, k_range=(4, 6))
+    findings = discover(**d, clustering=clustering)
+    stats.annotate_significance(findings, clustering.labels, d["region_image"], d["image_labels"],
+                                d["image_pred"], n_permutations=20, alpha=0.05, seed=0)
+    sig = findings["significance"]
+    assert sig["min_attainable_q"] == pytest.approx(min(1.0, findings["k"] / 21))
+    assert "permutations" in sig["warning"] and str(int(np.ceil(findings["k"] / 0.05))) in sig["warning"]
+    assert not any(f["called"] for f in findings["features"])  # q >= k/21 > 0.05
+    stats.annotate_significance(findings, clustering.labels, d["region_image"], d["image_labels"],
+                                d["image_pred"], n_permutations=2000, alpha=0.05, seed=0)
+    assert "warning" not in findings["significance"]
+
+
 def test_annotate_significance_rejects_bad_parameters():
     d = _planted_discovery()
     findings = discover(**d)

@@ -69,7 +69,7 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
                   seed: int = 0, batch_size: int = 64, progress: bool = True,
                   embeddings: Embeddings | None = None, top_regions: int | None = 50,
                   max_regions: int = 20000, dataset_name: str | None = None,
-                  evidence: bool = False, permutations: int = 200, alpha: float = 0.05,
+                  evidence: bool = False, permutations: int = 2000, alpha: float = 0.05,
                   mask_fill: str = "mean", vocab: Sequence[str] | None = None,
                   influence_threshold: float = 0.25, k_range=None) -> tuple[dict, Embeddings, Scores]:
     """Embed, score and discover (SPEC §1–2).  With ``evidence``, every
@@ -108,7 +108,7 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
 
 def add_evidence(findings: dict, lm: LoadedModel, ds, emb: Embeddings, sc: Scores, labels: np.ndarray,
                  cluster_labels: np.ndarray, *, templates: Sequence[str], tau: float, seed: int = 0,
-                 permutations: int = 200, alpha: float = 0.05, mask_fill: str = "mean",
+                 permutations: int = 2000, alpha: float = 0.05, mask_fill: str = "mean",
                  vocab: Sequence[str] | None = None, batch_size: int = 64) -> dict:
     """Significance, causal masking check and names for every feature, in place."""
     from . import causal, names, stats

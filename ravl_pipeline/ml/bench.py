@@ -170,7 +170,7 @@ def _causal_summary(feat: dict | None) -> dict | None:
 
 
 def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | None = None,
-                permutations: int = 200, alpha: float = 0.05, seed: int = 0) -> dict:
+                permutations: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
     """Build, audit and score one setting; returns one results row."""
     from .recipe import build_audited_model
 
@@ -185,7 +185,7 @@ def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | No
     return row
 
 
-def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str], *, permutations: int = 200,
+def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str], *, permutations: int = 2000,
                      alpha: float = 0.05, seed: int = 0) -> dict:
     """Discovery with evidence, baselines and ground truth on the ``val``
     split of an already built setting (``paths`` as from
@@ -239,7 +239,7 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     }
 
 
-def significance_calibration(n_tests: int = 1000, permutations: int = 200, seed: int = 0) -> dict:
+def significance_calibration(n_tests: int = 1000, permutations: int = 2000, seed: int = 0) -> dict:
     """The permutation test on clusters without signal, and its speed.
 
     ``n_tests`` random clusters (300 images, 10 classes, 60% accuracy,
@@ -424,7 +424,7 @@ def _run_one(args) -> dict:
 
 
 def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery", *, limit: int | None = None,
-              permutations: int = 200, alpha: float = 0.05, base: Recipe | None = None,
+              permutations: int = 2000, alpha: float = 0.05, base: Recipe | None = None,
               progress: bool = True, workers: int = 1, threads_per_worker: int | None = None) -> dict:
     """Run (or resume) a grid; returns the summary.
 

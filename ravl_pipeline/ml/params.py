@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "max_regions": 20000, "top_regions": 50,
                   # evidence for every feature: significance (permutations, BH at alpha)
                   # decides which are called findings, which Stage 2 then mitigates
-                  "evidence": True, "permutations": 200, "alpha": 0.05, "mask_fill": "mean"},
+                  "evidence": True, "permutations": 2000, "alpha": 0.05, "mask_fill": "mean"},
     "mitigation": {"method": "ravl", "lam": 0.8, "epochs": None, "lr": None, "batch_size": None,
                    "seed": None, "max_steps": None},
     "evaluation": {"max_accuracy_drop": 0.05},
