@@ -277,9 +277,9 @@ def _induced_pairs(setting: dict) -> list[tuple[str, str]]:
 def _print_findings(findings: dict, path) -> None:
     feats = findings["features"]
     print(f"findings: {path}")
+    took = f", {findings['seconds']:.1f}s" if findings.get("seconds") is not None else ""
     print(f"  K={findings['k']} (silhouette {findings['silhouette']:.3f}), "
-          f"{findings.get('n_regions')} regions, image accuracy {findings.get('image_accuracy', 0):.3f}, "
-          f"{findings.get('seconds', 0):.1f}s")
+          f"{findings.get('n_regions')} regions, image accuracy {findings.get('image_accuracy', 0):.3f}{took}")
     if not feats:
         print("  no spurious feature found")
     warning = (findings.get("significance") or {}).get("warning")
