@@ -247,3 +247,16 @@ def test_cli_report(dataset, tmp_path, capsys):
     rc = cli_main(["report", "--findings", str(findings), "--data", str(dataset), "--out", str(out)])
     assert rc == 2
     assert f"{findings}: findings schema_version 99" in capsys.readouterr().err
+
+
+def test_significance_method_and_its_warning_are_shown(dataset, tmp_path):
+    sig = {"n_permutations": 20, "n_tests": 4, "alpha": 0.05, "n_called": 0, "min_attainable_q": 4 / 21,
+           "warning": "20 permutations over 4 clusters cannot call a lone finding at alpha=0.05"}
+    out = write_report(tmp_path / "report.html", _findings([_feature(1, [("im0", 1)])], significance=sig),
+                       dataset_root=dataset)
+    text = out.read_text()
+    assert "20 permutations per cluster, Benjamini–Hochberg over 4 clusters at α = 0.05; 0 called" in text
+    assert "significance warning" in text and "cannot call a lone finding" in text
+    plain = write_report(tmp_path / "plain" / "report.html", _findings([_feature(1, [("im0", 1)])]),
+                         dataset_root=dataset).read_text()
+    assert "permutations per cluster" not in plain

@@ -429,6 +429,13 @@ def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_
         summary.append(("clustered sample", f"{findings.get('n_sample')} regions, rest assigned to nearest medoid"))
     if "image_accuracy" in findings:
         summary.append(("image accuracy", _num(findings.get("image_accuracy"))))
+    sig = findings.get("significance")
+    if isinstance(sig, Mapping) and "n_permutations" in sig:
+        summary.append(("significance", f"{sig['n_permutations']} permutations per cluster, "
+                                        f"Benjamini–Hochberg over {sig.get('n_tests', '?')} clusters at "
+                                        f"α = {sig.get('alpha', '?')}; {sig.get('n_called', 0)} called"))
+        if sig.get("warning"):
+            summary.append(("significance warning", sig["warning"]))
     parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>', _kv_table(summary, "kv summary")]
     features = findings.get("features", [])
     if not features:
