@@ -225,7 +225,7 @@ def cmd_discover(args) -> int:
                                       mode=args.mode, tau=args.tau, seed=args.seed,
                                       batch_size=args.batch_size, progress=not args.quiet,
                                       embeddings=_embeddings_via_cache(args, lm, ds),
-                                      **_evidence_kwargs(args))
+                                      cluster_workers=args.cluster_workers, **_evidence_kwargs(args))
     findings["seconds"] = time.perf_counter() - t0
     setting = dataset_setting(args.data)
     if setting is not None:
@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cluster-workers", type=int, default=1,
+                   help="fit the K values of the sweep in this many processes (same result; default 1)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--permutations", type=int, default=2000,
                    help="permutations for each cluster's p-value (default 2000)")

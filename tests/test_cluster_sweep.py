@@ -48,3 +48,16 @@ def test_warm_sweep_loss_not_worse_on_average_and_deterministic():
     assert again.sweep == warm.sweep and np.array_equal(again.labels, warm.labels)
     with pytest.raises(ValueError, match="unknown sweep"):
         cluster_regions(x, n_classes=4, sweep="parallel")
+
+
+def test_parallel_sweep_gives_the_same_clustering():
+    x = _mixture()
+    serial = cluster_regions(x, n_classes=4, seed=3)
+    parallel = cluster_regions(x, n_classes=4, seed=3, workers=2)
+    assert parallel.sweep == serial.sweep  # same K order, losses and silhouettes
+    assert parallel.k == serial.k and np.array_equal(parallel.labels, serial.labels)
+    assert np.array_equal(parallel.medoids, serial.medoids)
+    with pytest.raises(ValueError, match="sweep='independent'"):
+        cluster_regions(x, n_classes=4, sweep="warm", workers=2)
+    with pytest.raises(ValueError, match="workers"):
+        cluster_regions(x, n_classes=4, workers=0)

@@ -31,6 +31,7 @@ def test_params_defaults_overlay_and_section_versions(tmp_path):
     ("discovery: [1, 2\n", "not valid YAML"),
     ("discovery:\n  evidence: yes please\n", "discovery.evidence"),
     ("discovery:\n  permutations: 0\n", "discovery.permutations"),
+    ("discovery:\n  cluster_workers: 0\n", "discovery.cluster_workers"),
     ("discovery:\n  alpha: 1.5\n", "discovery.alpha"),
     ("discovery:\n  mask_fill: grey\n", "discovery.mask_fill"),
 ])

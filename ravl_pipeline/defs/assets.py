@@ -252,7 +252,7 @@ def region_clusters(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
     out = ravl.output_dir(context.partition_key)
     emb = Embeddings.load(out / "embeddings")
     cl = disc.cluster_regions(emb.region_emb, len(classes), seed=p["seed"], k_range=p["k_range"],
-                              max_regions=p["max_regions"])
+                              max_regions=p["max_regions"], workers=p["cluster_workers"])
     silhouette = None if np.isnan(cl.silhouette) else float(cl.silhouette)
     with atomic_dir(out / "clusters") as tmp:
         pq.write_table(pa.table({"image_id": [emb.image_ids[i] for i in emb.region_image],
@@ -434,7 +434,8 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
         dataset_name=partition, evidence=params["discovery"]["evidence"],
         permutations=params["discovery"]["permutations"], alpha=params["discovery"]["alpha"],
         mask_fill=params["discovery"]["mask_fill"],
-        influence_threshold=params["discovery"]["influence_threshold"], k_range=params["discovery"]["k_range"])
+        influence_threshold=params["discovery"]["influence_threshold"], k_range=params["discovery"]["k_range"],
+        cluster_workers=params["discovery"]["cluster_workers"])
     induced = induced_pairs(ds.root)
     if induced:
         findings["ground_truth"] = audit.ground_truth_summary(findings, ds, emb, sc, classes, induced)

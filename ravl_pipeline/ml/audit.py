@@ -71,7 +71,8 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
                   max_regions: int = 20000, dataset_name: str | None = None,
                   evidence: bool = False, permutations: int = 2000, alpha: float = 0.05,
                   mask_fill: str = "mean", vocab: Sequence[str] | None = None,
-                  influence_threshold: float = 0.25, k_range=None) -> tuple[dict, Embeddings, Scores]:
+                  influence_threshold: float = 0.25, k_range=None,
+                  cluster_workers: int = 1) -> tuple[dict, Embeddings, Scores]:
     """Embed, score and discover (SPEC §1–2).  With ``evidence``, every
     feature also gets permutation/BH significance (``p_value``, ``q_value``,
     ``called``, per-class ``ci``), a masking check (``causal``) and
@@ -84,7 +85,7 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
     flat_gt = [lab for labs in gt for lab in labs] if gt is not None else None
     # the evidence needs every region's cluster, which the findings list only in part
     clustering = disc.cluster_regions(emb.region_emb, len(classes), seed=seed, k_range=k_range,
-                                      max_regions=max_regions) if evidence else None
+                                      max_regions=max_regions, workers=cluster_workers)
     findings = disc.discover(
         emb.region_emb, emb.region_image, emb.region_index, sc.region_probs, labels, sc.image_pred,
         list(classes), boxes=emb.boxes, image_ids=emb.image_ids, region_labels=flat_gt, seed=seed,

@@ -251,6 +251,42 @@ def _sweep_fits(dist: np.ndarray, ks: list[int], seed: int, backend: str, sweep:
         yield k, labels, medoids, loss
 
 
+_SHARED_DIST: dict = {}
+
+
+def _fit_and_score(job) -> tuple:
+    """One K of an independent sweep with its silhouette (a worker's task;
+    ``D`` is inherited from the forking parent, not copied)."""
+    k, seed, backend = job
+    dist = _SHARED_DIST["dist"]
+    labels, medoids, loss = _fit_kmedoids(dist, k, _k_seed(seed, k), backend)
+    return k, labels, medoids, loss, _silhouette_or_nan(dist, labels)
+
+
+def _silhouette_or_nan(dist: np.ndarray, labels: np.ndarray) -> float:
+    n_labels = len(np.unique(labels))
+    return silhouette_from_distance(dist, labels) if 2 <= n_labels <= dist.shape[0] - 1 else float("nan")
+
+
+def _scored_fits(dist: np.ndarray, ks: list[int], seed: int, backend: str, sweep: str, workers: int):
+    """``(k, labels, medoids, loss, silhouette)`` for every K, in K order;
+    with ``workers > 1`` the independent fits run in forked processes that
+    share ``D`` (same seeds, so the same results as one process)."""
+    import multiprocessing as mp
+
+    if workers > 1 and sweep != "independent":
+        raise ValueError(f"workers={workers} needs sweep='independent' (a warm sweep is sequential)")
+    if workers > 1 and len(ks) > 1 and "fork" in mp.get_all_start_methods():
+        _SHARED_DIST["dist"] = dist
+        try:
+            with mp.get_context("fork").Pool(min(int(workers), len(ks))) as pool:
+                return pool.map(_fit_and_score, [(k, seed, backend) for k in ks], chunksize=1)
+        finally:
+            _SHARED_DIST.clear()
+    return [(k, labels, medoids, loss, _silhouette_or_nan(dist, labels))
+            for k, labels, medoids, loss in _sweep_fits(dist, ks, seed, backend, sweep)]
+
+
 def cluster_regions(
     emb: np.ndarray,
     n_classes: int,
@@ -260,6 +296,7 @@ def cluster_regions(
     backend: str = "fasterpam",
     *,
     sweep: str = "independent",
+    workers: int = 1,
 ) -> Clustering:
     """K-medoids over cosine distance with K chosen by silhouette (SPEC §2.1).
 
@@ -272,8 +309,12 @@ def cluster_regions(
     half the CPU time at the same mean loss, but per K its loss is sometimes
     lower and sometimes higher (within ±0.6% measured), which can change
     the chosen K (BENCHMARKS.md), so it is opt-in.  The silhouette is exact
-    either way.
+    either way.  ``workers > 1`` fits the K values of an independent sweep
+    in that many forked processes: identical results, less wall time on
+    idle cores (where ``fork`` is unavailable it runs in this process).
     """
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     emb = np.asarray(emb)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [M, D], got shape {emb.shape}")
@@ -302,12 +343,7 @@ def cluster_regions(
     best = None
     first = None
     results = []
-    for k, labels, medoids, loss in _sweep_fits(dist, ks, seed, backend, sweep):
-        n_labels = len(np.unique(labels))
-        if 2 <= n_labels <= n - 1:
-            sil = silhouette_from_distance(dist, labels)
-        else:
-            sil = float("nan")
+    for k, labels, medoids, loss, sil in _scored_fits(dist, ks, seed, backend, sweep, int(workers)):
         results.append({"k": int(k), "silhouette": sil, "loss": loss})
         if first is None:
             first = (float("nan"), k, labels, medoids)

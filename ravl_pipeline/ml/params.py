@@ -35,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "labels": {"classes": None},
     "scores": {"tau": 0.07, "templates": None},
     "discovery": {"seed": 0, "influence_threshold": 0.25, "k_range": None,
-                  "max_regions": 20000, "top_regions": 50,
+                  "max_regions": 20000, "top_regions": 50, "cluster_workers": 1,
                   # evidence for every feature: significance (permutations, BH at alpha)
                   # decides which are called findings, which Stage 2 then mitigates
                   "evidence": True, "permutations": 2000, "alpha": 0.05, "mask_fill": "mean"},
@@ -95,6 +95,9 @@ def check_params(params: Mapping[str, Mapping[str, Any]], where: str | os.PathLi
     disc = params["discovery"]
     if not isinstance(disc["evidence"], bool):
         raise ParamsError(f"{where}: discovery.evidence must be true or false, got {disc['evidence']!r}")
+    workers = disc["cluster_workers"]
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ParamsError(f"{where}: discovery.cluster_workers must be a positive integer, got {workers!r}")
     perms = disc["permutations"]
     if not isinstance(perms, int) or isinstance(perms, bool) or perms < 1:
         raise ParamsError(f"{where}: discovery.permutations must be a positive integer, got {perms!r}")
