@@ -51,7 +51,7 @@ def _row(kind, valid=True, ravl=1.0, base=0.5, n_called=1, n_kept=1, best_called
 
 
 def test_summarise_by_hand():
-    rows = [_row("single", ravl=1.0, base=0.5), _row("single", ravl=0.8, base=0.3),
+    rows = [_row("single", ravl=1.0, base=0.5), _row("single", ravl=0.8, base=0.3, best_called=1.0),
             _row("single", valid=False, ravl=0.0, base=0.9),
             _row("null", n_called=0, n_kept=2), _row("null", n_called=1, n_kept=1),
             _row("null", n_called=0, n_kept=0), _row("null", n_called=0, n_kept=1),
@@ -60,6 +60,7 @@ def test_summarise_by_hand():
     assert s["n_valid"] == 2 and s["n_single"] == 3
     p = s["precision_at_10"]
     assert p["ravl"] == pytest.approx(0.9)  # (1.0 + 0.8) / 2; the invalid setting is left out
+    assert p["ravl_best_called"] == pytest.approx(1.0)  # the second's feature is called, though not ranked first
     assert p["domino"] == pytest.approx(0.4) and p["random"] == pytest.approx(0.2)
     assert p["distill"] == pytest.approx(0.08)
     assert s["ravl_over_best_baseline"] == pytest.approx(0.9 / 0.4)
