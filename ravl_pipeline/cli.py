@@ -255,7 +255,7 @@ def cmd_bench(args) -> int:
     from .ml.bench import run_bench
 
     summary = run_bench(args.grid, args.out, limit=args.limit, permutations=args.permutations, alpha=args.alpha,
-                        workers=args.workers, threads_per_worker=args.threads)
+                        workers=args.workers, threads_per_worker=args.threads, mode=args.mode, match=args.match)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 0 if summary["n_settings"] else 1
 
@@ -565,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings run at once, each in its own process (default 1)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU count / workers)")
+    b.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
+                   help="region-embedding mode of discovery (default auto: RoI for ResNet/ViT)")
+    b.add_argument("--match", default=None, metavar="TEXT",
+                   help="run only the settings whose name contains TEXT (e.g. red-square)")
     b.set_defaults(func=cmd_bench)
     b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
     b.add_argument("--tests", type=int, default=1000)

@@ -102,9 +102,11 @@ def test_small_grid_end_to_end(tmp_path):
     assert again == summary
 
 
-def test_run_bench_rejects_zero_workers(tmp_path):
+def test_run_bench_rejects_zero_workers_and_an_empty_selection(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         bench.run_bench("small", tmp_path / "b", workers=0, progress=False)
+    with pytest.raises(ValueError, match="no setting of grid 'small' has 'purple'"):
+        bench.run_bench("small", tmp_path / "b", match="purple", progress=False)
 
 
 def test_significance_calibration_is_fast_and_calibrated():

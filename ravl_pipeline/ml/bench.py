@@ -170,7 +170,7 @@ def _causal_summary(feat: dict | None) -> dict | None:
 
 
 def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | None = None,
-                permutations: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+                permutations: int = 2000, alpha: float = 0.05, seed: int = 0, mode: str = "auto") -> dict:
     """Build, audit and score one setting; returns one results row."""
     from .recipe import build_audited_model
 
@@ -180,13 +180,13 @@ def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | No
     paths = build_audited_model(Path(out_dir) / setting.name, recipe)
     t_build = time.perf_counter() - t0
     row = evaluate_setting(setting, paths, list(recipe.synth.classes), permutations=permutations, alpha=alpha,
-                           seed=seed)
+                           seed=seed, mode=mode)
     row["seconds"] = {"total": time.perf_counter() - t0, "build": t_build, "cpu": time.process_time() - c0}
     return row
 
 
 def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str], *, permutations: int = 2000,
-                     alpha: float = 0.05, seed: int = 0) -> dict:
+                     alpha: float = 0.05, seed: int = 0, mode: str = "auto") -> dict:
     """Discovery with evidence, baselines and ground truth on the ``val``
     split of an already built setting (``paths`` as from
     :func:`recipe.build_audited_model`)."""
@@ -203,7 +203,8 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     classes = list(classes)
     lm = load_model(f"local-dir:{paths['audited']}")
     findings, emb, sc = run_discovery(lm, ds, classes, templates=dataset_templates(eval_dir), seed=seed,
-                                      progress=False, evidence=True, permutations=permutations, alpha=alpha)
+                                      progress=False, evidence=True, permutations=permutations, alpha=alpha,
+                                      mode=mode)
     labels = label_indices(ds, classes)
     gt = region_labels_for(ds, emb.proposer)
     flat = [lab for labs in gt for lab in labs]
@@ -235,6 +236,7 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
                                          "names": [t["term"] for t in top.get("names", {}).get("terms", [])][:3]},
         "causal_top": _causal_summary(top),
         "image_accuracy": findings.get("image_accuracy"),
+        "embedding_mode": emb.mode,
         "seconds": {"total": time.perf_counter() - t0, "build": 0.0, "cpu": None},
     }
 
@@ -422,23 +424,30 @@ def _worker_init(threads: int) -> None:
 
 
 def _run_one(args) -> dict:
-    setting, settings_dir, base, permutations, alpha = args
-    return run_setting(setting, settings_dir, base=base, permutations=permutations, alpha=alpha)
+    setting, settings_dir, base, permutations, alpha, mode = args
+    return run_setting(setting, settings_dir, base=base, permutations=permutations, alpha=alpha, mode=mode)
 
 
 def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery", *, limit: int | None = None,
               permutations: int = 2000, alpha: float = 0.05, base: Recipe | None = None,
-              progress: bool = True, workers: int = 1, threads_per_worker: int | None = None) -> dict:
+              progress: bool = True, workers: int = 1, threads_per_worker: int | None = None,
+              mode: str = "auto", match: str | None = None) -> dict:
     """Run (or resume) a grid; returns the summary.
 
     ``workers > 1`` runs that many settings at once in separate processes
     (each with ``threads_per_worker`` torch threads, default
     ``cpu_count // workers``); rows are appended in the order settings
-    finish, and the summary does not depend on that order.
+    finish, and the summary does not depend on that order. ``mode`` is the
+    region-embedding mode of discovery (``auto``/``roi``/``crop``);
+    ``match`` keeps only the settings whose name contains it.
     """
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     settings = grid_settings(grid)
+    if match:
+        settings = [s for s in settings if match in s.name]
+        if not settings:
+            raise ValueError(f"no setting of grid {grid!r} has {match!r} in its name")
     n_grid = len(settings)
     if limit is not None:
         settings = settings[: int(limit)]
@@ -460,7 +469,7 @@ def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery",
                   f"P@10 ravl={f['ravl']['top']:.2f} called={row['n_called']}/{row['n_kept']} "
                   f"{row['seconds']['total']:.0f}s", flush=True)
 
-    jobs = [(s, out / "settings", base, permutations, alpha) for s in todo]
+    jobs = [(s, out / "settings", base, permutations, alpha, mode) for s in todo]
     if int(workers) == 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs, start=1):
             if progress:
