@@ -41,7 +41,7 @@ NAMES = {"audited": "Audited model", "standard": "Standard FT", "upsampled": "Up
 METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
-def discover_on_val(audited: Path, setting: Path, seed: int) -> dict:
+def discover_on_val(audited: Path, setting: Path, seed: int, mode: str = "auto") -> dict:
     from ravl_pipeline.ml.audit import dataset_setting, dataset_templates, ground_truth_summary, run_discovery
     from ravl_pipeline.ml.data import load_dataset
     from ravl_pipeline.ml.models import load_model
@@ -54,7 +54,7 @@ def discover_on_val(audited: Path, setting: Path, seed: int) -> dict:
     # with evidence, as `ravl discover` and the pipeline run it: Stage 2 then
     # mitigates the called findings (significant at BH q <= 0.05)
     findings, emb, sc = run_discovery(lm, ds, classes, templates=dataset_templates(eval_dir), seed=seed,
-                                      progress=False, evidence=True)
+                                      progress=False, evidence=True, mode=mode)
     feats = info["config"]["features"]
     induced = list(zip([f["name"] for f in feats], info["correlated_classes"]))
     findings["ground_truth"] = ground_truth_summary(findings, ds, emb, sc, classes, induced)
@@ -100,7 +100,7 @@ def oracle_findings(findings: dict, audited: Path, setting: Path) -> dict:
 
 
 def run_seed(seed: int, out: Path, small: bool, resume: bool = False, methods=METHODS,
-             oracle: bool = False) -> dict:
+             oracle: bool = False, mode: str = "auto") -> dict:
     from ravl_pipeline.ml import mitigate
     from ravl_pipeline.ml.discover import read_findings, write_findings
     from ravl_pipeline.ml.evaluate import evaluate_model, write_metrics
@@ -114,13 +114,13 @@ def run_seed(seed: int, out: Path, small: bool, resume: bool = False, methods=ME
     if resume and (root / "findings.json").is_file():
         findings = read_findings(root / "findings.json")
     else:
-        findings = discover_on_val(paths["audited"], paths["setting"], seed)
+        findings = discover_on_val(paths["audited"], paths["setting"], seed, mode)
         write_findings(findings, root / "findings.json")
     prefix = ""
     if oracle:
         findings, prefix = oracle_findings(findings, paths["audited"], paths["setting"]), "oracle-"
         write_findings(findings, root / "findings_oracle.json")
-    result = {"seed": seed, "recipe": recipe.to_dict(), "seconds_build": t_build, "n_features": len(findings["features"]),
+    result = {"seed": seed, "recipe": recipe.to_dict(), "mode": findings.get("embedding_mode"), "seconds_build": t_build, "n_features": len(findings["features"]),
               "n_called": sum(bool(f.get("called")) for f in findings["features"]),
               "ground_truth": findings.get("ground_truth"), "metrics": {}, "seconds_per_step": {}}
     models = {} if oracle else {"audited": f"local-dir:{paths['audited']}"}
@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="reuse findings.json and checkpoints already trained with the same configuration")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
+                        help="region-embedding mode of Stage 1 (Stage 2 assigns regions the same way)")
     parser.add_argument("--oracle", action="store_true",
                         help="diagnostic: use the ground-truth feature (from val) as the only spurious cluster")
     parser.add_argument("--step-timing", type=int, default=0, metavar="STEPS",
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
         return 0
     results = []
     for seed in args.seeds:
-        results.append(run_seed(seed, args.out, args.small, args.resume, args.methods, args.oracle))
+        results.append(run_seed(seed, args.out, args.small, args.resume, args.methods, args.oracle, args.mode))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))
