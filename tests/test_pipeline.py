@@ -231,6 +231,23 @@ def test_changed_set_and_changed_params_make_exactly_their_downstream_stale(two_
         assert _status(s, asset, "set-a") == StaleStatus.FRESH
 
 
+def test_no_called_finding_keeps_the_audited_model(two_sets):
+    s = two_sets
+    # 50 permutations can never reach q <= 1e-6: every feature is kept but none is called
+    write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "permutations": 50, "alpha": 1e-6})
+    runs = runner.materialize(s["defs"], s["instance"], partitions=["set-a"],
+                              select=["spurious_features", "mitigated_model"])
+    assert runs[0].success, runs[0].lines()
+    out = s["data"] / "outputs" / "set-a"
+    findings = read_findings(out / "findings.json")
+    assert findings["significance"]["n_permutations"] == 50 and "warning" in findings["significance"]
+    assert not any(f["called"] for f in findings["features"])
+    record = json.loads((out / "mitigated_model.json").read_text())
+    assert record["trained"] is False and record["model"] == findings["model"]
+    assert ("called significant" in record["reason"]) if findings["features"] else \
+        ("no spurious feature" in record["reason"])
+
+
 def test_blocking_accuracy_check_stops_the_report(two_sets):
     s = two_sets
     # demand an impossible gain of 100 points of image accuracy
