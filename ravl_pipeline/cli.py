@@ -16,6 +16,35 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file")
 
 
+def _add_training_args(p: argparse.ArgumentParser, batch_help: str | None = None) -> None:
+    """The options every fine-tuning command shares (read back by :func:`_train_config`)."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="standard")
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128, help=batch_help)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lam", type=float, default=0.8)
+    p.add_argument("--tau", type=float, default=0.07, help="temperature of the region-aware loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lock-text", action="store_true")
+    p.add_argument("--caption-template", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _train_config(args):
+    """The training configuration and caption template of :func:`_add_training_args`' options."""
+    from .ml import train
+
+    template = args.caption_template or _default_caption_template(args.data)
+    cfg = train.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, lock_text=args.lock_text, caption_template=template,
+                            lam=args.lam, tau=args.tau, max_steps=args.max_steps)
+    return cfg, template
+
+
 def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proposer", default="quadrants", help="quadrants | grid:N | boxes")
     p.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
@@ -97,10 +126,7 @@ def cmd_finetune(args) -> int:
     from .ml.data import load_dataset
     from .ml.models import load_model, save_model
 
-    template = args.caption_template or _default_caption_template(args.data)
-    cfg = train.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, lock_text=args.lock_text, caption_template=template,
-                            lam=args.lam, tau=args.tau, max_steps=args.max_steps)
+    cfg, template = _train_config(args)
     from .ml.distributed import is_distributed_launch
 
     if is_distributed_launch():
@@ -138,10 +164,7 @@ def cmd_train(args) -> int:
     try:
         ds = load_dataset(args.data, split=args.split)
         lm = load_model(args.model, args.pretrained, seed=args.seed)
-        template = args.caption_template or _default_caption_template(args.data)
-        cfg = train.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, lock_text=args.lock_text, caption_template=template,
-                                lam=args.lam, max_steps=args.max_steps)
+        cfg, template = _train_config(args)
         data = train.build_train_data(lm, ds, template)
         quiet = args.quiet or not world.is_main
         if world.world_size > 1:
@@ -473,10 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a CLIP model on a dataset")
     _add_model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--method", default="standard")
+    _add_training_args(p)
     p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
     p.add_argument("--audited-model", default=None,
                    help="the audited model the findings came from (default: the findings' 'model')")
@@ -484,16 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discovered features treated as spurious: called (significant ones where the findings "
                         "carry significance, else all kept) | all (every kept cluster) | top1 | K")
     p.add_argument("--cache-dir", default=None, help="cache of spurious-region assignments (default: beside --out)")
-    p.add_argument("--epochs", type=float, default=4.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lam", type=float, default=0.8)
-    p.add_argument("--tau", type=float, default=0.07, help="temperature of the region-aware loss")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lock-text", action="store_true")
-    p.add_argument("--caption-template", default=None)
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="image/region overall and worst-group accuracy (SPEC §4.2)")
@@ -513,22 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune; also data-parallel under torchrun --nproc-per-node N (DDP)")
     _add_model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--method", default="standard")
-    p.add_argument("--epochs", type=float, default=4.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lam", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lock-text", action="store_true")
-    p.add_argument("--caption-template", default=None)
+    _add_training_args(p, batch_help="global batch size (split across processes)")
     p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
     p.add_argument("--record-indices", action="store_true",
                    help="record which sample indices each process saw at each step (in the history)")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("discover", help="Stage 1: find spurious region features (SPEC §2)")

@@ -352,22 +352,18 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
     out = ravl.output_dir(context.partition_key)
     findings = disc.read_findings(out / "findings.json")
     cfg = _mitigation_config(ravl, record)
+    chosen = []
     if cfg.method in mitigate.FINDINGS_METHODS:
-        feats = findings["features"]
-        reason = None
-        if not feats:
-            reason = "Stage 1 found no spurious feature"
-        elif any("called" in f for f in feats) and not any(f.get("called") for f in feats):
-            reason = (f"none of the {len(feats)} kept features is called significant "
-                      f"(smallest q = {min(f['q_value'] for f in feats):.3g})")
-        if reason is not None:
-            # SPEC §2.6: an explicit empty result; there is nothing to mitigate, so
-            # the audited model stands as its own mitigated model
+        try:
+            chosen = mitigate.select_features(findings)
+        except mitigate.MitigationError as exc:
+            # SPEC §2.6: nothing found, or nothing called significant; there is
+            # nothing to mitigate, so the audited model stands as its own mitigated model
             write_json_atomic(out / "mitigated_model.json", {
                 "model": record["model"], "pretrained": record["pretrained"], "trained": False,
-                "reason": reason})
+                "reason": str(exc)})
             return dg.MaterializeResult(metadata={"model": record["model"], "trained": False,
-                                                  "reason": f"{reason}: the audited model is kept"})
+                                                  "reason": f"{exc}; the audited model is kept"})
     history = mitigate.train_mitigated(record["init_model"], record["train_data"], findings, record["model"],
                                        out / "mitigated_model", cfg, findings_path=out / "findings.json")
     write_json_atomic(out / "mitigated_model.json", {
@@ -378,7 +374,7 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
         "model": f"local-dir:{out / 'mitigated_model'}", "trained": True, "method": cfg.method,
         "steps": history.get("steps", 0),
         "first_loss": float(losses[0]) if losses else -1.0, "last_loss": float(losses[-1]) if losses else -1.0,
-        "spurious_features_used": len(mitigate.select_features(findings)),
+        "spurious_features_used": len(chosen),
         "train_config": dg.MetadataValue.json(cfg.to_dict()),
         "path": dg.MetadataValue.path(str(out / "mitigated_model"))})
 

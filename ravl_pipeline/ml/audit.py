@@ -83,7 +83,8 @@ def run_discovery(lm: LoadedModel, ds, classes: Sequence[str], *, templates: Seq
     labels = label_indices(ds, classes)
     gt = region_labels_for(ds, proposer)
     flat_gt = [lab for labs in gt for lab in labs] if gt is not None else None
-    # the evidence needs every region's cluster, which the findings list only in part
+    # clustered here (not inside discover) because the evidence needs every
+    # region's cluster, which the findings list only in part
     clustering = disc.cluster_regions(emb.region_emb, len(classes), seed=seed, k_range=k_range,
                                       max_regions=max_regions, workers=cluster_workers)
     findings = disc.discover(
