@@ -313,15 +313,26 @@ def _print_findings(findings: dict, path) -> None:
               f"{f['influence']:.2f}, attribute {f['attribute']!r}, {f.get('size', '?')} regions")
         if "q_value" in f:
             names = ", ".join(t["term"] for t in f.get("names", {}).get("terms", [])[:3])
-            flips = (f.get("causal") or {}).get("flip_rate")
+            causal = f.get("causal") or {}
+            flips, control = causal.get("flip_rate"), (f.get("causal_control") or {}).get("flip_rate")
+            support = causal.get("support")
+            verdict = "" if support is None else (
+                f"; toward parity {support['toward_parity']} vs away {support['away_from_parity']}, "
+                + ("supported" if support["supported"] else "not supported"))
             print(f"      p={f['p_value']:.3f} q={f['q_value']:.3f} {'CALLED' if f['called'] else 'not called'}"
                   + (f", masking flips {flips:.0%} of its images" if flips is not None else "")
+                  + (f" vs {control:.0%} for random regions" if control is not None else "") + verdict
                   + (f"; model-derived names: {names}" if names else ""))
+    if "lead_rank" in findings:
+        lead = findings["lead_rank"]
+        print("  lead finding (highest-ranked called feature the masking check supports): "
+              + ("none" if lead is None else f"#{lead}"))
     for name, gt in (findings.get("ground_truth") or {}).items():
         v = gt["validity"]
         print(f"  ground truth {name!r} ↔ {gt['correlated_class']!r}: valid={v['valid']} "
               f"(gap {_fmt(v['correlated_gap'])}, others {_fmt(v['other_mean_gap'])}), "
-              f"Precision@10 top={gt['precision_at_10_top']:.2f}")
+              f"Precision@10 top={gt['precision_at_10_top']:.2f}"
+              + (f", lead={gt['precision_at_10_lead']:.2f}" if "precision_at_10_lead" in gt else ""))
 
 
 def _fmt(x) -> str:
@@ -502,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the audited model the findings came from (default: the findings' 'model')")
     p.add_argument("--features", default="called",
                    help="discovered features treated as spurious: called (significant ones where the findings "
-                        "carry significance, else all kept) | all (every kept cluster) | top1 | K")
+                        "carry significance, else all kept, less those the masking check does not support) | significant "
+                        "(every called one) | all (every kept cluster) | top1 | K")
     p.add_argument("--cache-dir", default=None, help="cache of spurious-region assignments (default: beside --out)")
     p.set_defaults(func=cmd_finetune)
 

@@ -36,14 +36,16 @@ def test_setting_recipe_derives_from_the_default_recipe():
     assert recipe.synth.seed == recipe.pretrain.seed == recipe.finetune.seed == s.seed
 
 
-def _row(kind, valid=True, ravl=1.0, base=0.5, n_called=1, n_kept=1, best_called=None, flips=(0.6, 0.1)):
+def _row(kind, valid=True, ravl=1.0, base=0.5, n_called=1, n_kept=1, best_called=None, flips=(0.6, 0.1),
+         lead=None, lead_rank=1):
     feats = ["red square"] if kind != "two" else ["red square", "blue circle"]
     f = {name: {"validity": valid,
-                "ravl": {"top": ravl, "top_called": ravl, "best_called": ravl if best_called is None else best_called},
+                "ravl": {"top": ravl, "top_called": ravl, "best_called": ravl if best_called is None else best_called,
+                         "lead": ravl if lead is None else lead},
                 "baselines": {"random": base / 2, "domino": base, "george": base, "distill": base / 5}}
          for name in feats}
     return {"setting": {"kind": kind, "name": f"{kind}-{ravl}-{valid}"}, "features": f, "n_called": n_called,
-            "n_kept": n_kept,
+            "n_kept": n_kept, "lead_rank": lead_rank if n_called else None,
             "causal_top": {"finding": {"flip_rate": flips[0], "parity_shift": 0.2, "attribute_gap_before": 0.8,
                                        "attribute_gap_after": 0.1},
                            "control": {"flip_rate": flips[1], "parity_shift": 0.0}},
@@ -51,9 +53,9 @@ def _row(kind, valid=True, ravl=1.0, base=0.5, n_called=1, n_kept=1, best_called
 
 
 def test_summarise_by_hand():
-    rows = [_row("single", ravl=1.0, base=0.5), _row("single", ravl=0.8, base=0.3, best_called=1.0),
+    rows = [_row("single", ravl=1.0, base=0.5), _row("single", ravl=0.8, base=0.3, best_called=1.0, lead=0.2),
             _row("single", valid=False, ravl=0.0, base=0.9),
-            _row("null", n_called=0, n_kept=2), _row("null", n_called=1, n_kept=1),
+            _row("null", n_called=0, n_kept=2), _row("null", n_called=1, n_kept=1, lead_rank=None),
             _row("null", n_called=0, n_kept=0), _row("null", n_called=0, n_kept=1),
             _row("two", best_called=1.0), _row("two", best_called=0.4)]
     s = bench.summarise(rows)
@@ -61,11 +63,13 @@ def test_summarise_by_hand():
     p = s["precision_at_10"]
     assert p["ravl"] == pytest.approx(0.9)  # (1.0 + 0.8) / 2; the invalid setting is left out
     assert p["ravl_best_called"] == pytest.approx(1.0)  # the second's feature is called, though not ranked first
+    assert p["ravl_lead"] == pytest.approx(0.6)  # (1.0 + 0.2) / 2
     assert p["domino"] == pytest.approx(0.4) and p["random"] == pytest.approx(0.2)
     assert p["distill"] == pytest.approx(0.08)
     assert s["ravl_over_best_baseline"] == pytest.approx(0.9 / 0.4)
     assert s["null_false_finding_rate"] == pytest.approx(1 / 4)
     assert s["null_uncorrected_rate"] == pytest.approx(3 / 4)
+    assert s["null_lead_rate"] == 0.0  # the one null call is refuted by masking
     assert s["two_feature_recall"] == pytest.approx(2 / 4)  # both of the first, none of the second
     assert s["two_feature_both_found"] == pytest.approx(1 / 2)
     assert s["causal"]["n_true_findings"] == 2
@@ -94,6 +98,9 @@ def test_small_grid_end_to_end(tmp_path):
             assert 0.0 <= f["ravl"]["top"] <= 1.0
             assert set(f["baselines"]) == {"random", "domino", "george", "distill"}
         assert r["n_called"] <= r["n_kept"]
+        assert r["n_unsupported"] <= r["n_called"] and (r["lead_rank"] is None or 1 <= r["lead_rank"] <= r["n_kept"])
+        for f in r["features"].values():
+            assert 0.0 <= f["ravl"]["lead"] <= 1.0
     saved = json.loads((out / "summary.json").read_text())
     assert saved["complete"] is True and saved["n_settings"] == 3
     assert "grid `small`" in (out / "summary.md").read_text()

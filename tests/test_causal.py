@@ -72,6 +72,41 @@ def test_random_control_rows_are_seeded_and_distinct():
     assert causal.random_control_rows(50, 20, seed=0).size == 20
 
 
+def test_masking_support_is_a_sign_test_toward_parity():
+    s = causal.masking_support({"n_toward_parity": 12, "n_away_from_parity": 1}, alpha=0.05)
+    assert s["supported"] and (s["toward_parity"], s["away_from_parity"]) == (12, 1)
+    assert s["p_value"] == pytest.approx(14 / 2 ** 13)  # P(X >= 12), X ~ Bin(13, 1/2)
+    # an "absence" cluster: hiding it changes nothing, which supports nothing
+    none = causal.masking_support({"n_toward_parity": 0, "n_away_from_parity": 0})
+    assert not none["supported"] and none["p_value"] == 1.0
+    # the test is one-sided: changes away from parity are no support, nor is a coin's split
+    assert not causal.masking_support({"n_toward_parity": 1, "n_away_from_parity": 12})["supported"]
+    assert not causal.masking_support({"n_toward_parity": 6, "n_away_from_parity": 6})["supported"]
+    # four changes out of four cannot reach 0.05 (p = 1/16); five can (1/32)
+    assert not causal.masking_support({"n_toward_parity": 4, "n_away_from_parity": 0})["supported"]
+    assert causal.masking_support({"n_toward_parity": 5, "n_away_from_parity": 0})["supported"]
+    assert causal.masking_support({"n_toward_parity": 4, "n_away_from_parity": 0}, alpha=0.1)["supported"]
+    # checks recorded before the counts existed have no verdict
+    assert causal.masking_support({"n_images": 40, "flip_rate": 0.75}) is None
+
+
+def test_lead_finding_skips_uncalled_and_unsupported_features():
+    def feat(rank, called, supported=None):
+        f = {"rank": rank, "called": called}
+        if supported is not None:
+            f["causal"] = {"support": {"supported": supported}}
+        return f
+
+    findings = {"features": [feat(1, True, False), feat(2, False, True), feat(4, True), feat(3, True, True)]}
+    assert causal.lead_finding(findings)["rank"] == 3
+    assert causal.is_supported(findings["features"][0]) is False
+    assert causal.is_supported(findings["features"][2]) is None
+    assert causal.lead_finding({"features": [feat(1, True, False), feat(2, False)]}) is None
+    assert causal.lead_finding({"features": []}) is None
+    # without significance every kept feature may lead
+    assert causal.lead_finding({"features": [{"rank": 2}, {"rank": 1}]})["rank"] == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory):
     from ravl_pipeline.ml.data import load_dataset
@@ -151,8 +186,17 @@ def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
     for feat in findings["features"]:
         assert feat["called"] == (feat["q_value"] <= 0.2)
         assert feat["names"]["model_derived"] is True
-    for feat in findings["features"][:5]:
-        assert feat["causal"]["fill"] == "black" and "causal_control" in feat
+    for i, feat in enumerate(findings["features"]):
+        if i < 5 or feat["called"]:  # the top five and every called feature are checked
+            assert feat["causal"]["fill"] == "black" and "causal_control" in feat
+            support = feat["causal"]["support"]
+            changes = support["toward_parity"] + support["away_from_parity"]
+            assert changes <= feat["causal"]["n_flipped"] <= feat["causal"]["n_images"]
+            assert support["supported"] == (support["p_value"] <= 0.2)
+        else:
+            assert "causal" not in feat
+    lead = causal.lead_finding(findings)
+    assert findings["lead_rank"] == (None if lead is None else lead["rank"])
     assert cli.main(base + ["--no-evidence"]) == 0
     assert "significance" not in json.loads(out.read_text())
     assert cli.main(base + ["--alpha", "2"]) == 2

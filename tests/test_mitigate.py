@@ -156,7 +156,7 @@ def test_select_features():
     with pytest.raises(MitigationError, match="name no spurious feature"):
         select_features({"dataset": "d", "features": []})
     assert [f["cluster_id"] for f in select_features(findings, "all")] == [3, 5]
-    with pytest.raises(MitigationError, match="'called', 'all', 'top1'"):
+    with pytest.raises(MitigationError, match="'called', 'significant', 'all', 'top1'"):
         select_features(findings, "most")
     # with significance, only called features count unless 'all' is asked for
     called = {"dataset": "d", "features": [{"rank": 1, "cluster_id": 3, "called": False},
@@ -170,6 +170,27 @@ def test_select_features():
     with pytest.raises(MitigationError, match="called significant.*--features all"):
         select_features(none_called)
     assert [f["cluster_id"] for f in select_features(none_called, "all")] == [3]
+
+
+def _support(ok):
+    return {"causal": {"support": {"supported": ok, "p_value": 0.001 if ok else 1.0}}}
+
+
+def test_select_features_leaves_out_what_masking_refutes():
+    findings = {"dataset": "d", "features": [
+        {"rank": 1, "cluster_id": 3, "called": True, **_support(False)},   # an "absence" cluster
+        {"rank": 2, "cluster_id": 5, "called": True, **_support(True)},
+        {"rank": 3, "cluster_id": 7, "called": True},                      # not checked: kept
+        {"rank": 4, "cluster_id": 9, "called": False, **_support(True)}]}
+    assert [f["cluster_id"] for f in select_features(findings)] == [5, 7]
+    assert [f["cluster_id"] for f in select_features(findings, "top1")] == [5]
+    assert [f["cluster_id"] for f in select_features(findings, "significant")] == [3, 5, 7]
+    assert [f["cluster_id"] for f in select_features(findings, "all")] == [3, 5, 7, 9]
+    refuted = {"dataset": "d", "features": [{"rank": 1, "cluster_id": 3, "called": True, **_support(False)},
+                                            {"rank": 2, "cluster_id": 4, "called": True, **_support(False)}]}
+    with pytest.raises(MitigationError, match=r"supports no called feature \(ranks 1, 2.*--features significant"):
+        select_features(refuted)
+    assert [f["cluster_id"] for f in select_features(refuted, "significant")] == [3, 4]
 
 
 # --------------------------------------------------------------------------- gradient coverage

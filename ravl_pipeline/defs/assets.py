@@ -270,7 +270,7 @@ def region_clusters(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
 
 
 @_partitioned(deps=[region_clusters, zero_shot_scores, audited_model, params_discovery], kinds={"json"},
-              code_version="2", pool=MODEL_POOL,
+              code_version="3", pool=MODEL_POOL,
               description="Ranked spurious region features with their evidence (permutation p- and "
                           "BH q-values, the masking check, model-derived names): findings.json "
                           "(SPEC §2.2–2.6, §5).")
@@ -312,6 +312,7 @@ def spurious_features(context: dg.AssetExecutionContext, ravl: RavlProject) -> d
         "silhouette": findings["silhouette"] if findings["silhouette"] is not None else -1.0,
         "top_attribute": findings["features"][0]["attribute"] if findings["features"] else "none",
         "called": sum(bool(f.get("called")) for f in findings["features"]) if p["evidence"] else -1,
+        "lead_rank": findings.get("lead_rank") or -1,
         "findings": meta.md(meta.findings_table(findings)),
         "top_regions": meta.md(meta.region_grid_markdown(ds.root, findings)),
         "path": dg.MetadataValue.path(str(out / "findings.json"))})
@@ -339,7 +340,7 @@ def _mitigation_config(ravl: RavlProject, record: dict):
 
 
 @_partitioned(deps=[spurious_features, audited_model, params_mitigation], kinds={"pytorch", "open_clip"},
-              code_version="1", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
+              code_version="2", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
               description="A model trained from the audited model's initialisation with the region-aware "
                           "loss on its fine-tuning data (SPEC §3).")
 def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
@@ -412,7 +413,7 @@ def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
 
 
 @_partitioned(deps=[mitigated_model, validation_set, params_regions, params_scores, params_labels,
-                    params_discovery], kinds={"json"}, code_version="1", pool=MODEL_POOL,
+                    params_discovery], kinds={"json"}, code_version="2", pool=MODEL_POOL,
               group_name=MITIGATION_GROUP,
               description="Stage 1 run again on the mitigated model: the findings after mitigation.")
 def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
@@ -452,11 +453,13 @@ def _feature_summary(findings: dict) -> dict:
             "n_called": len(called) if any("called" in f for f in findings["features"]) else None,
             "image_accuracy": findings.get("image_accuracy"),
             "top_score": top["score"] if top else None, "top_attribute": top["attribute"] if top else None,
-            "precision_at_10_top": {name: g.get("precision_at_10_top") for name, g in gt.items()}}
+            "lead_rank": findings.get("lead_rank"),
+            "precision_at_10_top": {name: g.get("precision_at_10_top") for name, g in gt.items()},
+            "precision_at_10_lead": {name: g.get("precision_at_10_lead") for name, g in gt.items()}}
 
 
 @_partitioned(deps=[spurious_features, mitigated_findings, mitigation_metrics], kinds={"html", "json"},
-              code_version="1", group_name=MITIGATION_GROUP,
+              code_version="2", group_name=MITIGATION_GROUP,
               description="Findings before and after mitigation with the metrics: summary.json and, when "
                           "the report module is installed, report.html.")
 def evaluation_report(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:

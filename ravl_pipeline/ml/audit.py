@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from . import discover as disc
+from .causal import lead_finding
 from .embed import DEFAULT_TEMPLATES, Embeddings, class_text_embeddings, embed_dataset, model_tau, zero_shot_probs
 from .evaluate import feature_presence, validity
 from .models import LoadedModel
@@ -119,7 +120,7 @@ def add_evidence(findings: dict, lm: LoadedModel, ds, emb: Embeddings, sc: Score
                                 n_permutations=permutations, alpha=alpha, seed=seed)
     causal.annotate_causal(findings, lm, ds, cluster_labels, emb.region_image, emb.boxes, labels,
                            sc.image_pred, sc.classes, templates, tau, fill=mask_fill, seed=seed,
-                           batch_size=batch_size)
+                           alpha=alpha, batch_size=batch_size)
     names.annotate_names(findings, lm, emb.region_emb, vocab)
     return findings
 
@@ -143,6 +144,8 @@ def ground_truth_summary(findings: dict, ds, emb: Embeddings, scores: Scores, cl
             "correlated_class": cls,
             f"precision_at_{k}_top": disc.precision_at_k(top, lookup, feature, k),
             f"precision_at_{k}_best": best,
+            **({f"precision_at_{k}_lead": disc.precision_at_k(lead_finding(findings), lookup, feature, k)}
+               if "lead_rank" in findings else {}),
             "top_attribute": top["attribute"] if top else None,
             "validity": validity(labels, scores.image_pred, presence, classes, cls),
         }

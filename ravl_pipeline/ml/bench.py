@@ -150,10 +150,13 @@ def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
 def _ravl_precision(findings: dict, lookup: dict, feature: str) -> dict:
     from .discover import precision_at_k
 
+    from .causal import lead_finding
+
     feats = findings["features"]
     called = [f for f in feats if f.get("called")]
     return {
         "top": precision_at_k(feats[0] if feats else None, lookup, feature, K),
+        "lead": precision_at_k(lead_finding(findings), lookup, feature, K),
         "top_called": precision_at_k(called[0] if called else None, lookup, feature, K),
         "best_called": max((precision_at_k(f, lookup, feature, K) for f in called), default=0.0),
     }
@@ -191,6 +194,7 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     split of an already built setting (``paths`` as from
     :func:`recipe.build_audited_model`)."""
     from .audit import dataset_templates, label_indices, run_discovery
+    from .causal import is_supported
     from .data import load_dataset
     from .discover import region_label_map
     from .evaluate import feature_presence, validity
@@ -231,6 +235,8 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
         "features": per_feature,
         "n_kept": len(feats),
         "n_called": sum(bool(f.get("called")) for f in feats),
+        "lead_rank": findings.get("lead_rank"),
+        "n_unsupported": sum(bool(f.get("called")) and is_supported(f) is False for f in feats),
         "top": None if top is None else {"p_value": top.get("p_value"), "q_value": top.get("q_value"),
                                          "called": top.get("called"), "attribute": top["attribute"],
                                          "names": [t["term"] for t in top.get("names", {}).get("terms", [])][:3]},
@@ -310,6 +316,8 @@ def summarise(rows: Sequence[dict]) -> dict:
 
     precision = {m: _mean(p10(r, m) for r in valid) for m in methods}
     precision["ravl_top_called"] = _mean(next(iter(r["features"].values()))["ravl"]["top_called"] for r in valid)
+    # the highest-ranked called feature the masking check supports (or did not check)
+    precision["ravl_lead"] = _mean(next(iter(r["features"].values()))["ravl"].get("lead") for r in valid)
     # the best of the called features: is the induced feature among the findings at all?
     precision["ravl_best_called"] = _mean(next(iter(r["features"].values()))["ravl"]["best_called"] for r in valid)
     best_baseline = max((precision[m] or 0.0) for m in baselines.METHODS) if valid else None
@@ -329,6 +337,7 @@ def summarise(rows: Sequence[dict]) -> dict:
         "n_null": len(nulls),
         "null_false_finding_rate": _mean(float(r["n_called"] > 0) for r in nulls),
         "null_uncorrected_rate": _mean(float(r["n_kept"] > 0) for r in nulls),
+        "null_lead_rate": _mean(float(r["lead_rank"] is not None) for r in nulls if "lead_rank" in r),
         "n_two": len(twos),
         "two_feature_recall": _mean(float(x) for x in found),
         "two_feature_both_found": _mean(float(all(f["ravl"]["best_called"] >= TRUE_FINDING_PRECISION
@@ -366,14 +375,15 @@ def summary_markdown(summary: dict, grid: str, complete: bool, n_grid: int | Non
         "| method | mean Precision@10 (valid settings) |",
         "|---|---|",
     ]
-    lines += [f"| {m} | {_fmt(p.get(m))} |" for m in ["ravl", "ravl_top_called", "ravl_best_called",
+    lines += [f"| {m} | {_fmt(p.get(m))} |" for m in ["ravl", "ravl_top_called", "ravl_lead", "ravl_best_called",
                                                      *baselines.METHODS]]
     c = s["causal"]
     lines += [
         "",
         f"- RaVL / best baseline: {_fmt(s['ravl_over_best_baseline'])}",
         f"- null settings with >= 1 called finding: {_fmt(s['null_false_finding_rate'], True)} of {s['n_null']}"
-        f" (before the significance filter: {_fmt(s['null_uncorrected_rate'], True)})",
+        f" (before the significance filter: {_fmt(s['null_uncorrected_rate'], True)}; with one the masking"
+        f" check supports: {_fmt(s.get('null_lead_rate'), True)})",
         f"- two-feature recall (called finding with P@10 >= {TRUE_FINDING_PRECISION}): "
         f"{_fmt(s['two_feature_recall'], True)} of {2 * s['n_two']} features; both found in "
         f"{_fmt(s['two_feature_both_found'], True)} of {s['n_two']} settings",

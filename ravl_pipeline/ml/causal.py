@@ -8,6 +8,16 @@ images that showed it toward those of the images that did not (the
 correlated class loses its advantage, the others their penalty).  The same
 number of regions drawn at random serves as a control.
 
+The verdict (``causal.support``) asks exactly that of each image whose
+correctness the mask changes: does the change move its class toward parity
+(a class more accurate with the regions loses a correct prediction, a class
+less accurate with them gains one) or away from it?  A one-sided sign test
+on the two counts says whether the masking evidence *supports* the
+finding.  A cluster can be significant under the permutation test without
+being used by the model: in RoI embeddings an empty quadrant carries its
+neighbours, so "empty, next to no red square" correlates with the model's
+errors while masking it changes nothing.
+
 Masking edits exactly the pixels of the masked boxes and nothing else:
 
 * ``mean``  — the model's normalisation mean colour (a zero input after
@@ -39,6 +49,9 @@ __all__ = [
     "predict_dataset",
     "causal_effect",
     "random_control_rows",
+    "masking_support",
+    "is_supported",
+    "lead_finding",
     "annotate_causal",
 ]
 
@@ -171,13 +184,25 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     after = predict_images(lm, masked, text_emb, tau, batch_size)
     labels_in = image_labels[images]
     absent = np.setdiff1d(np.arange(len(image_labels)), images)
-    per_class = _per_class_shift(labels_in, before == labels_in, after == labels_in,
+    before_ok, after_ok = before == labels_in, after == labels_in
+    per_class = _per_class_shift(labels_in, before_ok, after_ok,
                                  image_labels[absent], image_pred[absent] == image_labels[absent], classes)
+    sign = np.zeros(len(classes))
+    for r in per_class:
+        if r["gap_before"] is not None:
+            sign[list(classes).index(r["label"])] = np.sign(r["gap_before"])
+    s = sign[labels_in] if images.size else np.zeros(0)
+    lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
+    toward = int(np.sum(((s > 0) & lost) | ((s < 0) & gained)))
+    away = int(np.sum(((s > 0) & gained) | ((s < 0) & lost)))
     shifts = [abs(r["gap_before"]) - abs(r["gap_after"]) for r in per_class if r["gap_before"] is not None]
     out = {
         "fill": fill,
         "n_regions": int(rows.size),
         "n_images": int(images.size),
+        "n_flipped": int(np.sum(before != after)),
+        "n_toward_parity": toward,
+        "n_away_from_parity": away,
         "flip_rate": float(np.mean(before != after)) if images.size else None,
         "acc_before": _accuracy(before == labels_in),
         "acc_after": _accuracy(after == labels_in),
@@ -198,18 +223,59 @@ def random_control_rows(n_rows: int, n_total: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(int(n_total), size=min(int(n_rows), int(n_total)), replace=False))
 
 
+def masking_support(effect: dict, alpha: float = 0.05) -> dict | None:
+    """Does hiding the finding's regions move its images toward parity?
+
+    Of the images whose correctness the mask changes, ``toward`` moved their
+    class toward parity and ``away`` from it; under "the mask acts at random"
+    each change goes either way with probability 1/2, so the one-sided sign
+    test P(X >= toward), X ~ Binomial(toward + away, 1/2), is the p-value and
+    the finding is ``supported`` when it is at most ``alpha``.  A mask that
+    changes nothing (p = 1) does not support it.  ``None`` for checks made
+    before the counts were recorded."""
+    if "n_toward_parity" not in effect:
+        return None
+    from scipy.stats import binomtest
+
+    toward, away = int(effect["n_toward_parity"]), int(effect["n_away_from_parity"])
+    p = float(binomtest(toward, toward + away, 0.5, alternative="greater").pvalue) if toward + away else 1.0
+    return {"test": "one-sided sign test: correctness changes toward parity vs away from it",
+            "toward_parity": toward, "away_from_parity": away, "p_value": p, "alpha": float(alpha),
+            "supported": bool(p <= alpha)}
+
+
+def is_supported(feature: dict) -> bool | None:
+    """The masking verdict of one feature: True (supported), False (hiding
+    its regions does not move its images toward parity) or None (unchecked)."""
+    support = (feature.get("causal") or {}).get("support")
+    return None if support is None else bool(support["supported"])
+
+
+def lead_finding(findings: dict) -> dict | None:
+    """The highest-ranked feature that is called significant (or, without
+    significance, kept) and not left unsupported by the masking check; None
+    when there is none."""
+    for feat in sorted(findings.get("features") or [], key=lambda f: f["rank"]):
+        if feat.get("called", True) and is_supported(feat) is not False:
+            return feat
+    return None
+
+
 def annotate_causal(findings: dict, lm, ds, cluster_labels, region_image, boxes, image_labels,
                     image_pred, classes: Sequence[str], templates: Sequence[str], tau: float, *,
                     fill: str = "mean", control: bool = True, seed: int = 0, max_features: int | None = 5,
-                    batch_size: int = 64) -> dict:
-    """Add ``causal`` (and, with ``control``, ``causal_control`` for as many
-    random regions) to the first ``max_features`` features, in place."""
+                    alpha: float = 0.05, batch_size: int = 64) -> dict:
+    """Add ``causal`` with its verdict ``causal.support`` (and, with
+    ``control``, ``causal_control`` for as many random regions) to the first
+    ``max_features`` features and to every called one, in place; record the
+    rank of the :func:`lead_finding` as ``findings["lead_rank"]``."""
     if fill not in FILLS:
         raise ValueError(f"unknown mask fill {fill!r}; expected one of {', '.join(FILLS)}")
     text = class_text_embeddings(lm, classes, templates).cpu().numpy()
     cluster_labels = np.asarray(cluster_labels, dtype=np.int64)
     boxes = np.asarray(boxes, dtype=np.float64)
-    feats = findings["features"] if max_features is None else findings["features"][:max_features]
+    feats = [f for i, f in enumerate(findings["features"])
+             if max_features is None or i < max_features or f.get("called")]
     if feats:
         before = predict_dataset(lm, ds, text, tau, batch_size)
     for feat in feats:
@@ -217,10 +283,15 @@ def annotate_causal(findings: dict, lm, ds, cluster_labels, region_image, boxes,
         args = (region_image, boxes, image_labels, image_pred, classes, text, tau)
         feat["causal"] = causal_effect(lm, ds, rows, *args, fill=fill, attribute=feat["attribute"],
                                        batch_size=batch_size, before_pred=before)
+        feat["causal"]["support"] = masking_support(feat["causal"], alpha)
         if control:
             ctrl = random_control_rows(rows.size, len(cluster_labels), seed + int(feat["cluster_id"]))
             feat["causal_control"] = causal_effect(lm, ds, ctrl, *args, fill=fill, attribute=feat["attribute"],
                                                    batch_size=batch_size, before_pred=before)
+
     findings["causal"] = {"fill": fill, "control": "same number of regions drawn at random",
-                          "features_checked": len(feats)}
+                          "features_checked": len(feats), "alpha": float(alpha),
+                          "checked": "the top features and every called one"}
+    lead = lead_finding(findings)
+    findings["lead_rank"] = None if lead is None else int(lead["rank"])
     return findings

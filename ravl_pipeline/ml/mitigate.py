@@ -66,10 +66,15 @@ def select_features(findings: dict, which: str | int = "called") -> list[dict]:
     """The discovered features whose clusters count as spurious (SPEC §3.1).
 
     ``called`` (default): the features Stage 1 calls spurious — those with
-    ``called: true`` where the findings carry significance, else every kept
-    feature; ``top1`` / an integer ``k``: the top-ranked one / ``k`` of those;
-    ``all``: every kept cluster, significant or not.
+    ``called: true`` where the findings carry significance (else every kept
+    feature), less those the masking check does not support (hiding their
+    regions does not move their images toward parity: the model does not
+    use them that way, so there is nothing in them to unlearn);
+    ``significant``: every called feature, supported or not; ``top1`` / an integer ``k``: the first /
+    first ``k`` of the ``called`` ones; ``all``: every kept cluster.
     """
+    from .causal import is_supported
+
     feats = sorted(findings.get("features") or [], key=lambda f: f["rank"])
     where = f"findings for dataset {findings.get('dataset')!r}"
     if not feats:
@@ -82,6 +87,15 @@ def select_features(findings: dict, which: str | int = "called") -> list[dict]:
         if not feats:
             raise MitigationError(f"{where} name no spurious feature that is called significant: nothing to "
                                   "mitigate (use --features all to suppress every kept cluster anyway)")
+    if which == "significant":
+        return feats
+    refuted = [f["rank"] for f in feats if is_supported(f) is False]
+    feats = [f for f in feats if is_supported(f) is not False]
+    if not feats:
+        raise MitigationError(f"{where}: the masking check supports no called feature (ranks "
+                              f"{', '.join(map(str, refuted))}: hiding their regions does not move their images "
+                              "toward parity), so nothing is to be mitigated (use --features significant to "
+                              "suppress them anyway)")
     if which == "called":
         return feats
     if which == "top1":
@@ -89,7 +103,8 @@ def select_features(findings: dict, which: str | int = "called") -> list[dict]:
     try:
         k = int(which)
     except (TypeError, ValueError):
-        raise MitigationError(f"feature selection must be 'called', 'all', 'top1' or a count, got {which!r}") from None
+        raise MitigationError(f"feature selection must be 'called', 'significant', 'all', 'top1' or a count, "
+                              f"got {which!r}") from None
     if k < 1:
         raise MitigationError(f"feature selection count must be at least 1, got {k}")
     return feats[:k]

@@ -393,7 +393,13 @@ def _region_grid(feat: Mapping[str, Any], images: _ImageSource | None, top: int)
     return '<div class="grid">' + "".join(cells) + "</div>"
 
 
-def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str) -> str:
+def _support(feat: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    causal = feat.get("causal")
+    support = causal.get("support") if isinstance(causal, Mapping) else None
+    return support if isinstance(support, Mapping) and "supported" in support else None
+
+
+def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lead: bool = False) -> str:
     rank = feat.get("rank")
     facts = [("score G_c", _num(feat.get("score"))), ("influence H_c", _num(feat.get("influence"))),
              ("correlated class", feat.get("attribute")), ("cluster", feat.get("cluster_id"))]
@@ -404,6 +410,12 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str) -> 
         text = _causal_text(feat.get(key))
         if text:
             facts.append((label, text))
+    support = _support(feat)
+    if support is not None:
+        facts.append(("masking verdict", f"{'supported' if support['supported'] else 'not supported'}: "
+                                         f"{support.get('toward_parity')} changes toward parity, "
+                                         f"{support.get('away_from_parity')} away (one-sided sign test "
+                                         f"p = {_num(support.get('p_value'), 4)})"))
     names = _names_text(feat.get("names"))
     if names:
         facts.append(("name (model-derived)", names))
@@ -412,9 +424,15 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str) -> 
     if called is not None:
         badge = (' <span class="badge called">called</span>' if called
                  else ' <span class="badge not-called">not significant</span>')
+    if support is not None and not support["supported"]:
+        badge += ' <span class="badge not-called">masking: no move toward parity</span>'
+    if lead:
+        badge += ' <span class="badge called">lead finding</span>'
+    lead_note = ("" if not lead else '<p class="note">Lead finding: the highest-ranked feature that is called '
+                 "significant and supported by the masking check.</p>")
     title = f"Feature {rank}: correlated with “{feat.get('attribute')}”"
     return (f'<section class="feature" id="{prefix}feature-{_e(rank)}">'
-            f"<h3>{_e(title)}{badge}</h3>"
+            f"<h3>{_e(title)}{badge}</h3>{lead_note}"
             f'<div class="feature-body"><div class="facts">{_kv_table(facts)}</div>'
             f'<div class="table-wrap">{_per_class_table(feat)}</div></div>'
             f"<h4>Top regions</h4>{_region_grid(feat, images, top)}</section>")
@@ -436,14 +454,19 @@ def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_
                                         f"α = {sig.get('alpha', '?')}; {sig.get('n_called', 0)} called"))
         if sig.get("warning"):
             summary.append(("significance warning", sig["warning"]))
+    if "lead_rank" in findings:
+        lead = findings["lead_rank"]
+        summary.append(("lead finding", "none: the masking check supports no called feature" if lead is None
+                        else f"feature {lead} (the highest-ranked called feature the masking check supports)"))
     parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>', _kv_table(summary, "kv summary")]
     features = findings.get("features", [])
     if not features:
         parts.append('<p class="empty" id="{}no-feature">No spurious feature found: no cluster has a '
                      'positive and a negative per-class gap together with influence ≥ {}.</p>'
                      .format(prefix, _e(_num(findings.get("influence_threshold", 0.25), 2))))
+    lead = findings.get("lead_rank")
     for feat in features:
-        parts.append(_feature_section(feat, images, top, prefix))
+        parts.append(_feature_section(feat, images, top, prefix, lead=lead is not None and feat.get("rank") == lead))
     parts.append("</section>")
     return "".join(parts)
 
@@ -503,6 +526,10 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
     flags = [f.get("called") for f in findings.get("features", []) if "called" in f]
     if flags:  # significance was computed: say how many survive it
         verdict += f", {sum(bool(c) for c in flags)} called significant"
+    refuted = [f for f in findings.get("features", []) if f.get("called") and _support(f) is not None
+               and not _support(f)["supported"]]
+    if refuted:
+        verdict += f" ({len(refuted)} of them not supported by the masking check)"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<header id="top"><h1>RaVL audit report</h1>'
             f'<p class="verdict">{_e(verdict)} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'
