@@ -8,7 +8,12 @@ boxes per image, three ways:
   embeddings from one backbone pass (what discovery and RaVL training use);
 * ``crop``: the exact fallback — encode the image plus every region crop
   resized to the input size (model time only; the PIL crop/resize that crop
-  mode also pays is left out, which flatters ``crop``).
+  mode also pays is left out, which flatters ``crop``);
+* ResNet only, a candidate optimisation measured against the shipped path:
+  open_clip's attention pool computes every token's query and keeps only
+  the mean token's output; ``roi_one_query`` computes that one query only
+  (same embedding, to float rounding) and ``image_one_query`` is the image
+  pass with it.
 
 Modes are interleaved and repeated; the median per mode is reported, and
 ratios are per image.  Torch runs one thread and the clock is the process's
@@ -27,6 +32,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from torchvision.ops import roi_align
 
 from ravl_pipeline.ml.embed import encode_image_and_regions
 from ravl_pipeline.ml.models import load_model
@@ -49,6 +56,34 @@ def crops_of(pixels: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def attention_pool_one_query(pool, x):
+    """open_clip's AttentionPool2d output computed for the mean-token query only."""
+    x = x.flatten(2).permute(2, 0, 1)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out[0]
+
+
+def roi_one_query(visual, pixels, boxes):
+    feat3 = visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels))))
+    h3, w3 = feat3.shape[-2:]
+    rois = roi_align(feat3, boxes, output_size=(h3, w3), spatial_scale=w3 / pixels.shape[-1],
+                     sampling_ratio=0, aligned=True)
+    pool = visual.attnpool
+    return attention_pool_one_query(pool, visual.layer4(feat3)), attention_pool_one_query(pool, visual.layer4(rois))
+
+
+def image_one_query(visual, pixels):
+    feat = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))
+    return attention_pool_one_query(visual.attnpool, feat)
+
+
 def bench_model(spec: str, batch: int, reps: int) -> dict:
     lm = load_model(spec, seed=0)
     model = lm.model.eval()
@@ -62,6 +97,9 @@ def bench_model(spec: str, batch: int, reps: int) -> dict:
         "roi": lambda: encode_image_and_regions(model, pixels, boxes),
         "crop": lambda: (model.encode_image(pixels), model.encode_image(crops)),
     }
+    if lm.architecture == "resnet":
+        modes["roi_one_query"] = lambda: roi_one_query(model.visual, pixels, boxes)
+        modes["image_one_query"] = lambda: image_one_query(model.visual, pixels)
     times = {m: [] for m in modes}
     with torch.inference_mode():
         for fn in modes.values():  # warm-up
@@ -75,11 +113,15 @@ def bench_model(spec: str, batch: int, reps: int) -> dict:
         whole = [torch.tensor([[0.0, 0.0, size, size]])] * batch
         img, reg = encode_image_and_regions(model, pixels, whole)
         err = float((F.normalize(img, dim=-1) - F.normalize(reg, dim=-1)).abs().max())
+        q_err = None
+        if lm.architecture == "resnet":
+            shipped = torch.cat(encode_image_and_regions(model, pixels, boxes))
+            q_err = float((torch.cat(roi_one_query(model.visual, pixels, boxes)) - shipped).abs().max())
     if lm.architecture != "resnet":
         err = None  # ViT: the image embedding is the class token, regions pool patch tokens
     med = {m: statistics.median(t) / batch for m, t in times.items()}
     return {"model": spec, "arch": lm.architecture, "input": size, "batch": batch, "regions": 4,
-            "per_image_s": med, "whole_box_max_abs_err": err}
+            "per_image_s": med, "whole_box_max_abs_err": err, "one_query_max_abs_err": q_err}
 
 
 def _err(x) -> str:
@@ -109,6 +151,17 @@ def main(argv=None) -> int:
         print(f"| {r['model']} ({r['arch']}) | {r['input']} | {r['batch']} | {1e3 * t['image']:.2f} | "
               f"{1e3 * t['roi']:.2f} | {1e3 * t['crop']:.2f} | {t['roi'] / t['image']:.2f}× | "
               f"{t['crop'] / t['image']:.2f}× | {t['crop'] / t['roi']:.2f}× | {_err(r['whole_box_max_abs_err'])} |")
+    resnets = [r for r in rows if "roi_one_query" in r["per_image_s"]]
+    if resnets:
+        print("\nResNet attention pool, candidate: compute only the query that is kept (same process)\n")
+        print("| model | RoI / image (shipped) | RoI, one-query pool / image | shipped / one-query (RoI) | "
+              "one-query RoI / one-query image | max abs difference |")
+        print("|---|---|---|---|---|---|")
+        for r in resnets:
+            t = r["per_image_s"]
+            print(f"| {r['model']} | {t['roi'] / t['image']:.2f}× | {t['roi_one_query'] / t['image']:.2f}× | "
+                  f"{t['roi'] / t['roi_one_query']:.2f}× | {t['roi_one_query'] / t['image_one_query']:.2f}× | "
+                  f"{r['one_query_max_abs_err']:.1e} |")
     return 0
 
 
