@@ -566,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("discovery", help="RaVL vs image-level baselines over synthetic settings (SPEC §4)")
-    b.add_argument("--grid", default="small", choices=["small", "full"])
+    b.add_argument("--grid", default="small", choices=["small", "full", "extra"],
+                   help="small (CI) | full (the 44-setting grid) | extra (null and two-feature settings "
+                        "on four more seeds)")
     b.add_argument("--out", default="runs/bench-discovery", help="output folder (resumes a partial run)")
     b.add_argument("--limit", type=int, default=None, help="run only the first N settings of the grid")
     b.add_argument("--permutations", type=int, default=2000)

@@ -19,6 +19,13 @@ def test_grids_cover_the_required_kinds():
     assert all(s.strength == 0.0 for s in full if s.kind == "null")
     assert all(len(s.features) == 2 and len(set(s.correlated_classes)) == 2 for s in full if s.kind == "two")
     assert len({s.name for s in full}) == len(full)
+    extra = bench.grid_settings("extra")
+    assert sorted({s.kind for s in extra}) == ["null", "two"] and len(extra) == 16
+    assert {s.seed for s in extra}.isdisjoint({s.seed for s in full})  # new settings, not repeats
+    assert not {s.name for s in extra} & {s.name for s in full}
+    from ravl_pipeline import cli
+    for grid in bench.GRIDS:  # the command line offers every grid
+        assert cli.build_parser().parse_args(["bench", "discovery", "--grid", grid]).grid == grid
     with pytest.raises(ValueError, match="unknown benchmark grid 'huge'"):
         bench.grid_settings("huge")
 
