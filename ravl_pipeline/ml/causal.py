@@ -164,7 +164,9 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     region sets are checked); images without masked regions keep
     their discovery prediction ``image_pred`` and give ``acc_absent``.
     ``parity_shift`` = mean over classes of ``|gap_before| - |gap_after|``
-    (positive: masking moved classes toward parity).
+    (positive: masking moved classes toward parity).  ``n_toward_parity`` /
+    ``n_away_from_parity`` count the images whose correctness the mask
+    changed in the direction that shrinks / grows their class's gap.
     """
     rows = np.asarray(rows, dtype=np.int64)
     region_image = np.asarray(region_image, dtype=np.int64)
@@ -191,10 +193,10 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     for r in per_class:
         if r["gap_before"] is not None:
             sign[list(classes).index(r["label"])] = np.sign(r["gap_before"])
-    s = sign[labels_in] if images.size else np.zeros(0)
+    image_sign = sign[labels_in] if images.size else np.zeros(0)
     lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
-    toward = int(np.sum(((s > 0) & lost) | ((s < 0) & gained)))
-    away = int(np.sum(((s > 0) & gained) | ((s < 0) & lost)))
+    toward = int(np.sum(((image_sign > 0) & lost) | ((image_sign < 0) & gained)))
+    away = int(np.sum(((image_sign > 0) & gained) | ((image_sign < 0) & lost)))
     shifts = [abs(r["gap_before"]) - abs(r["gap_after"]) for r in per_class if r["gap_before"] is not None]
     out = {
         "fill": fill,
