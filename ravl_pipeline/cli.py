@@ -387,7 +387,8 @@ def cmd_demo(args) -> int:
         _print_findings(read_findings(out / "findings.json"), out / "findings.json")
     if (out / "mitigated_model.json").is_file():
         record = json.loads((out / "mitigated_model.json").read_text())
-        print(f"mitigated model: {record['method']} on the called findings" if record.get("trained")
+        print(f"mitigated model: {record['method']} on the called findings the masking check supports"
+              if record.get("trained")
               else f"mitigated model: not trained ({record.get('reason', 'nothing to mitigate')}); "
                    "the audited model is kept")
     if (out / "metrics.json").is_file():
