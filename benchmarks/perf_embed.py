@@ -9,6 +9,8 @@ boxes per image, three ways:
 * ``crop``: the exact fallback — encode the image plus every region crop
   resized to the input size (model time only; the PIL crop/resize that crop
   mode also pays is left out, which flatters ``crop``);
+* ResNet only, ``roi_half``: mode ``roi-half`` (RoI-align at half the
+  layer3 size, so layer4 and the pool cost a quarter per region);
 * ResNet only, a candidate optimisation measured against the shipped path:
   open_clip's attention pool computes every token's query and keeps only
   the mean token's output; ``roi_one_query`` computes that one query only
@@ -98,6 +100,7 @@ def bench_model(spec: str, batch: int, reps: int) -> dict:
         "crop": lambda: (model.encode_image(pixels), model.encode_image(crops)),
     }
     if lm.architecture == "resnet":
+        modes["roi_half"] = lambda: encode_image_and_regions(model, pixels, boxes, roi_scale=0.5)
         modes["roi_one_query"] = lambda: roi_one_query(model.visual, pixels, boxes)
         modes["image_one_query"] = lambda: image_one_query(model.visual, pixels)
     times = {m: [] for m in modes}
@@ -153,6 +156,13 @@ def main(argv=None) -> int:
               f"{t['crop'] / t['image']:.2f}× | {t['crop'] / t['roi']:.2f}× | {_err(r['whole_box_max_abs_err'])} |")
     resnets = [r for r in rows if "roi_one_query" in r["per_image_s"]]
     if resnets:
+        print("\nResNet `roi-half` mode (RoI at half the layer3 size; same process)\n")
+        print("| model | roi-half image+regions (CPU ms/img) | roi-half / image | roi / roi-half | crop / roi-half |")
+        print("|---|---|---|---|---|")
+        for r in resnets:
+            t = r["per_image_s"]
+            print(f"| {r['model']} | {1e3 * t['roi_half']:.2f} | {t['roi_half'] / t['image']:.2f}× | "
+                  f"{t['roi'] / t['roi_half']:.2f}× | {t['crop'] / t['roi_half']:.2f}× |")
         print("\nResNet attention pool, candidate: compute only the query that is kept (same process)\n")
         print("| model | RoI / image (shipped) | RoI, one-query pool / image | shipped / one-query (RoI) | "
               "one-query RoI / one-query image | max abs difference |")

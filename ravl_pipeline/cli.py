@@ -47,8 +47,9 @@ def _train_config(args):
 
 def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proposer", default="quadrants", help="quadrants | grid:N | boxes")
-    p.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
-                   help="region embedding mode (auto: RoI for ResNet/ViT, crop otherwise)")
+    p.add_argument("--mode", default="auto", choices=["auto", "roi", "roi-half", "crop"],
+                   help="region embedding mode (auto: RoI for ResNet/ViT, crop otherwise; roi-half: ResNet RoI "
+                        "at half the layer3 size, ~1/4 the per-region cost, not SPEC's exact identity)")
     p.add_argument("--template", action="append", default=None,
                    help="prompt template with {} for the class (repeatable); default from the dataset")
     p.add_argument("--classes", default=None, help="comma-separated class names (default: labels in the data)")
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings run at once, each in its own process (default 1)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU count / workers)")
-    b.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
+    b.add_argument("--mode", default="auto", choices=["auto", "roi", "roi-half", "crop"],
                    help="region-embedding mode of discovery (default auto: RoI for ResNet/ViT)")
     b.add_argument("--match", default=None, metavar="TEXT",
                    help="run only the settings whose name contains TEXT (e.g. red-square)")

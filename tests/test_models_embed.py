@@ -54,6 +54,32 @@ def test_whole_image_box_reproduces_image_embedding_resnet(rn):
     assert not torch.allclose(regions[1::2], reference, atol=1e-6)
 
 
+def test_pool_at_size_is_the_module_at_its_own_size_and_resizes_otherwise(rn):
+    from ravl_pipeline.ml.embed import _pool_at_size
+
+    pool = rn.model.visual.attnpool
+    side = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))
+    torch.manual_seed(3)
+    x = torch.randn(3, pool.k_proj.in_features, side, side)
+    with torch.no_grad():
+        assert torch.allclose(_pool_at_size(pool, x), pool(x), atol=1e-5)
+        half = _pool_at_size(pool, x[..., : side // 2, : side // 2])
+    assert half.shape == (3, pool.c_proj.out_features) and torch.isfinite(half).all()
+
+
+def test_roi_half_mode(rn, vit, small_ds):
+    full = embed_dataset(rn, small_ds, mode="roi", progress=False)
+    half = embed_dataset(rn, small_ds, mode="roi-half", progress=False)
+    assert half.mode == "roi-half" and half.region_emb.shape == full.region_emb.shape
+    assert np.allclose(np.linalg.norm(half.region_emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(half.image_emb, full.image_emb, atol=1e-6)  # the image pass is unchanged
+    # a different computation of the regions (its quality is measured by the discovery benchmark)
+    assert not np.allclose(half.region_emb, full.region_emb, atol=1e-3)
+    # ViT token pooling has nothing to halve: roi-half is roi
+    v = embed_dataset(vit, small_ds, mode="roi-half", progress=False)
+    assert v.mode == "roi" and np.allclose(v.region_emb, embed_dataset(vit, small_ds, mode="roi", progress=False).region_emb)
+
+
 @pytest.mark.parametrize("mode", ["roi", "crop"])
 @pytest.mark.parametrize("which", ["rn", "vit"])
 def test_region_embeddings_shapes_and_norms(request, small_ds, mode, which):

@@ -125,12 +125,18 @@ def test_full_graph_materializes_with_checks(pipeline):
     feats = findings["features"]
     assert all({"p_value", "q_value", "called", "names"} <= set(f) for f in feats)
     assert all("causal" in f for f in feats[:5])
+    assert all("support" in f["causal"] for f in feats if f["called"])  # every called one is checked
     assert all(f["called"] == (f["q_value"] <= 0.05) for f in feats)
-    # Stage 2 trains on the called findings, and only when there is one
+    # Stage 2 trains on the called findings the masking check supports, and only when there is one
+    usable = [f["rank"] for f in feats if f["called"] and f["causal"]["support"]["supported"]]
+    assert findings["lead_rank"] == (usable[0] if usable else None)
     record = json.loads((out / "mitigated_model.json").read_text())
-    assert record["trained"] == any(f["called"] for f in feats)
-    if not record["trained"]:
-        assert record["model"] == findings["model"] and "significant" in record["reason"] or not feats
+    assert record["trained"] == bool(usable)
+    if record["trained"]:
+        assert record["feature_ranks"] == usable
+    else:
+        assert record["model"] == findings["model"]
+        assert not feats or "significant" in record["reason"] or "masking check supports no" in record["reason"]
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test"

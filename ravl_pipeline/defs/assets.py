@@ -369,13 +369,14 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
                                        out / "mitigated_model", cfg, findings_path=out / "findings.json")
     write_json_atomic(out / "mitigated_model.json", {
         "model": f"local-dir:{out / 'mitigated_model'}", "pretrained": None, "trained": True,
-        "method": cfg.method})
+        "method": cfg.method, "feature_ranks": [int(f["rank"]) for f in chosen]})
     losses = history.get("losses") or []
     return dg.MaterializeResult(metadata={
         "model": f"local-dir:{out / 'mitigated_model'}", "trained": True, "method": cfg.method,
         "steps": history.get("steps", 0),
         "first_loss": float(losses[0]) if losses else -1.0, "last_loss": float(losses[-1]) if losses else -1.0,
         "spurious_features_used": len(chosen),
+        "feature_ranks": ", ".join(str(f["rank"]) for f in chosen) or "none",
         "train_config": dg.MetadataValue.json(cfg.to_dict()),
         "path": dg.MetadataValue.path(str(out / "mitigated_model"))})
 

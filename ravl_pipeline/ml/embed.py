@@ -8,6 +8,12 @@ Region embeddings take one backbone pass per image:
   the image embedding;
 * ViT: the final patch tokens inside the box are RoI-aligned on the token grid
   and averaged, then ``ln_post`` and ``proj``;
+* ``roi-half`` (ResNet): the RoI-aligned layer3 features at half the map's
+  size, so layer4 and the attention pool (its positional embedding resized
+  bicubically) cost a quarter per region — about one extra layer4 pass for
+  four regions instead of four; a quadrant of the image is then sampled at
+  its native resolution. Not SPEC §1.2's identity (the whole-image box no
+  longer reproduces the image embedding exactly); for ViT it is ``roi``;
 * ``crop``: crop, resize, encode — exact for any model, R× slower.
 
 :func:`encode_image_and_regions` is differentiable and is also what Stage-2
@@ -34,7 +40,8 @@ from .data import replace_dir
 from .models import LoadedModel, visual_architecture
 from .regions import propose_dataset
 
-MODES = ("auto", "roi", "crop")
+MODES = ("auto", "roi", "roi-half", "crop")
+ROI_SCALE = {"roi": 1.0, "roi-half": 0.5}
 DEFAULT_TAU = 0.07
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -77,20 +84,47 @@ def resolve_mode(model: torch.nn.Module, mode: str) -> str:
     arch = visual_architecture(model)
     if mode == "auto":
         return "roi" if arch in ("resnet", "vit") else "crop"
-    if mode == "roi" and arch == "other":
-        raise EmbedError(f"mode 'roi' needs an open_clip ModifiedResNet or VisionTransformer; "
+    if mode in ROI_SCALE and arch == "other":
+        raise EmbedError(f"mode {mode!r} needs an open_clip ModifiedResNet or VisionTransformer; "
                          f"got {type(model.visual).__name__} (use mode 'crop')")
+    if mode == "roi-half" and arch == "vit":
+        return "roi"  # token pooling has no per-region backbone work to shrink
     return mode
 
 
-def _resnet_image_and_regions(visual, pixels, boxes):
+def _pool_at_size(pool, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``AttentionPool2d`` on a feature map of any size: the
+    spatial part of its positional embedding is resized bicubically to the
+    map (the usual way CLIP models change resolution)."""
+    pos = pool.positional_embedding
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    h, w = x.shape[-2:]
+    if (h, w) != (side, side):
+        grid = pos[1:].reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        pos = torch.cat([pos[:1], grid[0].flatten(1).T], dim=0)
+    x = x.flatten(2).permute(2, 0, 1)  # NCHW -> (HW)NC
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pos[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=pool.training,
+        need_weights=False)
+    return out[0]
+
+
+def _resnet_image_and_regions(visual, pixels, boxes, roi_scale: float = 1.0):
     x = visual.stem(pixels)
     feat3 = visual.layer3(visual.layer2(visual.layer1(x)))
     image = visual.attnpool(visual.layer4(feat3))
     h3, w3 = feat3.shape[-2:]
-    rois = roi_align(feat3, boxes, output_size=(h3, w3), spatial_scale=w3 / pixels.shape[-1],
+    size = (max(1, round(h3 * roi_scale)), max(1, round(w3 * roi_scale)))
+    rois = roi_align(feat3, boxes, output_size=size, spatial_scale=w3 / pixels.shape[-1],
                      sampling_ratio=0, aligned=True)
-    regions = visual.attnpool(visual.layer4(rois))
+    feat4 = visual.layer4(rois)
+    regions = visual.attnpool(feat4) if size == (h3, w3) else _pool_at_size(visual.attnpool, feat4)
     return image, regions
 
 
@@ -110,13 +144,16 @@ def _vit_image_and_regions(visual, pixels, boxes):
 
 
 def encode_image_and_regions(model: torch.nn.Module, pixels: torch.Tensor,
-                             boxes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                             boxes: Sequence[torch.Tensor], roi_scale: float = 1.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image features [B, D] and region features [ΣR_i, D], one
-    backbone pass per image; ``boxes[i]`` is [R_i, 4] in input-pixel coords."""
+    backbone pass per image; ``boxes[i]`` is [R_i, 4] in input-pixel coords.
+    ``roi_scale`` < 1 (ResNet only) RoI-aligns onto that fraction of the
+    layer3 map's size (mode ``roi-half``); 1 is SPEC §1.2."""
     arch = visual_architecture(model)
     boxes = [b.to(pixels.dtype) for b in boxes]
     if arch == "resnet":
-        return _resnet_image_and_regions(model.visual, pixels, boxes)
+        return _resnet_image_and_regions(model.visual, pixels, boxes, roi_scale)
     if arch == "vit":
         return _vit_image_and_regions(model.visual, pixels, boxes)
     raise EmbedError(f"RoI region embeddings are not defined for {type(model.visual).__name__}; use mode 'crop'")
@@ -263,8 +300,8 @@ def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = 
     with torch.inference_mode():
         for start in range(0, len(ds), batch_size):
             idx = list(range(start, min(start + batch_size, len(ds))))
-            if mode == "roi":
-                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device)
+            if mode in ROI_SCALE:
+                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device, ROI_SCALE[mode])
             else:
                 img, reg = _embed_batch_crop(lm, ds, idx, proposals, device)
             image_out.append(F.normalize(img.float(), dim=-1).cpu().numpy())
@@ -285,13 +322,13 @@ def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = 
     )
 
 
-def _embed_batch_roi(lm, ds, idx, proposals, device):
+def _embed_batch_roi(lm, ds, idx, proposals, device, roi_scale: float = 1.0):
     pixels = preprocess_images(lm, ds, idx).to(device)
     boxes = []
     for i in idx:
         w, h = ds.image_size(i)
         boxes.append(torch.from_numpy(input_boxes(proposals[i], w, h, lm.preprocess_cfg, lm.image_size)).to(device))
-    return encode_image_and_regions(lm.model, pixels, boxes)
+    return encode_image_and_regions(lm.model, pixels, boxes, roi_scale)
 
 
 def _embed_batch_crop(lm, ds, idx, proposals, device):
