@@ -8,15 +8,15 @@ images that showed it toward those of the images that did not (the
 correlated class loses its advantage, the others their penalty).  The same
 number of regions drawn at random serves as a control.
 
-The verdict (``causal.support``) asks exactly that of each image whose
-correctness the mask changes: does the change move its class toward parity
-(a class more accurate with the regions loses a correct prediction, a class
-less accurate with them gains one) or away from it?  A one-sided sign test
-on the two counts says whether the masking evidence *supports* the
-finding.  A cluster can be significant under the permutation test without
-being used by the model: in RoI embeddings an empty quadrant carries its
-neighbours, so "empty, next to no red square" correlates with the model's
-errors while masking it changes nothing.
+The verdict (``causal.support``) asks whether hiding the regions undoes
+errors they cause: in the classes that do worse with the regions, do more
+images turn from wrong to right than from right to wrong (a one-sided sign
+test)?  A cluster can be significant under the permutation test without
+causing errors through its regions: in RoI embeddings an empty quadrant
+carries its neighbours, so "empty, next to no red square" correlates with
+the model's errors while masking it changes nothing; and masking a
+cluster of class objects breaks its own class's predictions without
+repairing any other.
 
 Masking edits exactly the pixels of the masked boxes and nothing else:
 
@@ -166,7 +166,9 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     ``parity_shift`` = mean over classes of ``|gap_before| - |gap_after|``
     (positive: masking moved classes toward parity).  ``n_toward_parity`` /
     ``n_away_from_parity`` count the images whose correctness the mask
-    changed in the direction that shrinks / grows their class's gap.
+    changed in the direction that shrinks / grows their class's gap, and
+    ``n_errors_fixed`` / ``n_errors_made`` those of the negative-gap classes
+    that turned right / wrong.
     """
     rows = np.asarray(rows, dtype=np.int64)
     region_image = np.asarray(region_image, dtype=np.int64)
@@ -197,6 +199,9 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
     toward = int(np.sum(((image_sign > 0) & lost) | ((image_sign < 0) & gained)))
     away = int(np.sum(((image_sign > 0) & gained) | ((image_sign < 0) & lost)))
+    # in the classes the regions hurt: errors the mask undoes vs errors it makes
+    fixed = int(np.sum((image_sign < 0) & gained))
+    caused = int(np.sum((image_sign < 0) & lost))
     shifts = [abs(r["gap_before"]) - abs(r["gap_after"]) for r in per_class if r["gap_before"] is not None]
     out = {
         "fill": fill,
@@ -205,6 +210,8 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
         "n_flipped": int(np.sum(before != after)),
         "n_toward_parity": toward,
         "n_away_from_parity": away,
+        "n_errors_fixed": fixed,
+        "n_errors_made": caused,
         "flip_rate": float(np.mean(before != after)) if images.size else None,
         "acc_before": _accuracy(before == labels_in),
         "acc_after": _accuracy(after == labels_in),
@@ -226,29 +233,39 @@ def random_control_rows(n_rows: int, n_total: int, seed: int) -> np.ndarray:
 
 
 def masking_support(effect: dict, alpha: float = 0.05) -> dict | None:
-    """Does hiding the finding's regions move its images toward parity?
+    """Does hiding the finding's regions undo errors they cause?
 
-    Of the images whose correctness the mask changes, ``toward`` moved their
-    class toward parity and ``away`` from it; under "the mask acts at random"
-    each change goes either way with probability 1/2, so the one-sided sign
-    test P(X >= toward), X ~ Binomial(toward + away, 1/2), is the p-value and
-    the finding is ``supported`` when it is at most ``alpha``.  A mask that
-    changes nothing (p = 1) does not support it.  ``None`` for checks made
-    before the counts were recorded."""
-    if "n_toward_parity" not in effect:
+    RaVL's spurious features are those that cause zero-shot errors: images
+    of the classes that do worse with the regions (negative gap) should get
+    some predictions right once the regions are hidden.  Of those images
+    whose correctness the mask changes, ``fixed`` went from wrong to right
+    and ``made`` from right to wrong; under "the mask acts at random" each
+    goes either way with probability 1/2, so the one-sided sign test
+    P(X >= fixed), X ~ Binomial(fixed + made, 1/2), is the p-value and the
+    finding is ``supported`` when it is at most ``alpha``.  A mask that
+    fixes nothing (p = 1) does not support it: an empty quadrant that only
+    marks the feature's absence, or the class object itself (hiding a digit
+    breaks its own class's predictions, moving toward parity, but repairs
+    none).  ``toward_parity`` / ``away_from_parity`` count every class's
+    changes for the reader.  ``None`` for checks made before the counts
+    were recorded."""
+    if "n_errors_fixed" not in effect:
         return None
     from scipy.stats import binomtest
 
-    toward, away = int(effect["n_toward_parity"]), int(effect["n_away_from_parity"])
-    p = float(binomtest(toward, toward + away, 0.5, alternative="greater").pvalue) if toward + away else 1.0
-    return {"test": "one-sided sign test: correctness changes toward parity vs away from it",
-            "toward_parity": toward, "away_from_parity": away, "p_value": p, "alpha": float(alpha),
-            "supported": bool(p <= alpha)}
+    fixed, made = int(effect["n_errors_fixed"]), int(effect["n_errors_made"])
+    p = float(binomtest(fixed, fixed + made, 0.5, alternative="greater").pvalue) if fixed + made else 1.0
+    return {"test": "one-sided sign test: errors fixed vs errors made by the mask, in the classes the "
+                    "regions hurt",
+            "errors_fixed": fixed, "errors_made": made,
+            "toward_parity": int(effect.get("n_toward_parity", 0)),
+            "away_from_parity": int(effect.get("n_away_from_parity", 0)),
+            "p_value": p, "alpha": float(alpha), "supported": bool(p <= alpha)}
 
 
 def is_supported(feature: dict) -> bool | None:
     """The masking verdict of one feature: True (supported), False (hiding
-    its regions does not move its images toward parity) or None (unchecked)."""
+    its regions does not undo errors) or None (unchecked)."""
     support = (feature.get("causal") or {}).get("support")
     return None if support is None else bool(support["supported"])
 
