@@ -318,7 +318,7 @@ def _print_findings(findings: dict, path) -> None:
             flips, control = causal.get("flip_rate"), (f.get("causal_control") or {}).get("flip_rate")
             support = causal.get("support")
             verdict = "" if support is None else (
-                f"; toward parity {support['toward_parity']} vs away {support['away_from_parity']}, "
+                f"; errors fixed {support['errors_fixed']} vs made {support['errors_made']}, "
                 + ("supported" if support["supported"] else "not supported"))
             print(f"      p={f['p_value']:.3f} q={f['q_value']:.3f} {'CALLED' if f['called'] else 'not called'}"
                   + (f", masking flips {flips:.0%} of its images" if flips is not None else "")

@@ -72,22 +72,29 @@ def test_random_control_rows_are_seeded_and_distinct():
     assert causal.random_control_rows(50, 20, seed=0).size == 20
 
 
-def test_masking_support_is_a_sign_test_toward_parity():
-    s = causal.masking_support({"n_toward_parity": 12, "n_away_from_parity": 1}, alpha=0.05)
-    assert s["supported"] and (s["toward_parity"], s["away_from_parity"]) == (12, 1)
+def _effect(fixed, made, toward=0, away=0):
+    return {"n_errors_fixed": fixed, "n_errors_made": made, "n_toward_parity": toward, "n_away_from_parity": away}
+
+
+def test_masking_support_is_a_sign_test_on_errors_fixed():
+    s = causal.masking_support(_effect(12, 1, toward=20, away=1), alpha=0.05)
+    assert s["supported"] and (s["errors_fixed"], s["errors_made"]) == (12, 1)
+    assert (s["toward_parity"], s["away_from_parity"]) == (20, 1)
     assert s["p_value"] == pytest.approx(14 / 2 ** 13)  # P(X >= 12), X ~ Bin(13, 1/2)
     # an "absence" cluster: hiding it changes nothing, which supports nothing
-    none = causal.masking_support({"n_toward_parity": 0, "n_away_from_parity": 0})
+    none = causal.masking_support(_effect(0, 0))
     assert not none["supported"] and none["p_value"] == 1.0
-    # the test is one-sided: changes away from parity are no support, nor is a coin's split
-    assert not causal.masking_support({"n_toward_parity": 1, "n_away_from_parity": 12})["supported"]
-    assert not causal.masking_support({"n_toward_parity": 6, "n_away_from_parity": 6})["supported"]
-    # four changes out of four cannot reach 0.05 (p = 1/16); five can (1/32)
-    assert not causal.masking_support({"n_toward_parity": 4, "n_away_from_parity": 0})["supported"]
-    assert causal.masking_support({"n_toward_parity": 5, "n_away_from_parity": 0})["supported"]
-    assert causal.masking_support({"n_toward_parity": 4, "n_away_from_parity": 0}, alpha=0.1)["supported"]
+    # a cluster of class objects: hiding them breaks their own class (toward parity) but fixes nothing
+    assert not causal.masking_support(_effect(0, 0, toward=18, away=1))["supported"]
+    # one-sided: more errors made than fixed is no support, nor is a coin's split
+    assert not causal.masking_support(_effect(1, 12))["supported"]
+    assert not causal.masking_support(_effect(6, 6))["supported"]
+    # four fixes out of four cannot reach 0.05 (p = 1/16); five can (1/32)
+    assert not causal.masking_support(_effect(4, 0))["supported"]
+    assert causal.masking_support(_effect(5, 0))["supported"]
+    assert causal.masking_support(_effect(4, 0), alpha=0.1)["supported"]
     # checks recorded before the counts existed have no verdict
-    assert causal.masking_support({"n_images": 40, "flip_rate": 0.75}) is None
+    assert causal.masking_support({"n_images": 40, "flip_rate": 0.75, "n_toward_parity": 3}) is None
 
 
 def test_lead_finding_skips_uncalled_and_unsupported_features():
@@ -192,6 +199,8 @@ def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
             support = feat["causal"]["support"]
             changes = support["toward_parity"] + support["away_from_parity"]
             assert changes <= feat["causal"]["n_flipped"] <= feat["causal"]["n_images"]
+            assert support["errors_fixed"] + support["errors_made"] <= changes
+            assert support["errors_fixed"] <= support["toward_parity"]
             assert support["supported"] == (support["p_value"] <= 0.2)
         else:
             assert "causal" not in feat

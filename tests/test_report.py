@@ -263,9 +263,9 @@ def test_significance_method_and_its_warning_are_shown(dataset, tmp_path):
 
 
 def test_masking_verdict_and_lead_finding_are_shown(dataset, tmp_path):
-    def causal(toward, away, p, ok):
-        return {"fill": "mean", "n_images": 3, "n_flipped": toward + away, "flip_rate": (toward + away) / 3,
-                "support": {"p_value": p, "supported": ok, "toward_parity": toward, "away_from_parity": away}}
+    def causal(fixed, made, p, ok):
+        return {"fill": "mean", "n_images": 3, "n_flipped": fixed + made, "flip_rate": (fixed + made) / 3,
+                "support": {"p_value": p, "supported": ok, "errors_fixed": fixed, "errors_made": made}}
 
     findings = _findings([_feature(1, [("im0", 1)], called=True, causal=causal(0, 0, 1.0, False)),
                           _feature(2, [("im1", 3)], called=True, causal=causal(3, 0, 0.125, True))],
@@ -273,11 +273,11 @@ def test_masking_verdict_and_lead_finding_are_shown(dataset, tmp_path):
     page = _parse(write_report(tmp_path / "report.html", findings, dataset_root=dataset))
     text = " ".join(page.text)
     assert "2 spurious features found, 2 called significant (1 of them not supported by the masking check)" in text
-    assert "not supported: 0 changes toward parity, 0 away (one-sided sign test p = 1.0000)" in text
-    assert "supported: 3 changes toward parity, 0 away (one-sided sign test p = 0.1250)" in text
+    assert "not supported: 0 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 1.0000)" in text
+    assert "supported: 3 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 0.1250)" in text
     assert "feature 2 (the highest-ranked called feature the masking check supports)" in text
     first, second = (h for h in page.headings if h.startswith("Feature"))
-    assert "masking: no move toward parity" in first and "lead finding" not in first
+    assert "masking fixes no errors" in first and "lead finding" not in first
     assert "lead finding" in second and "masking:" not in second
     none = _findings([_feature(1, [("im0", 1)], called=True, causal=causal(0, 0, 1.0, False))], lead_rank=None)
     text = " ".join(_parse(write_report(tmp_path / "none" / "report.html", none, dataset_root=dataset)).text)

@@ -68,8 +68,8 @@ def select_features(findings: dict, which: str | int = "called") -> list[dict]:
     ``called`` (default): the features Stage 1 calls spurious — those with
     ``called: true`` where the findings carry significance (else every kept
     feature), less those the masking check does not support (hiding their
-    regions does not move their images toward parity: the model does not
-    use them that way, so there is nothing in them to unlearn);
+    regions undoes none of the errors they go with: they do not cause them,
+    so there is nothing in them to unlearn);
     ``significant``: every called feature, supported or not; ``top1`` / an integer ``k``: the first /
     first ``k`` of the ``called`` ones; ``all``: every kept cluster.
     """
@@ -93,8 +93,8 @@ def select_features(findings: dict, which: str | int = "called") -> list[dict]:
     feats = [f for f in feats if is_supported(f) is not False]
     if not feats:
         raise MitigationError(f"{where}: the masking check supports no called feature (ranks "
-                              f"{', '.join(map(str, refuted))}: hiding their regions does not move their images "
-                              "toward parity), so nothing is to be mitigated (use --features significant to "
+                              f"{', '.join(map(str, refuted))}: hiding their regions fixes none of the errors "
+                              "they go with), so nothing is to be mitigated (use --features significant to "
                               "suppress them anyway)")
     if which == "called":
         return feats

@@ -413,9 +413,9 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lea
     support = _support(feat)
     if support is not None:
         facts.append(("masking verdict", f"{'supported' if support['supported'] else 'not supported'}: "
-                                         f"{support.get('toward_parity')} changes toward parity, "
-                                         f"{support.get('away_from_parity')} away (one-sided sign test "
-                                         f"p = {_num(support.get('p_value'), 4)})"))
+                                         f"{support.get('errors_fixed')} errors fixed, "
+                                         f"{support.get('errors_made')} made in the classes it hurts "
+                                         f"(one-sided sign test p = {_num(support.get('p_value'), 4)})"))
     names = _names_text(feat.get("names"))
     if names:
         facts.append(("name (model-derived)", names))
@@ -425,7 +425,7 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lea
         badge = (' <span class="badge called">called</span>' if called
                  else ' <span class="badge not-called">not significant</span>')
     if support is not None and not support["supported"]:
-        badge += ' <span class="badge not-called">masking: no move toward parity</span>'
+        badge += ' <span class="badge not-called">masking fixes no errors</span>'
     if lead:
         badge += ' <span class="badge called">lead finding</span>'
     lead_note = ("" if not lead else '<p class="note">Lead finding: the highest-ranked feature that is called '
