@@ -14,8 +14,8 @@ boxes per image, three ways:
 * ResNet only, a candidate optimisation measured against the shipped path:
   open_clip's attention pool computes every token's query and keeps only
   the mean token's output; ``roi_one_query`` computes that one query only
-  (same embedding, to float rounding) and ``image_one_query`` is the image
-  pass with it.
+  (:func:`embed.pool_at_size` at the pool's own size: same embedding, to
+  float rounding) and ``image_one_query`` is the image pass with it.
 
 Modes are interleaved and repeated; the median per mode is reported, and
 ratios are per image.  Torch runs one thread and the clock is the process's
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from torchvision.ops import roi_align
 
-from ravl_pipeline.ml.embed import encode_image_and_regions
+from ravl_pipeline.ml.embed import encode_image_and_regions, pool_at_size
 from ravl_pipeline.ml.models import load_model
 
 QUADRANTS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0))
@@ -58,32 +58,18 @@ def crops_of(pixels: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def attention_pool_one_query(pool, x):
-    """open_clip's AttentionPool2d output computed for the mean-token query only."""
-    x = x.flatten(2).permute(2, 0, 1)
-    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
-    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
-    out, _ = F.multi_head_attention_forward(
-        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
-    return out[0]
-
-
 def roi_one_query(visual, pixels, boxes):
     feat3 = visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels))))
     h3, w3 = feat3.shape[-2:]
     rois = roi_align(feat3, boxes, output_size=(h3, w3), spatial_scale=w3 / pixels.shape[-1],
                      sampling_ratio=0, aligned=True)
     pool = visual.attnpool
-    return attention_pool_one_query(pool, visual.layer4(feat3)), attention_pool_one_query(pool, visual.layer4(rois))
+    return pool_at_size(pool, visual.layer4(feat3)), pool_at_size(pool, visual.layer4(rois))
 
 
 def image_one_query(visual, pixels):
     feat = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))
-    return attention_pool_one_query(visual.attnpool, feat)
+    return pool_at_size(visual.attnpool, feat)
 
 
 def bench_model(spec: str, batch: int, reps: int) -> dict:
@@ -127,6 +113,23 @@ def bench_model(spec: str, batch: int, reps: int) -> dict:
             "per_image_s": med, "whole_box_max_abs_err": err, "one_query_max_abs_err": q_err}
 
 
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f}"
+
+
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def _table(title: str, head: list[str], rows: list[list]) -> None:
+    """One markdown table, after a blank line and an optional title."""
+    print(f"\n{title}\n" if title else "")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
 def _err(x) -> str:
     return "n/a (class token vs pooled patches)" if x is None else f"{x:.1e}"
 
@@ -146,32 +149,25 @@ def main(argv=None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread, CPU time, load avg {os.getloadavg()[0]:.1f}; 4 quadrant regions per image; "
           f"median of {args.reps} interleaved repetitions")
-    print("\n| model | input | batch | image pass (CPU ms/img) | RoI image+regions (CPU ms/img) | crop image+regions (CPU ms/img) | "
-          "RoI / image | crop / image | crop / RoI | whole-box check (max abs err) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        t = r["per_image_s"]
-        print(f"| {r['model']} ({r['arch']}) | {r['input']} | {r['batch']} | {1e3 * t['image']:.2f} | "
-              f"{1e3 * t['roi']:.2f} | {1e3 * t['crop']:.2f} | {t['roi'] / t['image']:.2f}× | "
-              f"{t['crop'] / t['image']:.2f}× | {t['crop'] / t['roi']:.2f}× | {_err(r['whole_box_max_abs_err'])} |")
-    resnets = [r for r in rows if "roi_one_query" in r["per_image_s"]]
+    _table("", ["model", "input", "batch", "image pass (CPU ms/img)", "RoI image+regions (CPU ms/img)",
+                "crop image+regions (CPU ms/img)", "RoI / image", "crop / image", "crop / RoI",
+                "whole-box check (max abs err)"],
+           [[f"{r['model']} ({r['arch']})", r["input"], r["batch"], _ms(t["image"]), _ms(t["roi"]), _ms(t["crop"]),
+             _x(t["roi"], t["image"]), _x(t["crop"], t["image"]), _x(t["crop"], t["roi"]),
+             _err(r["whole_box_max_abs_err"])] for r, t in ((r, r["per_image_s"]) for r in rows)])
+    resnets = [(r, r["per_image_s"]) for r in rows if "roi_one_query" in r["per_image_s"]]
     if resnets:
-        print("\nResNet `roi-half` mode (RoI at half the layer3 size; same process)\n")
-        print("| model | roi-half image+regions (CPU ms/img) | roi-half / image | roi / roi-half | crop / roi-half |")
-        print("|---|---|---|---|---|")
-        for r in resnets:
-            t = r["per_image_s"]
-            print(f"| {r['model']} | {1e3 * t['roi_half']:.2f} | {t['roi_half'] / t['image']:.2f}× | "
-                  f"{t['roi'] / t['roi_half']:.2f}× | {t['crop'] / t['roi_half']:.2f}× |")
-        print("\nResNet attention pool, candidate: compute only the query that is kept (same process)\n")
-        print("| model | RoI / image (shipped) | RoI, one-query pool / image | shipped / one-query (RoI) | "
-              "one-query RoI / one-query image | max abs difference |")
-        print("|---|---|---|---|---|---|")
-        for r in resnets:
-            t = r["per_image_s"]
-            print(f"| {r['model']} | {t['roi'] / t['image']:.2f}× | {t['roi_one_query'] / t['image']:.2f}× | "
-                  f"{t['roi'] / t['roi_one_query']:.2f}× | {t['roi_one_query'] / t['image_one_query']:.2f}× | "
-                  f"{r['one_query_max_abs_err']:.1e} |")
+        _table("ResNet `roi-half` mode (RoI at half the layer3 size; same process)",
+               ["model", "roi-half image+regions (CPU ms/img)", "roi-half / image", "roi / roi-half",
+                "crop / roi-half"],
+               [[r["model"], _ms(t["roi_half"]), _x(t["roi_half"], t["image"]), _x(t["roi"], t["roi_half"]),
+                 _x(t["crop"], t["roi_half"])] for r, t in resnets])
+        _table("ResNet attention pool, candidate: compute only the query that is kept (same process)",
+               ["model", "RoI / image (shipped)", "RoI, one-query pool / image", "shipped / one-query (RoI)",
+                "one-query RoI / one-query image", "max abs difference"],
+               [[r["model"], _x(t["roi"], t["image"]), _x(t["roi_one_query"], t["image"]),
+                 _x(t["roi"], t["roi_one_query"]), _x(t["roi_one_query"], t["image_one_query"]),
+                 f"{r['one_query_max_abs_err']:.1e}"] for r, t in resnets])
     return 0
 
 

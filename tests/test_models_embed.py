@@ -54,16 +54,16 @@ def test_whole_image_box_reproduces_image_embedding_resnet(rn):
     assert not torch.allclose(regions[1::2], reference, atol=1e-6)
 
 
-def test_pool_at_size_is_the_module_at_its_own_size_and_resizes_otherwise(rn):
-    from ravl_pipeline.ml.embed import _pool_at_size
+def testpool_at_size_is_the_module_at_its_own_size_and_resizes_otherwise(rn):
+    from ravl_pipeline.ml.embed import pool_at_size
 
     pool = rn.model.visual.attnpool
     side = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))
     torch.manual_seed(3)
     x = torch.randn(3, pool.k_proj.in_features, side, side)
     with torch.no_grad():
-        assert torch.allclose(_pool_at_size(pool, x), pool(x), atol=1e-5)
-        half = _pool_at_size(pool, x[..., : side // 2, : side // 2])
+        assert torch.allclose(pool_at_size(pool, x), pool(x), atol=1e-5)
+        half = pool_at_size(pool, x[..., : side // 2, : side // 2])
     assert half.shape == (3, pool.c_proj.out_features) and torch.isfinite(half).all()
 
 

@@ -135,6 +135,7 @@ def ground_truth_summary(findings: dict, ds, emb: Embeddings, scores: Scores, cl
     lookup = disc.region_label_map(emb.image_ids, emb.region_image, emb.region_index,
                                    [lab for labs in gt for lab in labs])
     top = findings["features"][0] if findings["features"] else None
+    lead = lead_finding(findings) if "lead_rank" in findings else None
     labels = label_indices(ds, classes)
     out = {}
     for feature, cls in induced:
@@ -144,7 +145,7 @@ def ground_truth_summary(findings: dict, ds, emb: Embeddings, scores: Scores, cl
             "correlated_class": cls,
             f"precision_at_{k}_top": disc.precision_at_k(top, lookup, feature, k),
             f"precision_at_{k}_best": best,
-            **({f"precision_at_{k}_lead": disc.precision_at_k(lead_finding(findings), lookup, feature, k)}
+            **({f"precision_at_{k}_lead": disc.precision_at_k(lead, lookup, feature, k)}
                if "lead_rank" in findings else {}),
             "top_attribute": top["attribute"] if top else None,
             "validity": validity(labels, scores.image_pred, presence, classes, cls),

@@ -161,9 +161,8 @@ def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
 
 
 def _ravl_precision(findings: dict, lookup: dict, feature: str) -> dict:
-    from .discover import precision_at_k
-
     from .causal import lead_finding
+    from .discover import precision_at_k
 
     feats = findings["features"]
     called = [f for f in feats if f.get("called")]

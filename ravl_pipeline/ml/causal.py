@@ -191,11 +191,9 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     before_ok, after_ok = before == labels_in, after == labels_in
     per_class = _per_class_shift(labels_in, before_ok, after_ok,
                                  image_labels[absent], image_pred[absent] == image_labels[absent], classes)
-    sign = np.zeros(len(classes))
-    for r in per_class:
-        if r["gap_before"] is not None:
-            sign[list(classes).index(r["label"])] = np.sign(r["gap_before"])
-    image_sign = sign[labels_in] if images.size else np.zeros(0)
+    gap_of = {r["label"]: r["gap_before"] for r in per_class}
+    class_sign = np.array([np.sign(gap_of.get(name) or 0.0) for name in classes])
+    image_sign = class_sign[labels_in] if images.size else np.zeros(0)
     lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
     toward = int(np.sum(((image_sign > 0) & lost) | ((image_sign < 0) & gained)))
     away = int(np.sum(((image_sign > 0) & gained) | ((image_sign < 0) & lost)))

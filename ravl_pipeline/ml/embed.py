@@ -92,7 +92,7 @@ def resolve_mode(model: torch.nn.Module, mode: str) -> str:
     return mode
 
 
-def _pool_at_size(pool, x: torch.Tensor) -> torch.Tensor:
+def pool_at_size(pool, x: torch.Tensor) -> torch.Tensor:
     """open_clip's ``AttentionPool2d`` on a feature map of any size: the
     spatial part of its positional embedding is resized bicubically to the
     map (the usual way CLIP models change resolution)."""
@@ -124,7 +124,7 @@ def _resnet_image_and_regions(visual, pixels, boxes, roi_scale: float = 1.0):
     rois = roi_align(feat3, boxes, output_size=size, spatial_scale=w3 / pixels.shape[-1],
                      sampling_ratio=0, aligned=True)
     feat4 = visual.layer4(rois)
-    regions = visual.attnpool(feat4) if size == (h3, w3) else _pool_at_size(visual.attnpool, feat4)
+    regions = visual.attnpool(feat4) if size == (h3, w3) else pool_at_size(visual.attnpool, feat4)
     return image, regions
 
 

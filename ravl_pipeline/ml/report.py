@@ -526,10 +526,10 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
     flags = [f.get("called") for f in findings.get("features", []) if "called" in f]
     if flags:  # significance was computed: say how many survive it
         verdict += f", {sum(bool(c) for c in flags)} called significant"
-    refuted = [f for f in findings.get("features", []) if f.get("called") and _support(f) is not None
-               and not _support(f)["supported"]]
-    if refuted:
-        verdict += f" ({len(refuted)} of them not supported by the masking check)"
+    unsupported = sum(1 for f in findings.get("features", [])
+                      if f.get("called") and (_support(f) or {}).get("supported") is False)
+    if unsupported:
+        verdict += f" ({unsupported} of them not supported by the masking check)"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<header id="top"><h1>RaVL audit report</h1>'
             f'<p class="verdict">{_e(verdict)} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'
