@@ -52,7 +52,7 @@ test-fast: setup
 
 # Dagster UI + daemon (sensor, schedule) on the same instance as `ravl`.
 ui: setup
-	$(BIN)/python -c "from ravl_pipeline.defs.runner import ensure_dagster_home; ensure_dagster_home()"
+	$(BIN)/python -c "from ravl_pipeline.cli.dagster_runs import ensure_dagster_home; ensure_dagster_home()"
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean:

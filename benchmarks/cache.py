@@ -1,7 +1,7 @@
 """Embedding work redone when a validation set grows by 10% (SPEC §1.2).
 
 A synthetic validation set of ``--n`` images is embedded through an empty
-:class:`~ravl_pipeline.ml.cache.EmbeddingCache`; then ``--grow`` (default
+:class:`~ravl_pipeline.core.cache.EmbeddingCache`; then ``--grow`` (default
 10%) new images are added and the grown set is embedded again through the
 cache. Reported, in one process:
 
@@ -27,11 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ravl_pipeline.core.cache import EmbeddingCache, model_key
+from ravl_pipeline.core.embed import embed_dataset
+from ravl_pipeline.experiments.synth import SynthConfig, make_setting
+from ravl_pipeline.io.dataset import load_dataset
+from ravl_pipeline.models import load_model, save_model
+
 
 def build_sets(root: Path, n: int, extra: int, seed: int):
-    from ravl_pipeline.ml.data import load_dataset
-    from ravl_pipeline.ml.synth import SynthConfig, make_setting
-
     make_setting(root / "setting", SynthConfig(n_pretrain=10, n_finetune=10, n_val=n, n_test=extra, seed=seed))
     eval_dir = root / "setting" / "eval"
     ds = load_dataset(eval_dir)
@@ -55,10 +58,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    from ravl_pipeline.ml.cache import EmbeddingCache, model_key
-    from ravl_pipeline.ml.embed import embed_dataset
-    from ravl_pipeline.ml.models import load_model, save_model
 
     work = Path(tempfile.mkdtemp(prefix="ravl-bench-cache-"))
     try:

@@ -14,18 +14,21 @@ import json
 import time
 from pathlib import Path
 
-from ravl_pipeline.ml.audit import dataset_templates, ground_truth_summary, run_discovery
-from ravl_pipeline.ml.data import load_dataset
-from ravl_pipeline.ml.models import load_model
-from ravl_pipeline.ml.recipe import DEFAULT_RECIPE, build_audited_model
+from ravl_pipeline.config import DiscoveryConfig, RegionsConfig
+from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, build_audited_model
+from ravl_pipeline.io.dataset import load_dataset
+from ravl_pipeline.models import load_model
+from ravl_pipeline.pipeline import stages
 
 
 def discover_once(lm, ds, classes, templates, mode):
     t0 = time.perf_counter()
-    findings, emb, scores = run_discovery(lm, ds, classes, templates=templates, mode=mode, progress=False)
+    result = stages.stage1(lm, ds, classes, templates=templates, regions=RegionsConfig(mode=mode),
+                           discovery=DiscoveryConfig(evidence=False))
     seconds = time.perf_counter() - t0
-    gt = ground_truth_summary(findings, ds, emb, scores, classes, [("red square", "nine")])["red square"]
-    return findings, gt, seconds
+    gt = stages.ground_truth(result.findings, ds, result.embeddings, result.scores,
+                             [("red square", "nine")])["red square"]
+    return result.findings, gt, seconds
 
 
 def main() -> None:
@@ -39,7 +42,7 @@ def main() -> None:
     eval_dir = paths["setting"] / "eval"
     ds = load_dataset(eval_dir, split="val", require_labels=True)
     classes = ds.classes()
-    templates = dataset_templates(eval_dir)
+    templates = stages.templates_for(eval_dir)
     lm = load_model(f"local-dir:{paths['audited']}")
     roi_findings, gt, roi_s = discover_once(lm, ds, classes, templates, "roi")
     crop_findings, crop_gt, crop_s = discover_once(lm, ds, classes, templates, "crop")
@@ -50,15 +53,15 @@ def main() -> None:
         "valid": v["valid"],
         "nine_gap_present_minus_absent": v["correlated_gap"],
         "other_classes_mean_gap": v["other_mean_gap"],
-        "k": roi_findings["k"], "silhouette": roi_findings["silhouette"],
-        "n_features": len(roi_findings["features"]),
+        "k": roi_findings.k, "silhouette": roi_findings.silhouette,
+        "n_features": len(roi_findings.features),
         "top_attribute": gt["top_attribute"],
         "precision_at_10_top": gt["precision_at_10_top"],
         "roi_discover_seconds": round(roi_s, 2),
         "crop_discover_seconds": round(crop_s, 2),
         "crop_over_roi_time": round(crop_s / roi_s, 2),
         "crop_precision_at_10_top": crop_gt["precision_at_10_top"],
-        "crop_k": crop_findings["k"],
+        "crop_k": crop_findings.k,
     }
     print(json.dumps(result, indent=2))
 

@@ -35,17 +35,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from ravl_pipeline.config import DiscoveryConfig, RegionsConfig
+from ravl_pipeline.core.embed import embed_dataset
+from ravl_pipeline.core.findings import Feature, read_findings, write_findings
+from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, build_audited_model
+from ravl_pipeline.io.dataset import dataset_setting, load_dataset
+from ravl_pipeline.mitigate.assign import cached_assignment, select_features
+from ravl_pipeline.mitigate.data import MitigationError, build_train_data
+from ravl_pipeline.mitigate.methods import attach_class_tokens, attach_region_extras, get_method
+from ravl_pipeline.mitigate.train import finetune
+from ravl_pipeline.models import load_model
+from ravl_pipeline.pipeline import stages
+
 METHODS = ("standard", "upsampled", "vl-erm", "vl-gdro", "ravl")
 NAMES = {"audited": "Audited model", "standard": "Standard FT", "upsampled": "Upsampled FT",
          "vl-erm": "VL-ERM", "vl-gdro": "VL-GDRO", "ravl": "RaVL"}
 METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
-def discover_on_val(audited: Path, setting: Path, seed: int, mode: str = "auto") -> dict:
-    from ravl_pipeline.ml.audit import dataset_setting, dataset_templates, ground_truth_summary, run_discovery
-    from ravl_pipeline.ml.data import load_dataset
-    from ravl_pipeline.ml.models import load_model
-
+def discover_on_val(audited: Path, setting: Path, seed: int, mode: str = "auto"):
     eval_dir = setting / "eval"
     info = dataset_setting(eval_dir)
     classes = info["classes"]
@@ -53,12 +63,8 @@ def discover_on_val(audited: Path, setting: Path, seed: int, mode: str = "auto")
     lm = load_model(f"local-dir:{audited}")
     # with evidence, as `ravl discover` and the pipeline run it: Stage 2 then
     # mitigates the called findings (significant at BH q <= 0.05)
-    findings, emb, sc = run_discovery(lm, ds, classes, templates=dataset_templates(eval_dir), seed=seed,
-                                      progress=False, evidence=True, mode=mode)
-    feats = info["config"]["features"]
-    induced = list(zip([f["name"] for f in feats], info["correlated_classes"]))
-    findings["ground_truth"] = ground_truth_summary(findings, ds, emb, sc, classes, induced)
-    return findings
+    return stages.stage1(lm, ds, classes, templates=stages.templates_for(eval_dir), regions=RegionsConfig(mode=mode),
+                         discovery=DiscoveryConfig(seed=seed)).findings
 
 
 def _trained(target: Path, cfg) -> dict | None:
@@ -70,19 +76,12 @@ def _trained(target: Path, cfg) -> dict | None:
     return meta["history"] if meta.get("train") == cfg.to_dict() else None
 
 
-def oracle_findings(findings: dict, audited: Path, setting: Path) -> dict:
+def oracle_findings(findings, audited: Path, setting: Path):
     """The discovered findings with one extra cluster, the ground-truth
     induced feature, as the only spurious feature: its medoid is the val
     region labelled with the feature that is most similar on average to the
     other such regions. Isolates Stage 2 from Stage-1 errors (a diagnostic;
     it uses val ground truth, never test)."""
-    import numpy as np
-
-    from ravl_pipeline.ml.audit import dataset_setting
-    from ravl_pipeline.ml.data import load_dataset
-    from ravl_pipeline.ml.embed import embed_dataset
-    from ravl_pipeline.ml.models import load_model
-
     eval_dir = setting / "eval"
     info = dataset_setting(eval_dir)
     feature, cls = info["config"]["features"][0]["name"], info["correlated_classes"][0]
@@ -92,20 +91,15 @@ def oracle_findings(findings: dict, audited: Path, setting: Path) -> dict:
     rows = np.flatnonzero(flat == feature)
     sims = emb.region_emb[rows] @ emb.region_emb[rows].T
     medoid = int(rows[np.argmax(sims.mean(axis=1))])
-    k = len(findings["medoids"])
-    return dict(findings, medoids=findings["medoids"] + [medoid],
-                medoid_embeddings=findings["medoid_embeddings"] + [emb.region_emb[medoid].tolist()],
-                features=[{"rank": 1, "cluster_id": k, "score": 0.0, "influence": 1.0, "attribute": cls,
-                           "per_class": [], "regions": [], "oracle": feature}])
+    k = len(findings.medoids)
+    return replace(findings, medoids=findings.medoids + [medoid],
+                   medoid_embeddings=findings.medoid_embeddings + [emb.region_emb[medoid].tolist()],
+                   features=[Feature(rank=1, cluster_id=k, score=0.0, influence=1.0, attribute=cls,
+                                     extra={"oracle": feature})])
 
 
 def run_seed(seed: int, out: Path, small: bool, resume: bool = False, methods=METHODS,
              oracle: bool = False, mode: str = "auto") -> dict:
-    from ravl_pipeline.ml import mitigate
-    from ravl_pipeline.ml.discover import read_findings, write_findings
-    from ravl_pipeline.ml.evaluate import evaluate_model, write_metrics
-    from ravl_pipeline.ml.recipe import DEFAULT_RECIPE, build_audited_model
-
     recipe = (DEFAULT_RECIPE.small() if small else DEFAULT_RECIPE).with_seed(seed)
     root = out / f"seed{seed}"
     t0 = time.perf_counter()
@@ -120,31 +114,31 @@ def run_seed(seed: int, out: Path, small: bool, resume: bool = False, methods=ME
     if oracle:
         findings, prefix = oracle_findings(findings, paths["audited"], paths["setting"]), "oracle-"
         write_findings(findings, root / "findings_oracle.json")
-    result = {"seed": seed, "recipe": recipe.to_dict(), "mode": findings.get("embedding_mode"), "seconds_build": t_build, "n_features": len(findings["features"]),
-              "n_called": sum(bool(f.get("called")) for f in findings["features"]),
-              "ground_truth": findings.get("ground_truth"), "metrics": {}, "seconds_per_step": {}}
+    result = {"seed": seed, "recipe": recipe.to_dict(), "mode": findings.embedding_mode, "seconds_build": t_build,
+              "n_features": len(findings.features), "n_called": len(findings.called),
+              "ground_truth": findings.ground_truth, "metrics": {}, "seconds_per_step": {}}
     models = {} if oracle else {"audited": f"local-dir:{paths['audited']}"}
     for method in methods:
-        if method in mitigate.FINDINGS_METHODS:
+        if get_method(method).needs_findings:
             try:
-                mitigate.select_features(findings)
-            except mitigate.MitigationError as exc:
+                select_features(findings)
+            except MitigationError as exc:
                 print(f"seed {seed}: {method} skipped: {exc}", file=sys.stderr)
                 continue
         cfg = replace(recipe.finetune, method=method)
         target = root / "models" / f"{prefix}{method}"
         hist = _trained(target, cfg) if resume else None
         if hist is None:
-            hist = mitigate.train_mitigated(f"local-dir:{paths['pretrained']}", paths["setting"] / "finetune",
-                                            findings, f"local-dir:{paths['audited']}", target, cfg,
-                                            cache_dir=root / "cache", findings_path=root / "findings.json")
+            hist = stages.train(f"local-dir:{paths['pretrained']}", paths["setting"] / "finetune", target, cfg,
+                                findings=findings, audited_model=f"local-dir:{paths['audited']}",
+                                cache_dir=root / "cache", findings_path=root / "findings.json")
         result["seconds_per_step"][f"{prefix}{method}"] = hist["seconds_per_step"]
         models[f"{prefix}{method}"] = f"local-dir:{target}"
         print(f"seed {seed}: trained {method} ({hist['steps']} steps, {hist['seconds_per_step']:.3f}s/step)",
               file=sys.stderr, flush=True)
     for name, spec in models.items():
-        metrics = evaluate_model(spec, paths["setting"] / "eval", split="test")
-        write_metrics(metrics, root / "metrics" / f"{name}.json")
+        metrics = stages.evaluate(spec, paths["setting"] / "eval", split="test")
+        stages.write_metrics(metrics, root / "metrics" / f"{name}.json")
         result["metrics"][name] = {k: metrics[k] for k in METRICS} | {"warnings": metrics["warnings"]}
     return result
 
@@ -153,13 +147,6 @@ def step_timing(seed: int, out: Path, small: bool, steps: int, rounds: int = 2) 
     """Seconds per training step of Standard FT and RaVL in this process, on
     the seed's fine-tuning data and batch size, alternating the methods for
     ``rounds`` rounds of ``steps`` steps (median per method)."""
-    from ravl_pipeline.ml import mitigate
-    from ravl_pipeline.ml.data import load_dataset
-    from ravl_pipeline.ml.discover import read_findings
-    from ravl_pipeline.ml.models import load_model
-    from ravl_pipeline.ml.recipe import DEFAULT_RECIPE, build_audited_model
-    from ravl_pipeline.ml.train import build_train_data, finetune
-
     recipe = (DEFAULT_RECIPE.small() if small else DEFAULT_RECIPE).with_seed(seed)
     root = out / f"seed{seed}"
     paths = build_audited_model(root, recipe)
@@ -167,11 +154,10 @@ def step_timing(seed: int, out: Path, small: bool, steps: int, rounds: int = 2) 
     ds = load_dataset(paths["setting"] / "finetune")
     init = f"local-dir:{paths['pretrained']}"
     lm = load_model(init)
-    data = build_train_data(lm, ds, recipe.finetune.caption_template, classes=findings["classes"])
-    mitigate.attach_class_tokens(data, lm, recipe.finetune.caption_template)
-    assignment = mitigate.cached_assignment(load_model(f"local-dir:{paths['audited']}"), ds, findings,
-                                            root / "cache")
-    mitigate.attach_region_extras(data, lm, ds, assignment)
+    data = build_train_data(lm, ds, recipe.finetune.caption_template, classes=findings.classes)
+    attach_class_tokens(data, lm, recipe.finetune.caption_template)
+    assignment = cached_assignment(load_model(f"local-dir:{paths['audited']}"), ds, findings, root / "cache")
+    attach_region_extras(data, lm, ds, assignment)
     times: dict[str, list[float]] = {"standard": [], "ravl": []}
     for _ in range(rounds):
         for method in times:
@@ -239,7 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="reuse findings.json and checkpoints already trained with the same configuration")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--mode", default="auto", choices=["auto", "roi", "crop"],
+    parser.add_argument("--mode", default="auto", choices=["auto", "roi", "roi-half", "crop"],
                         help="region-embedding mode of Stage 1 (Stage 2 assigns regions the same way)")
     parser.add_argument("--oracle", action="store_true",
                         help="diagnostic: use the ground-truth feature (from val) as the only spurious cluster")

@@ -44,7 +44,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from ravl_pipeline.ml import discover as disc  # noqa: E402
+from ravl_pipeline.core import cluster as disc  # noqa: E402
 
 N_CLASSES = 10
 

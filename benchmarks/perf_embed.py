@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from torchvision.ops import roi_align
 
-from ravl_pipeline.ml.embed import encode_image_and_regions, pool_at_size
-from ravl_pipeline.ml.models import load_model
+from ravl_pipeline.core.embed import encode_image_and_regions, pool_at_size
+from ravl_pipeline.models import load_model
 
 QUADRANTS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0))
 

@@ -22,15 +22,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.experiments.synth import CAPTION_TEMPLATE, SynthConfig, make_setting
+from ravl_pipeline.io.dataset import load_dataset
+from ravl_pipeline.mitigate.assign import RegionAssignment
+from ravl_pipeline.mitigate.data import build_train_data
+from ravl_pipeline.mitigate.methods import attach_class_tokens, attach_region_extras
+from ravl_pipeline.mitigate.train import finetune
+from ravl_pipeline.models import load_model
 
 
 def build(setting_dir: Path, n_finetune: int, model: str):
-    from ravl_pipeline.ml import mitigate
-    from ravl_pipeline.ml.data import load_dataset
-    from ravl_pipeline.ml.models import load_model
-    from ravl_pipeline.ml.synth import CAPTION_TEMPLATE, SynthConfig, make_setting
-    from ravl_pipeline.ml.train import build_train_data
-
     cfg = SynthConfig(n_pretrain=20, n_finetune=n_finetune, n_val=20, n_test=20, seed=0)
     make_setting(setting_dir, cfg)
     ds = load_dataset(setting_dir / "finetune")
@@ -39,7 +43,7 @@ def build(setting_dir: Path, n_finetune: int, model: str):
     data = build_train_data(lm, ds, CAPTION_TEMPLATE, classes=classes)
     feature = cfg.features[0].name
     counts = [len(b) for b in ds.boxes]
-    assignment = mitigate.RegionAssignment(
+    assignment = RegionAssignment(
         image_ids=list(ds.image_ids),
         region_image=np.repeat(np.arange(len(ds)), counts),
         region_index=np.concatenate([np.arange(c) for c in counts]),
@@ -47,15 +51,12 @@ def build(setting_dir: Path, n_finetune: int, model: str):
         cluster=np.zeros(sum(counts), dtype=np.int64),
         spurious=np.array([lab == feature for labs in ds.region_labels for lab in labs]),
     )
-    mitigate.attach_class_tokens(data, lm, CAPTION_TEMPLATE)
-    mitigate.attach_region_extras(data, lm, ds, assignment)
+    attach_class_tokens(data, lm, CAPTION_TEMPLATE)
+    attach_region_extras(data, lm, ds, assignment)
     return data, CAPTION_TEMPLATE
 
 
 def run(method: str, data, template: str, model: str, steps: int, batch: int) -> float:
-    from ravl_pipeline.ml.models import load_model
-    from ravl_pipeline.ml.train import TrainConfig, finetune
-
     lm = load_model(model, seed=0)
     cfg = TrainConfig(method=method, max_steps=steps, batch_size=batch, caption_template=template, seed=0)
     c0 = time.process_time()
@@ -71,17 +72,6 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    try:
-        from ravl_pipeline.ml import mitigate  # noqa: F401  (registers "ravl")
-        from ravl_pipeline.ml.train import METHODS
-    except ImportError as exc:
-        print(f"RaVL training is not available ({exc}); throughput not measured")
-        return 1
-    if "ravl" not in METHODS:
-        print("method 'ravl' is not registered in train.METHODS; throughput not measured")
-        return 1
-    import torch
-
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data, template = build(Path(tmp) / "setting", args.n_finetune, args.model)

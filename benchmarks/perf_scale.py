@@ -27,6 +27,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+from ravl_pipeline.core.cluster import cluster_regions  # noqa: E402
+from ravl_pipeline.core.rank import rank_features  # noqa: E402
+
 N_CLASSES = 10
 N_PLANTED = 30
 DIM = 64
@@ -51,8 +54,6 @@ def planted_regions(m: int, seed: int = 0, chunk: int = 200_000):
 def run_one(m: int, sample: int, seed: int, sweep: str = "warm") -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from ravl_pipeline.ml import discover as disc
-
     t0 = time.perf_counter()
     emb, planted = planted_regions(m, seed)
     n_images = m // REGIONS_PER_IMAGE
@@ -72,17 +73,16 @@ def run_one(m: int, sample: int, seed: int, sweep: str = "warm") -> dict:
     t_data = time.perf_counter() - t0
 
     t0, c0 = time.perf_counter(), time.process_time()
-    clustering = disc.cluster_regions(emb, N_CLASSES, seed=seed, max_regions=sample, sweep=sweep)
+    clustering = cluster_regions(emb, N_CLASSES, seed=seed, max_regions=sample, sweep=sweep)
     t_cluster, c_cluster = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
-    findings = disc.discover(emb, region_image, region_index, region_scores, image_labels, image_pred,
-                             [f"c{i}" for i in range(N_CLASSES)], seed=seed, clustering=clustering,
-                             top_regions=50)
+    findings = rank_features(clustering, emb, region_image, region_index, region_scores, image_labels, image_pred,
+                             [f"c{i}" for i in range(N_CLASSES)], top_regions=50)
     t_score, c_score = time.perf_counter() - t0, time.process_time() - c0
     ari = adjusted_rand_score(planted, clustering.labels)
     return {
         "regions": m, "sample": min(sample, m), "sampled": clustering.sampled, "k": clustering.k,
-        "silhouette": clustering.silhouette, "ari": float(ari), "features": len(findings["features"]),
+        "silhouette": clustering.silhouette, "ari": float(ari), "features": len(findings.features),
         "seconds_data": t_data, "seconds_cluster": t_cluster, "seconds_score": t_score,
         "cpu_cluster": c_cluster, "cpu_score": c_score,
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

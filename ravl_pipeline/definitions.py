@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from .defs.project import RavlProject
+from .defs.resources import RavlProject
 
 # Two processes: one model-heavy step plus light steps, on a 2-core machine.
 EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2})

@@ -17,7 +17,7 @@ logging.getLogger().setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def tiny_setting(tmp_path_factory):
     """Paths of the reduced default setting: ``setting``, ``pretrained``, ``audited``."""
-    from ravl_pipeline.ml.recipe import DEFAULT_RECIPE, build_audited_model
+    from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, build_audited_model
 
     root = tmp_path_factory.mktemp("tiny_setting")
     return build_audited_model(root, DEFAULT_RECIPE.small())

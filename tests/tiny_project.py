@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from ravl_pipeline.ml.models import load_model, save_model
-from ravl_pipeline.ml.recipe import BASE_MODEL, DEFAULT_RECIPE
-from ravl_pipeline.ml.synth import SynthConfig, make_setting
-from ravl_pipeline.ml.train import TrainConfig
+from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.experiments.recipe import BASE_MODEL, DEFAULT_RECIPE
+from ravl_pipeline.experiments.synth import SynthConfig, make_setting
+from ravl_pipeline.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = REPO / ".venv-dvc" / "bin" / "dvc"

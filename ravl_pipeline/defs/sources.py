@@ -12,9 +12,10 @@ import warnings
 
 import dagster as dg
 
-from ..ml.params import SECTIONS, section_version
+from ..config import SECTIONS, section_version
+from ..io.hashing import dataset_fingerprint
 from .partitions import validation_sets
-from .project import RavlProject, dataset_fingerprint
+from .resources import RavlProject
 
 # observable source assets are the documented way to version external data
 # (DESIGN); their beta label is no news to anyone reading the run logs
@@ -38,7 +39,7 @@ def _params_source(section: str) -> dg.SourceAsset:
     def _observe(ravl: RavlProject) -> dg.ObserveResult:
         params = ravl.params()
         return dg.ObserveResult(data_version=dg.DataVersion(section_version(params, section)),
-                                metadata={"values": dg.MetadataValue.json(params[section]),
+                                metadata={"values": dg.MetadataValue.json(params.as_dict()[section]),
                                           "path": dg.MetadataValue.path(ravl.params_path)})
 
     return _observe

@@ -1,0 +1,73 @@
+"""``ravl discover``: Stage 1 — ranked spurious region features with their
+evidence (SPEC §2) → ``findings.json``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import EMBEDDING_MODES, MASK_FILLS, DiscoveryConfig, RegionsConfig, ScoresConfig, option
+from ..core.cache import EmbeddingCache
+from ..core.evidence.names import load_vocabulary
+from ..core.findings import write_findings
+from ..io.dataset import load_dataset
+from ..models import load_model
+from ..pipeline import stages
+from .common import add_model_args, print_findings
+
+
+def register(sub) -> None:
+    p = sub.add_parser("discover", help="Stage 1: find spurious region features (SPEC §2)", description=__doc__)
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--proposer", **option(RegionsConfig, "proposer"))
+    p.add_argument("--mode", choices=list(EMBEDDING_MODES), **option(RegionsConfig, "mode"))
+    p.add_argument("--batch-size", type=int, **option(RegionsConfig, "batch_size"))
+    p.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} for the class (repeatable); default from the dataset")
+    p.add_argument("--classes", default=None, help="comma-separated class names (default: labels in the data)")
+    p.add_argument("--tau", type=float, **option(ScoresConfig, "tau"))
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="embedding cache directory: reuse embeddings of unchanged images (e.g. data/cache/embeddings)")
+    p.add_argument("--seed", type=int, **option(DiscoveryConfig, "seed"))
+    p.add_argument("--cluster-workers", type=int, **option(DiscoveryConfig, "cluster_workers"))
+    p.add_argument("--permutations", type=int, **option(DiscoveryConfig, "permutations"))
+    p.add_argument("--alpha", type=float, **option(DiscoveryConfig, "alpha"))
+    p.add_argument("--mask-fill", choices=list(MASK_FILLS), **option(DiscoveryConfig, "mask_fill"))
+    p.add_argument("--vocab", action="append", default=None, metavar="FILE",
+                   help="extra naming concepts, one per line (repeatable; added to the packaged list)")
+    p.add_argument("--no-evidence", action="store_true", help="skip significance, the masking check and names")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def discovery_config(args) -> DiscoveryConfig:
+    if args.permutations < 1:
+        raise ValueError(f"--permutations must be at least 1, got {args.permutations}")
+    if not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    return DiscoveryConfig(seed=args.seed, cluster_workers=args.cluster_workers, evidence=not args.no_evidence,
+                           permutations=args.permutations, alpha=args.alpha, mask_fill=args.mask_fill)
+
+
+def run(args) -> int:
+    classes = args.classes.split(",") if args.classes else None
+    ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
+    classes = classes or ds.classes()
+    lm = load_model(args.model, args.pretrained)
+    discovery = discovery_config(args)
+    vocab = load_vocabulary(args.vocab) if args.vocab and discovery.evidence else None
+    cache = EmbeddingCache(Path(args.cache)) if args.cache else None
+    t0 = time.perf_counter()
+    result = stages.stage1(lm, ds, classes, templates=args.template or stages.templates_for(args.data),
+                           regions=RegionsConfig(proposer=args.proposer, mode=args.mode, batch_size=args.batch_size),
+                           scores=ScoresConfig(tau=args.tau), discovery=discovery, cache=cache, vocab=vocab,
+                           progress=not args.quiet)
+    findings = result.findings
+    findings.seconds = time.perf_counter() - t0
+    if cache is not None and not args.quiet:
+        print(f"embedding cache {args.cache}: {cache.stats.hits} images reused, {cache.stats.misses} embedded")
+    write_findings(findings, args.out)
+    print_findings(findings, args.out)
+    return 0

@@ -1,0 +1,37 @@
+"""``ravl evaluate``: image/region overall and worst-group accuracy of one
+model on one split (SPEC §4.2) → ``metrics.json``."""
+from __future__ import annotations
+
+from ..config import EvaluationConfig, RegionsConfig, option
+from ..pipeline import stages
+from .common import add_model_args, metrics_line
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="image/region overall and worst-group accuracy (SPEC §4.2)",
+                       description=__doc__)
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", help="split to evaluate (default test; 'all' for every row)")
+    p.add_argument("--feature", action="append", default=None,
+                   help="region label of a feature defining the groups (repeatable; default: setting.json)")
+    p.add_argument("--template", action="append", default=None, help="prompt template (default from the dataset)")
+    p.add_argument("--classes", default=None, help="comma-separated class names (default: setting or labels)")
+    p.add_argument("--min-group-size", type=int, **option(EvaluationConfig, "min_group_size"))
+    p.add_argument("--batch-size", type=int, **option(RegionsConfig, "batch_size"))
+    p.add_argument("--out", required=True, help="metrics.json to write")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    metrics = stages.evaluate(args.model, args.data, split=args.split, features=args.feature,
+                              templates=args.template, pretrained=args.pretrained,
+                              classes=args.classes.split(",") if args.classes else None,
+                              min_group_size=args.min_group_size, batch_size=args.batch_size,
+                              progress=not args.quiet)
+    stages.write_metrics(metrics, args.out)
+    print(f"wrote {args.out}: {metrics_line(metrics)}" + ("  (partial)" if metrics["partial"] else ""))
+    for w in metrics["warnings"]:
+        print(f"  warning: {w}")
+    return 0

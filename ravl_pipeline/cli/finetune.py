@@ -1,0 +1,50 @@
+"""``ravl finetune`` (alias ``ravl train``): fine-tune a CLIP model with any
+registered method; Stage-2 methods read ``--findings``. Under ``torchrun
+--nproc-per-node N`` the run is data-parallel (DDP) and rank 0 alone writes."""
+from __future__ import annotations
+
+from ..core.findings import read_findings
+from ..io.files import write_json_atomic
+from ..mitigate.distributed import world_from_env
+from ..pipeline import stages
+from .common import add_model_args, add_training_args, train_config
+
+HELP = "fine-tune a CLIP model (Stage 2 with --method ravl --findings); data-parallel under torchrun"
+
+
+def register(sub) -> None:
+    for name, help_text in (("finetune", HELP), ("train", "the same as finetune")):
+        p = sub.add_parser(name, help=help_text, description=__doc__)
+        add_model_args(p)
+        add_training_args(p)
+        p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
+        p.add_argument("--audited-model", default=None,
+                       help="the audited model the findings came from (default: the findings' 'model')")
+        p.add_argument("--features", default="called",
+                       help="discovered features treated as spurious: called (significant ones where the findings "
+                            "carry significance, else all kept, less those the masking check does not support) | "
+                            "significant (every called one) | all (every kept cluster) | top1 | K")
+        p.add_argument("--cache-dir", default=None,
+                       help="cache of spurious-region assignments (default: beside --out)")
+        p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
+        p.add_argument("--record-indices", action="store_true",
+                       help="under torchrun: record which sample indices each process saw at each step")
+        p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    template = args.caption_template or stages.templates_for(args.data)[0]
+    cfg = train_config(args, template)
+    findings = read_findings(args.findings) if args.findings else None
+    world = world_from_env()
+    history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
+                           findings=findings, findings_path=args.findings, audited_model=args.audited_model,
+                           features=args.features, cache_dir=args.cache_dir, record_indices=args.record_indices,
+                           progress=not (args.quiet or not world.is_main))
+    if world.is_main:
+        if args.history:
+            write_json_atomic(args.history, history)
+        losses = history["losses"]
+        print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
+    return 0

@@ -1,0 +1,41 @@
+"""``ravl materialize``: materialize the Dagster asset graph in process,
+recorded in the instance under ``DAGSTER_HOME`` like a run from the UI."""
+from __future__ import annotations
+
+import dagster as dg
+
+from ..definitions import build_definitions
+from . import dagster_runs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("materialize", help="materialize the Dagster asset graph in process", description=__doc__)
+    p.add_argument("--partition", action="append", default=None,
+                   help="validation set (repeatable; default: every registered set); registered if new")
+    p.add_argument("--select", action="append", default=None,
+                   help="Dagster asset selection, e.g. audited_model or 'key:region_*' (repeatable; default: all)")
+    p.set_defaults(func=run)
+
+
+def dagster_session() -> tuple[dg.DagsterInstance, dg.Definitions]:
+    """The persistent instance (``DAGSTER_HOME``, default ``<repo>/dagster_home``)
+    and the pipeline's definitions."""
+    dagster_runs.ensure_dagster_home()
+    return dg.DagsterInstance.get(), build_definitions()
+
+
+def print_runs(runs) -> bool:
+    for run in runs:
+        for line in run.lines():
+            print(line)
+    return all(run.success for run in runs)
+
+
+def run(args) -> int:
+    instance, defs = dagster_session()
+    with instance:
+        runs = dagster_runs.materialize(defs, instance, partitions=args.partition or None, select=args.select,
+                                        log_level="INFO" if args.verbose else "WARNING")
+    if not runs:
+        print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
+    return 0 if print_runs(runs) else 1

@@ -1,0 +1,56 @@
+"""``ravl report``: a static HTML audit report of findings (with metrics
+and the re-audit when given) and its JSON twin."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..report.html import DEFAULT_TOP_REGIONS, write_report
+from ..report.inputs import load_metrics
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="static HTML audit report (+ JSON twin)", description=__doc__)
+    p.add_argument("--findings", required=True, help="findings.json of the audited model")
+    p.add_argument("--metrics", action="append", default=None,
+                   help="[NAME=]metrics.json of one method (repeatable); NAME defaults to the file's "
+                        "'method' key, stem, or folder")
+    p.add_argument("--reaudit", default=None, help="findings.json of the mitigated model")
+    p.add_argument("--data", default=None, help="dataset directory the findings were computed on (images)")
+    p.add_argument("--provenance", default=None, help="JSON object of extra provenance (versions, parameters)")
+    p.add_argument("--top-regions", type=int, default=DEFAULT_TOP_REGIONS, help="regions drawn per feature")
+    p.add_argument("--out", required=True, help="report.html to write")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    metrics = {}
+    for item in args.metrics or []:
+        name, path = metrics_arg(item)
+        if name in metrics:
+            raise ValueError(f"--metrics: method {name!r} given twice")
+        metrics[name] = load_metrics(path)
+    provenance = None
+    if args.provenance:
+        provenance = json.loads(Path(args.provenance).read_text(encoding="utf-8"))
+        if not isinstance(provenance, dict):
+            raise ValueError(f"{args.provenance}: provenance must be a JSON object")
+    out = write_report(args.out, args.findings, dataset_root=args.data, metrics=metrics or None,
+                       reaudit=args.reaudit, provenance=provenance, top_regions=args.top_regions)
+    print(f"wrote {out} (open it in any browser; JSON beside it)")
+    return 0
+
+
+def metrics_arg(item: str) -> tuple[str, Path]:
+    """``NAME=PATH``, or ``PATH`` named by its ``method`` key, its stem, or its folder."""
+    if "=" in item:
+        name, path = item.split("=", 1)
+        return name, Path(path)
+    path = Path(item)
+    try:
+        method = json.loads(path.read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        method = None
+    if method:
+        return str(method), path
+    return (path.parent.name or path.stem) if path.stem == "metrics" else path.stem, path

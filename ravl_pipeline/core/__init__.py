@@ -1,0 +1,1 @@
+"""The method: regions, embeddings, scores, clustering, ranking, findings and\ntheir evidence. Plain torch/numpy/pyarrow; never imports Dagster."""

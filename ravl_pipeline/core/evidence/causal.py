@@ -1,0 +1,311 @@
+"""Causal check of a finding: hide its regions and watch the predictions
+(SPEC §1.4, §2.2).
+
+A spurious feature is one the model *uses*.  If a discovered cluster is
+such a feature, removing its regions from the validation images should
+change zero-shot predictions and move the per-class accuracies of the
+images that showed it toward those of the images that did not (the
+correlated class loses its advantage, the others their penalty).  The same
+number of regions drawn at random serves as a control.
+
+The verdict (``causal.support``) asks whether hiding the regions undoes
+errors they cause: in the classes that do worse with the regions, do more
+images turn from wrong to right than from right to wrong (a one-sided sign
+test)?  A cluster can be significant under the permutation test without
+causing errors through its regions: in RoI embeddings an empty quadrant
+carries its neighbours, so "empty, next to no red square" correlates with
+the model's errors while masking it changes nothing; and masking a
+cluster of class objects breaks its own class's predictions without
+repairing any other.
+
+Masking edits exactly the pixels of the masked boxes and nothing else:
+
+* ``mean``  — the model's normalisation mean colour (a zero input after
+  normalisation, so the fill carries no colour of the hidden region);
+* ``black`` — zeros;
+* ``blur``  — a Gaussian blur of the image, copied back only inside the boxes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from scipy.stats import binomtest
+
+from ...config import MASK_FILLS as FILLS
+from ...config import DiscoveryConfig
+from ..findings import Feature, Findings
+from ..scores import class_text_embeddings, zero_shot_probs
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_BLUR_RADIUS = 4.0
+
+__all__ = [
+    "FILLS",
+    "box_pixel_mask",
+    "fill_colour",
+    "mask_regions",
+    "predict_images",
+    "predict_dataset",
+    "causal_effect",
+    "random_control_rows",
+    "masking_support",
+    "MaskingCheck",
+    "check_features",
+]
+
+
+def box_pixel_mask(height: int, width: int, boxes) -> np.ndarray:
+    """``[H, W]`` bool: pixels whose centre lies inside any box.
+
+    A pixel ``(row, col)`` covers ``[col, col+1) × [row, row+1)``; its centre
+    is inside ``[x1, x2) × [y1, y2)`` exactly for ``ceil(x1 - 0.5) <= col <
+    ceil(x2 - 0.5)``, so an integer box ``[0, 0, 28, 28]`` is the 28×28 block.
+    """
+    mask = np.zeros((int(height), int(width)), dtype=bool)
+    for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        x1, y1, x2, y2 = box
+        if not (x2 > x1 and y2 > y1):
+            raise ValueError(f"box {list(box)} is empty or inverted (need x1 < x2, y1 < y2)")
+        c1, c2 = (int(np.clip(np.ceil(v - 0.5), 0, width)) for v in (x1, x2))
+        r1, r2 = (int(np.clip(np.ceil(v - 0.5), 0, height)) for v in (y1, y2))
+        mask[r1:r2, c1:c2] = True
+    return mask
+
+
+def fill_colour(preprocess_cfg: dict | None = None) -> np.ndarray:
+    """RGB uint8 colour that normalises to zero under the model's transform."""
+    mean = (preprocess_cfg or {}).get("mean") or OPENAI_MEAN
+    return np.clip(np.rint(np.asarray(mean, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def mask_regions(image: np.ndarray, boxes, fill: str = DiscoveryConfig.mask_fill, mean_colour=None,
+                 blur_radius: float = DEFAULT_BLUR_RADIUS) -> np.ndarray:
+    """A copy of ``image`` ([H, W, 3] uint8) with the pixels of ``boxes``
+    replaced; every other pixel is returned unchanged."""
+    if fill not in FILLS:
+        raise ValueError(f"unknown mask fill {fill!r}; expected one of {', '.join(FILLS)}")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    mask = box_pixel_mask(image.shape[0], image.shape[1], boxes)
+    out = image.copy()
+    if fill == "black":
+        out[mask] = 0
+    elif fill == "mean":
+        out[mask] = fill_colour() if mean_colour is None else np.asarray(mean_colour, dtype=np.uint8)
+    else:
+        blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur_radius)))
+        out[mask] = blurred[mask]
+    return out
+
+
+def predict_images(lm, images: Sequence[np.ndarray], text_emb: np.ndarray, tau: float,
+                   batch_size: int = 64) -> np.ndarray:
+    """Zero-shot class prediction of RGB arrays through the model's own
+    evaluation transform and image tower (SPEC §1.4)."""
+    device = next(lm.model.parameters()).device
+    lm.model.eval()
+    preds = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pixels = torch.stack([lm.preprocess(Image.fromarray(a)) for a in chunk]).to(device)
+            emb = F.normalize(lm.model.encode_image(pixels).float(), dim=-1).cpu().numpy()
+            preds.append(zero_shot_probs(emb, text_emb, tau).argmax(axis=1))
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def predict_dataset(lm, ds, text_emb: np.ndarray, tau: float, batch_size: int = 64) -> np.ndarray:
+    """:func:`predict_images` of every image of ``ds``, loaded one batch at a
+    time so memory does not grow with the dataset."""
+    preds = []
+    for start in range(0, len(ds), batch_size):
+        chunk = [np.asarray(ds.load_image(i).convert("RGB")) for i in range(start, min(start + batch_size, len(ds)))]
+        preds.append(predict_images(lm, chunk, text_emb, tau, batch_size))
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def _accuracy(correct: np.ndarray) -> float | None:
+    return float(correct.mean()) if correct.size else None
+
+
+def _gap(a_in, a_out) -> float | None:
+    return None if a_in is None or a_out is None else a_in - a_out
+
+
+def _per_class_shift(labels_in, before_ok, after_ok, absent_labels, absent_ok, classes):
+    """Rows of accuracy with the regions (before/after masking) vs without."""
+    rows = []
+    for k, name in enumerate(classes):
+        sel, out = labels_in == k, absent_labels == k
+        if not sel.any():
+            continue
+        a_out = _accuracy(absent_ok[out])
+        a_before, a_after = _accuracy(before_ok[sel]), _accuracy(after_ok[sel])
+        rows.append({"label": name, "n_present": int(sel.sum()), "acc_present_before": a_before,
+                     "acc_present_after": a_after, "n_absent": int(out.sum()), "acc_absent": a_out,
+                     "gap_before": _gap(a_before, a_out), "gap_after": _gap(a_after, a_out)})
+    return rows
+
+
+def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.ndarray,
+                  image_labels: np.ndarray, image_pred: np.ndarray, classes: Sequence[str],
+                  text_emb: np.ndarray, tau: float, fill: str = DiscoveryConfig.mask_fill,
+                  attribute: str | None = None, batch_size: int = 64,
+                  before_pred: np.ndarray | None = None) -> dict:
+    """Mask the regions ``rows`` (region rows) in their images and compare
+    zero-shot predictions before and after.
+
+    ``before`` is recomputed through the same transform as ``after`` so that
+    a flip is caused by the mask alone (``before_pred``, the predictions of
+    every unmasked image through that path, saves the pass when several
+    region sets are checked); images without masked regions keep
+    their discovery prediction ``image_pred`` and give ``acc_absent``.
+    ``parity_shift`` = mean over classes of ``|gap_before| - |gap_after|``
+    (positive: masking moved classes toward parity).  ``n_toward_parity`` /
+    ``n_away_from_parity`` count the images whose correctness the mask
+    changed in the direction that shrinks / grows their class's gap, and
+    ``n_errors_fixed`` / ``n_errors_made`` those of the negative-gap classes
+    that turned right / wrong.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    region_image = np.asarray(region_image, dtype=np.int64)
+    image_labels = np.asarray(image_labels, dtype=np.int64)
+    image_pred = np.asarray(image_pred, dtype=np.int64)
+    images = np.unique(region_image[rows])
+    colour = fill_colour(lm.preprocess_cfg)
+    originals, masked = [], []
+    for i in images:
+        original = np.asarray(ds.load_image(int(i)).convert("RGB"))
+        originals.append(original)
+        masked.append(mask_regions(original, boxes[rows[region_image[rows] == i]], fill, colour))
+    if before_pred is None:
+        before = predict_images(lm, originals, text_emb, tau, batch_size)
+    else:
+        before = np.asarray(before_pred, dtype=np.int64)[images]
+    after = predict_images(lm, masked, text_emb, tau, batch_size)
+    labels_in = image_labels[images]
+    absent = np.setdiff1d(np.arange(len(image_labels)), images)
+    before_ok, after_ok = before == labels_in, after == labels_in
+    per_class = _per_class_shift(labels_in, before_ok, after_ok,
+                                 image_labels[absent], image_pred[absent] == image_labels[absent], classes)
+    gap_of = {r["label"]: r["gap_before"] for r in per_class}
+    class_sign = np.array([np.sign(gap_of.get(name) or 0.0) for name in classes])
+    image_sign = class_sign[labels_in] if images.size else np.zeros(0)
+    lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
+    toward = int(np.sum(((image_sign > 0) & lost) | ((image_sign < 0) & gained)))
+    away = int(np.sum(((image_sign > 0) & gained) | ((image_sign < 0) & lost)))
+    # in the classes the regions hurt: errors the mask undoes vs errors it makes
+    fixed = int(np.sum((image_sign < 0) & gained))
+    caused = int(np.sum((image_sign < 0) & lost))
+    shifts = [abs(r["gap_before"]) - abs(r["gap_after"]) for r in per_class if r["gap_before"] is not None]
+    out = {
+        "fill": fill,
+        "n_regions": int(rows.size),
+        "n_images": int(images.size),
+        "n_flipped": int(np.sum(before != after)),
+        "n_toward_parity": toward,
+        "n_away_from_parity": away,
+        "n_errors_fixed": fixed,
+        "n_errors_made": caused,
+        "flip_rate": float(np.mean(before != after)) if images.size else None,
+        "acc_before": _accuracy(before == labels_in),
+        "acc_after": _accuracy(after == labels_in),
+        "parity_shift": float(np.mean(shifts)) if shifts else None,
+        "per_class": per_class,
+    }
+    if attribute is not None:
+        row = next((r for r in per_class if r["label"] == attribute), None)
+        out["attribute"] = attribute
+        out["attribute_gap_before"] = row["gap_before"] if row else None
+        out["attribute_gap_after"] = row["gap_after"] if row else None
+    return out
+
+
+def random_control_rows(n_rows: int, n_total: int, seed: int) -> np.ndarray:
+    """``n_rows`` region rows drawn uniformly without replacement (seeded)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    return np.sort(rng.choice(int(n_total), size=min(int(n_rows), int(n_total)), replace=False))
+
+
+def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha) -> dict | None:
+    """Does hiding the finding's regions undo errors they cause?
+
+    RaVL's spurious features are those that cause zero-shot errors: images
+    of the classes that do worse with the regions (negative gap) should get
+    some predictions right once the regions are hidden.  Of those images
+    whose correctness the mask changes, ``fixed`` went from wrong to right
+    and ``made`` from right to wrong; under "the mask acts at random" each
+    goes either way with probability 1/2, so the one-sided sign test
+    P(X >= fixed), X ~ Binomial(fixed + made, 1/2), is the p-value and the
+    finding is ``supported`` when it is at most ``alpha``.  A mask that
+    fixes nothing (p = 1) does not support it: an empty quadrant that only
+    marks the feature's absence, or the class object itself (hiding a digit
+    breaks its own class's predictions, moving toward parity, but repairs
+    none).  ``toward_parity`` / ``away_from_parity`` count every class's
+    changes for the reader.  ``None`` for checks made before the counts
+    were recorded."""
+    if "n_errors_fixed" not in effect:
+        return None
+    fixed, made = int(effect["n_errors_fixed"]), int(effect["n_errors_made"])
+    p = float(binomtest(fixed, fixed + made, 0.5, alternative="greater").pvalue) if fixed + made else 1.0
+    return {"test": "one-sided sign test: errors fixed vs errors made by the mask, in the classes the "
+                    "regions hurt",
+            "errors_fixed": fixed, "errors_made": made,
+            "toward_parity": int(effect.get("n_toward_parity", 0)),
+            "away_from_parity": int(effect.get("n_away_from_parity", 0)),
+            "p_value": p, "alpha": float(alpha), "supported": bool(p <= alpha)}
+
+
+@dataclass
+class MaskingCheck:
+    """The masking check of the features of one audit: per checked cluster its
+    ``causal`` record (with the verdict ``support``) and ``causal_control``."""
+
+    effects: dict[int, dict]  # cluster id -> causal (with "support")
+    controls: dict[int, dict]  # cluster id -> causal_control
+    summary: dict  # recorded as ``findings.causal``
+
+
+def features_to_check(findings: Findings, max_features: int | None) -> list[Feature]:
+    """The first ``max_features`` features and every called one."""
+    return [f for i, f in enumerate(findings.features) if max_features is None or i < max_features or f.called]
+
+
+def check_features(findings: Findings, lm, ds, cluster_labels, region_image, boxes,
+                   image_labels, image_pred, classes: Sequence[str], templates: Sequence[str], tau: float, *,
+                   fill: str = DiscoveryConfig.mask_fill, control: bool = True, seed: int = DiscoveryConfig.seed,
+                   max_features: int | None = 5, alpha: float = DiscoveryConfig.alpha,
+                   batch_size: int = 64) -> MaskingCheck:
+    """Mask the regions of the first ``max_features`` features and of every
+    called one, and, with ``control``, as many random regions; the verdict of
+    each is :func:`masking_support`."""
+    if fill not in FILLS:
+        raise ValueError(f"unknown mask fill {fill!r}; expected one of {', '.join(FILLS)}")
+    text = class_text_embeddings(lm, classes, templates).cpu().numpy()
+    cluster_labels = np.asarray(cluster_labels, dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    feats = features_to_check(findings, max_features)
+    before = predict_dataset(lm, ds, text, tau, batch_size) if feats else None
+    effects, controls = {}, {}
+    for feat in feats:
+        rows = np.flatnonzero(cluster_labels == int(feat.cluster_id))
+        args = (region_image, boxes, image_labels, image_pred, classes, text, tau)
+        effect = causal_effect(lm, ds, rows, *args, fill=fill, attribute=feat.attribute,
+                               batch_size=batch_size, before_pred=before)
+        effect["support"] = masking_support(effect, alpha)
+        effects[feat.cluster_id] = effect
+        if control:
+            ctrl = random_control_rows(rows.size, len(cluster_labels), seed + int(feat.cluster_id))
+            controls[feat.cluster_id] = causal_effect(lm, ds, ctrl, *args, fill=fill, attribute=feat.attribute,
+                                                      batch_size=batch_size, before_pred=before)
+    summary = {"fill": fill, "control": "same number of regions drawn at random",
+               "features_checked": len(feats), "alpha": float(alpha),
+               "checked": "the top features and every called one"}
+    return MaskingCheck(effects, controls, summary)

@@ -1,0 +1,19 @@
+"""The weekly re-audit of every registered validation set."""
+import dagster as dg
+
+from .jobs import reaudit_job
+from .partitions import validation_sets
+
+WEEKLY_CRON = "0 6 * * 1"  # Mondays 06:00 UTC
+
+
+@dg.schedule(job=reaudit_job, cron_schedule=WEEKLY_CRON, execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING,
+             description="Re-audit every registered validation set once a week, whether or not "
+                         "anything upstream changed.")
+def weekly_reaudit(context: dg.ScheduleEvaluationContext):
+    names = sorted(context.instance.get_dynamic_partitions(validation_sets.name))
+    if not names:
+        return dg.SkipReason("no validation set registered")
+    tick = context.scheduled_execution_time.strftime("%Y-%m-%dT%H:%M")
+    return [dg.RunRequest(partition_key=name, run_key=f"weekly-reaudit-{name}-{tick}") for name in names]

@@ -1,0 +1,1 @@
+"""Synthetic settings, the recipe of the built-in audited model, image-level\nbaselines and the benchmarks."""

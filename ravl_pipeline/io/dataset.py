@@ -1,0 +1,192 @@
+"""A validated dataset directory (SPEC §5) and the description a synthetic
+setting keeps beside it (``setting.json``: its classes, caption template and
+the features it correlates with a class)."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from .manifest import MANIFEST_NAME, SPLITS, ManifestError, _check, _column, dataset_root, probe_image, read_manifest
+
+__all__ = ["Dataset", "load_dataset", "dataset_setting", "setting_templates", "induced_pairs"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A validated dataset directory (SPEC §5).
+
+    ``table`` has the canonical schema with only the optional columns that
+    are present. Column accessors are computed once per instance; the table
+    is immutable, so they never go stale.
+    """
+
+    root: Path
+    table: pa.Table
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def _optional(self, name: str) -> list | None:
+        return _column(self.table, name)
+
+    @cached_property
+    def image_ids(self) -> list[str]:
+        return self.table.column("image_id").to_pylist()
+
+    @cached_property
+    def paths(self) -> list[str]:
+        return self.table.column("path").to_pylist()
+
+    @cached_property
+    def labels(self) -> list[str] | None:
+        return self._optional("label")
+
+    @cached_property
+    def captions(self) -> list[str] | None:
+        return self._optional("caption")
+
+    @cached_property
+    def splits(self) -> list[str] | None:
+        return self._optional("split")
+
+    @cached_property
+    def boxes(self) -> list[np.ndarray] | None:
+        """Per image a float32 ``[R, 4]`` array of ``[x1, y1, x2, y2]``."""
+        rows = self._optional("boxes")
+        if rows is None:
+            return None
+        return [np.asarray(r if r else np.zeros((0, 4)), dtype=np.float32).reshape(-1, 4) for r in rows]
+
+    @cached_property
+    def region_labels(self) -> list[list[str]] | None:
+        rows = self._optional("region_labels")
+        return None if rows is None else [list(r) if r is not None else [] for r in rows]
+
+    def image_path(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+    def _where(self, i: int) -> str:
+        return f"{self.manifest_file}: row {i} (image_id {self.image_ids[i]!r}), column 'path'"
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB; :class:`ManifestError` naming the row when the
+        file cannot be read."""
+        path = self.image_path(i)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ManifestError(f"{self._where(i)}: image file {path} is unreadable: {exc}") from exc
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``i``, cached per file version."""
+        path = self.image_path(i)
+        try:
+            return probe_image(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ManifestError(f"{self._where(i)}: image file {path} is unreadable: {exc}") from exc
+
+    def subset(self, indices: Sequence[int] | np.ndarray | str | None = None, *, split: str | None = None) -> Dataset:
+        """Rows ``indices`` (positions, in that order, or a boolean mask), or
+        the rows of one split: ``subset(split="val")`` or ``subset("val")``.
+        The subset keeps the same root."""
+        if isinstance(indices, str):
+            indices, split = None, indices
+        if (indices is None) == (split is None):
+            raise ValueError("subset() takes either indices or split")
+        if split is not None:
+            if "split" not in self.table.column_names:
+                raise ManifestError(f"{self.manifest_file}: no 'split' column to select split {split!r} from")
+            return Dataset(self.root, self.table.filter(pc.equal(self.table.column("split"), split)))
+        indices = np.asarray(indices)
+        if indices.dtype == bool:  # a mask, not positions
+            indices = np.flatnonzero(indices)
+        return Dataset(self.root, self.table.take(pa.array(indices.astype(np.int64))))
+
+    def classes(self) -> list[str]:
+        """Sorted distinct labels ([] without a label column)."""
+        return sorted({label for label in self.labels or [] if label})
+
+
+def load_dataset(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    split: str | None = None,
+    require_labels: bool = False,
+    check_images: bool = True,
+) -> Dataset:
+    """Read and validate a dataset directory (SPEC §5), optionally keeping one
+    ``split``.
+
+    Every row's structure is validated; with ``split``, images are opened and
+    class coverage is checked only for that split's rows (an evaluation on
+    ``val`` should not need the training images, and needs every class in
+    ``val``).
+    """
+    root = dataset_root(root)
+    table = read_manifest(root)
+    selected = None
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if "split" not in table.column_names:
+            raise ManifestError(f"{root / MANIFEST_NAME}: no 'split' column to select split {split!r} from")
+        mask = pc.fill_null(pc.equal(table.column("split"), split), False)
+        selected = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        if selected.size == 0:
+            raise ManifestError(f"{root / MANIFEST_NAME}: split {split!r} has no rows")
+    _check(table, root, classes, require_labels, check_images, selected)
+    dataset = Dataset(root, table)
+    return dataset if selected is None else dataset.subset(selected)
+
+
+
+
+# --------------------------------------------------------------------------
+# setting.json: what a synthetic setting says about itself
+# --------------------------------------------------------------------------
+
+
+def dataset_setting(root: str | os.PathLike) -> dict | None:
+    """``setting.json`` beside or above the dataset directory (synthetic
+    settings write one); None for user data."""
+    root = Path(root)
+    for candidate in (root / "setting.json", root.parent / "setting.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def setting_templates(root: str | os.PathLike) -> list[str] | None:
+    """The caption template a synthetic setting was trained with, as the
+    prompt templates to score it with; None for user data."""
+    template = (dataset_setting(root) or {}).get("caption_template")
+    return [template] if template else None
+
+
+def induced_pairs(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """The (feature, class) pairs a synthetic setting correlates (SPEC §4.1);
+    [] for user data."""
+    setting = dataset_setting(root) or {}
+    cfg = setting.get("config", {})
+    feats = cfg.get("features", [])
+    # the setting records the resolved list; its config may leave it to the default
+    classes = (setting.get("correlated_classes") or cfg.get("correlated_classes")
+               or [cfg.get("correlated_class")] * len(feats))
+    return [(f["name"], c) for f, c in zip(feats, classes)]

@@ -1,0 +1,216 @@
+"""open_clip model handling: one factory, built-in tiny configurations, and
+checkpoints in open_clip's ``local-dir`` format (SPEC §5, Checkpoints).
+
+A model is named by one string:
+
+* ``ravl-tiny-rn`` / ``ravl-tiny-vit`` — built-in tiny configurations shipped
+  as JSON next to this module (random init; trained here in minutes);
+* ``local-dir:PATH`` — a directory holding ``open_clip_config.json`` and
+  ``open_clip_model.safetensors`` (what :func:`save_model` writes);
+* any open_clip model name, with ``pretrained`` a tag or a weights file.
+
+Weights are read with safetensors or ``torch.load(weights_only=True)``; no
+arbitrary pickle is ever executed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from .io.files import atomic_dir
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUILTIN_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+RAVL_META_NAME = "ravl_model.json"
+
+open_clip.add_model_config(CONFIG_DIR)
+
+# Preprocessing of the built-in tiny models. Pixels are scaled so that black
+# is 0, the value convolutions pad with: with open_clip's default (CLIP)
+# normalisation black becomes about -1.8, the image border stands out from a
+# black background, and region features pick up where in the image a region
+# sits rather than what it shows.
+BUILTIN_PREPROCESS: dict[str, dict[str, Any]] = {
+    name: {"image_mean": (0.0, 0.0, 0.0), "image_std": (0.5, 0.5, 0.5)} for name in BUILTIN_MODELS
+}
+
+
+class ModelError(ValueError):
+    """A model name, checkpoint or architecture that cannot be used."""
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with everything needed to use and save it."""
+
+    model: open_clip.CLIP
+    preprocess: Callable  # PIL image -> normalised tensor (evaluation transform)
+    tokenizer: Callable  # list[str] -> LongTensor
+    name: str
+    model_cfg: dict[str, Any]
+    preprocess_cfg: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg.get("size", self.model_cfg["vision_cfg"].get("image_size", 224))
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def architecture(self) -> str:
+        """``resnet`` (ModifiedResNet), ``vit`` (VisionTransformer) or ``other``."""
+        return visual_architecture(self.model)
+
+
+def visual_architecture(model: torch.nn.Module) -> str:
+    visual = model.visual
+    if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+        return "resnet"
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        return "vit"
+    return "other"
+
+
+def _parse_name(spec: str) -> tuple[str, str | None]:
+    if spec.startswith("local-dir:"):
+        return "local-dir", spec[len("local-dir:"):]
+    return "name", spec
+
+
+def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
+               seed: int | None = None) -> LoadedModel:
+    """Load a model by name (see module docstring). ``seed`` fixes random init."""
+    kind, ident = _parse_name(str(spec))
+    meta: dict[str, Any] = {}
+    if kind == "local-dir":
+        path = Path(ident)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ModelError(f"checkpoint {path}: missing {CONFIG_NAME}")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ModelError(f"checkpoint {path}: missing {WEIGHTS_NAME}")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"checkpoint {cfg_path}: invalid JSON ({exc})") from exc
+        if "model_cfg" not in config:
+            raise ModelError(f"checkpoint {cfg_path}: no 'model_cfg' key")
+        if (path / RAVL_META_NAME).is_file():
+            meta = json.loads((path / RAVL_META_NAME).read_text())
+        model_name, pretrained = f"local-dir:{path}", None
+    else:
+        model_name = ident
+        if open_clip.get_model_config(ident.replace("/", "-")) is None:
+            raise ModelError(
+                f"unknown model {ident!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "
+                "an open_clip model name, or local-dir:PATH")
+        if pretrained is not None and not os.path.isfile(pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(ident)
+            if pretrained not in tags:
+                raise ModelError(f"model {ident!r}: pretrained {pretrained!r} is neither a file "
+                                 f"nor a known tag ({', '.join(tags) or 'none'})")
+    if seed is not None:
+        torch.manual_seed(seed)
+    overrides = BUILTIN_PREPROCESS.get(model_name, {}) if kind == "name" else {}
+    # a built-in tiny model starts from random weights by design; open_clip's
+    # "no pretrained weights loaded" warning is kept for every other model
+    quiet = kind == "name" and pretrained is None and model_name in BUILTIN_MODELS
+    try:
+        with _without_random_init_warning(quiet):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        raise ModelError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model_cfg = _model_cfg(model_name)
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    model.eval()
+    return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool):
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(keep)
+
+
+def _model_cfg(model_name: str) -> dict[str, Any]:
+    kind, ident = _parse_name(model_name)
+    if kind == "local-dir":
+        return json.loads((Path(ident) / CONFIG_NAME).read_text())["model_cfg"]
+    return open_clip.get_model_config(ident.replace("/", "-"))
+
+
+def save_model(lm: LoadedModel, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``lm`` as an open_clip ``local-dir`` checkpoint, atomically.
+
+    The directory is built beside the target and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint, and an existing
+    checkpoint is replaced only once the new one is complete.
+    """
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        config = {"model_cfg": lm.model_cfg, "preprocess_cfg": _jsonable(lm.preprocess_cfg)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in lm.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        if meta is not None:
+            (tmp / RAVL_META_NAME).write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True))
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def architecture_key(lm: LoadedModel) -> dict[str, Any]:
+    """What must match for two checkpoints to be the same architecture."""
+    return {"model_cfg": lm.model_cfg, "image_size": lm.image_size}
+
+
+def check_same_architecture(a: LoadedModel, b: LoadedModel) -> None:
+    if architecture_key(a) != architecture_key(b):
+        raise ModelError(
+            f"model {b.name!r} has a different architecture from {a.name!r} "
+            f"({_cfg_diff(a.model_cfg, b.model_cfg)})")
+
+
+def _cfg_diff(a: dict, b: dict, prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            inner = _cfg_diff(va, vb, f"{prefix}{key}.")
+            if inner:
+                diffs.append(inner)
+        elif va != vb:
+            diffs.append(f"{prefix}{key}: {va!r} vs {vb!r}")
+    return "; ".join(diffs)

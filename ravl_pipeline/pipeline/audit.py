@@ -1,0 +1,329 @@
+"""One validation set's audit on disk: the steps of :mod:`.stages`, each
+reading what the step before it wrote and writing its own output atomically.
+
+The Dagster assets call one step each (``ravl materialize``), and ``ravl
+demo`` reads the same layout, so the folder layout is defined here once::
+
+    <outputs>/audited_model.json        which model is audited (ModelRecord)
+    <outputs>/<set>/proposals/          region boxes
+    <outputs>/<set>/embeddings/         image and region embeddings
+    <outputs>/<set>/scores/             zero-shot probabilities
+    <outputs>/<set>/clusters/           K-medoids assignments and the K sweep
+    <outputs>/<set>/findings.json       ranked features with their evidence
+    <outputs>/<set>/mitigated_model/    the Stage-2 checkpoint (when trained)
+    <outputs>/<set>/mitigated_model.json which model is the mitigated one
+    <outputs>/<set>/metrics.json        audited and mitigated model, SPEC §4.2
+    <outputs>/<set>/findings_mitigated.json   Stage 1 again on the mitigated model
+    <outputs>/<set>/report/             report.html and summary.json
+
+Every output is written to a temporary path and renamed, so a killed step
+leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import AuditedModelConfig, Params, train_config
+from ..core.cluster import Clustering
+from ..core.embed import Embeddings
+from ..core.findings import Findings, read_findings, write_findings
+from ..core.regions import propose_dataset
+from ..core.scores import Scores, label_indices
+from ..io.dataset import Dataset, induced_pairs, load_dataset
+from ..io.files import atomic_dir, write_json_atomic
+from ..io.manifest import read_manifest
+from ..io.tables import fixed_list
+from ..mitigate.assign import select_features
+from ..mitigate.data import MitigationError
+from ..mitigate.methods import get_method
+from ..models import LoadedModel, load_model
+from ..report.html import write_report
+from . import stages
+
+__all__ = ["AuditError", "AuditPaths", "ModelRecord", "Audit", "describe_audited_model", "findings_summary"]
+
+
+class AuditError(ValueError):
+    """A step whose inputs are missing or do not fit together; the message says what to re-run."""
+
+
+@dataclass(frozen=True)
+class AuditPaths:
+    """Where one validation set's results live."""
+
+    root: Path
+
+    proposals = property(lambda self: self.root / "proposals")
+    embeddings = property(lambda self: self.root / "embeddings")
+    scores = property(lambda self: self.root / "scores")
+    clusters = property(lambda self: self.root / "clusters")
+    findings = property(lambda self: self.root / "findings.json")
+    mitigated_model = property(lambda self: self.root / "mitigated_model")
+    mitigated_record = property(lambda self: self.root / "mitigated_model.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    findings_mitigated = property(lambda self: self.root / "findings_mitigated.json")
+    report = property(lambda self: self.root / "report")
+    assignment_cache = property(lambda self: self.root / "spurious-regions-cache")
+
+
+@dataclass
+class ModelRecord:
+    """Which model a step uses (``audited_model.json``, ``mitigated_model.json``)."""
+
+    model: str
+    pretrained: str | None = None
+    source: str | None = None
+    init_model: str | None = None  # what it was fine-tuned from (Stage 2 starts there)
+    train_data: str | None = None  # what it was fine-tuned on (Stage 2 trains on it)
+    setting: str | None = None  # the synthetic setting it was built on
+    architecture: str | None = None
+    train: dict | None = None  # its own fine-tuning configuration
+    extra: dict = field(default_factory=dict)
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, self.pretrained)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``model`` and ``pretrained`` always; the other fields when known."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "extra" and (f.name in ("model", "pretrained") or getattr(self, f.name) is not None)}
+        return {**out, **self.extra}
+
+    @classmethod
+    def read(cls, path: Path) -> "ModelRecord":
+        if not path.is_file():
+            raise AuditError(f"{path} does not exist: materialize the step that writes it first "
+                             "(`ravl materialize --select audited_model` for the audited model)")
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def write(self, path: Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+
+def describe_audited_model(cfg: AuditedModelConfig, built: dict | None = None) -> ModelRecord:
+    """The record of the audited model: the synthetic default the recipe
+    ``built`` (its ``setting``/``pretrained``/``audited`` paths), or the
+    checkpoint ``cfg`` names, with what Stage 2 needs to retrain it."""
+    if built is not None:
+        record = ModelRecord(model=f"local-dir:{built['audited']}", source=cfg.source,
+                             init_model=f"local-dir:{built['pretrained']}",
+                             train_data=str(Path(built["setting"]) / "finetune"), setting=str(built["setting"]))
+    else:
+        meta = load_model(cfg.checkpoint, cfg.pretrained).meta
+        init = cfg.init_model or (f"local-dir:{meta['pretrained_from']}" if meta.get("pretrained_from") else None)
+        record = ModelRecord(model=cfg.checkpoint, pretrained=cfg.pretrained, source=cfg.source, init_model=init,
+                             train_data=cfg.train_data or meta.get("train_data"))
+    lm = record.load()
+    record.architecture = lm.architecture
+    record.train = lm.meta.get("train")
+    return record
+
+
+def has_split(dataset_dir: Path, split: str) -> bool:
+    table = read_manifest(dataset_dir)
+    return "split" in table.column_names and split in set(table.column("split").to_pylist())
+
+
+def findings_summary(findings: Findings) -> dict:
+    """The headline of a findings record (``summary.json``)."""
+    top = findings.features[0] if findings.features else None
+    gt = findings.ground_truth or {}
+    return {"n_features": len(findings.features), "k": findings.k, "silhouette": findings.silhouette,
+            "n_called": len(findings.called) if findings.has_significance else None,
+            "image_accuracy": findings.image_accuracy,
+            "top_score": top.score if top else None, "top_attribute": top.attribute if top else None,
+            "lead_rank": findings.lead_rank,
+            "precision_at_10_top": {name: g.get("precision_at_10_top") for name, g in gt.items()},
+            "precision_at_10_lead": {name: g.get("precision_at_10_lead") for name, g in gt.items()}}
+
+
+@dataclass
+class Audit:
+    """The audit of validation set ``name`` (a dataset directory) with
+    ``params``, against the audited model recorded at ``record_path``."""
+
+    name: str
+    dataset_dir: Path
+    out: Path
+    params: Params
+    record_path: Path
+
+    @cached_property
+    def paths(self) -> AuditPaths:
+        self.out.mkdir(parents=True, exist_ok=True)
+        return AuditPaths(self.out)
+
+    @cached_property
+    def audited(self) -> ModelRecord:
+        return ModelRecord.read(self.record_path)
+
+    @cached_property
+    def discovery_split(self) -> str | None:
+        """SPEC §4.1: discovery runs on ``val`` when the set has one, else on all rows."""
+        return "val" if has_split(self.dataset_dir, "val") else None
+
+    @cached_property
+    def evaluation_split(self) -> str | None:
+        """SPEC §4.2: metrics on ``test`` when the set has one, else on the discovery rows."""
+        return "test" if has_split(self.dataset_dir, "test") else self.discovery_split
+
+    @cached_property
+    def data(self) -> Dataset:
+        return load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.discovery_split,
+                            require_labels=True)
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return stages.classes_for(self.data, self.params.labels)
+
+    # ------------------------------------------------------------------ Stage 1
+
+    def propose(self) -> pa.Table:
+        """Candidate regions of every discovery image (SPEC §1.1)."""
+        boxes = propose_dataset(self.data, self.params.regions.proposer)
+        table = pa.table({
+            "image_id": [i for i, b in zip(self.data.image_ids, boxes) for _ in range(len(b))],
+            "region_index": pa.array([j for b in boxes for j in range(len(b))], pa.int64()),
+            "box": fixed_list(np.concatenate(boxes) if boxes else np.zeros((0, 4))),
+        })
+        with atomic_dir(self.paths.proposals) as tmp:
+            pq.write_table(table, tmp / "proposals.parquet")
+        return table
+
+    def embed(self) -> tuple[Embeddings, float]:
+        """Image and region embeddings (SPEC §1.2) and the seconds they took."""
+        t0 = time.perf_counter()
+        emb = stages.embed(self.audited.load(), self.data, self.params.regions)
+        seconds = time.perf_counter() - t0
+        n_proposals = pq.read_metadata(self.paths.proposals / "proposals.parquet").num_rows
+        if n_proposals != emb.n_regions:
+            raise AuditError(f"{self.paths.proposals}: {n_proposals} proposals but {emb.n_regions} embedded "
+                             "regions; re-materialize region_proposals")
+        emb.save(self.paths.embeddings)
+        return emb, seconds
+
+    def score(self) -> tuple[Scores, np.ndarray]:
+        """Zero-shot probabilities (SPEC §1.3–1.4) and the images' class indices."""
+        emb = Embeddings.load(self.paths.embeddings)
+        templates = stages.templates_for(self.dataset_dir, self.params.scores)
+        sc = stages.score(self.audited.load(), emb, self.classes, templates, self.params.scores)
+        labels = label_indices(self.data, self.classes)
+        sc.save(self.paths.scores, emb.image_ids, labels)
+        return sc, labels
+
+    def cluster(self) -> Clustering:
+        """K-medoids with K by silhouette (SPEC §2.1)."""
+        emb = Embeddings.load(self.paths.embeddings)
+        clustering = stages.cluster(emb, len(self.classes), self.params.discovery)
+        clustering.save(self.paths.clusters, emb.image_ids, emb.region_image, emb.region_index)
+        return clustering
+
+    def find(self) -> Findings:
+        """Ranked spurious features with their evidence: ``findings.json`` (SPEC §2.2–2.6, §5)."""
+        emb = Embeddings.load(self.paths.embeddings)
+        sc = Scores.load(self.paths.scores)
+        if sc.classes != self.classes:
+            raise AuditError(f"{self.paths.scores} was computed for classes {sc.classes}, not {self.classes}; "
+                             "re-materialize zero_shot_scores")
+        findings = stages.find(self.audited.load(), self.data, emb, sc, Clustering.load(self.paths.clusters),
+                               self.params.discovery, dataset_name=self.name,
+                               batch_size=self.params.regions.batch_size)
+        induced = induced_pairs(self.dataset_dir)
+        if induced:
+            findings.ground_truth = stages.ground_truth(findings, self.data, emb, sc, induced)
+        write_findings(findings, self.paths.findings)
+        return findings
+
+    # ------------------------------------------------------------------ Stage 2 and the closed loop
+
+    def mitigate(self) -> tuple[ModelRecord, dict]:
+        """Stage 2 from the audited model's initialisation on its fine-tuning
+        data (SPEC §3): the mitigated model's record and the training history
+        (``{}`` when nothing was trained because nothing is to be mitigated)."""
+        record = self.audited
+        if not record.init_model or not record.train_data:
+            raise AuditError("Stage 2 needs the audited model's initialisation and fine-tuning data: set "
+                             "audited_model.init_model and audited_model.train_data in params.yaml")
+        findings = read_findings(self.paths.findings)
+        cfg = train_config(record.train, **dataclasses.asdict(self.params.mitigation))
+        chosen = []
+        if get_method(cfg.method).needs_findings:
+            try:
+                chosen = select_features(findings)
+            except MitigationError as exc:
+                # SPEC §2.6: nothing found, or nothing to mitigate; the audited
+                # model stands as its own mitigated model
+                kept = ModelRecord(model=record.model, pretrained=record.pretrained,
+                                   extra={"trained": False, "reason": str(exc)})
+                kept.write(self.paths.mitigated_record)
+                return kept, {}
+        history = stages.train(record.init_model, record.train_data, self.paths.mitigated_model, cfg,
+                               findings=findings, findings_path=self.paths.findings, audited_model=record.model,
+                               audited_pretrained=record.pretrained)
+        mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
+                                extra={"trained": True, "method": cfg.method,
+                                       "feature_ranks": [int(f.rank) for f in chosen]})
+        mitigated.write(self.paths.mitigated_record)
+        return mitigated, history
+
+    @property
+    def mitigated(self) -> ModelRecord:
+        return ModelRecord.read(self.paths.mitigated_record)
+
+    def measure(self) -> dict:
+        """The four metrics of the audited and the mitigated model on the test rows (SPEC §4.2)."""
+        def metrics_of(record: ModelRecord) -> dict:
+            return stages.evaluate(record.model, self.dataset_dir, split=self.evaluation_split,
+                                   classes=self.params.labels.classes, pretrained=record.pretrained,
+                                   min_group_size=self.params.evaluation.min_group_size)
+
+        metrics = {"split": self.evaluation_split, "audited": metrics_of(self.audited),
+                   "mitigated": metrics_of(self.mitigated)}
+        metrics["image_overall_change"] = metrics["mitigated"]["image_overall"] - metrics["audited"]["image_overall"]
+        write_json_atomic(self.paths.metrics, metrics)
+        return metrics
+
+    def reaudit(self) -> Findings:
+        """Stage 1 again, on the mitigated model: what is left after mitigation."""
+        p = self.params
+        findings = stages.stage1(self.mitigated.load(), self.data, self.classes,
+                                 templates=stages.templates_for(self.dataset_dir, p.scores), regions=p.regions,
+                                 scores=p.scores, discovery=p.discovery, dataset_name=self.name).findings
+        write_findings(findings, self.paths.findings_mitigated)
+        return findings
+
+    def report(self, run_id: str | None = None, note: str | None = None) -> dict:
+        """``report/summary.json`` and ``report/report.html``: findings before
+        and after mitigation with the metrics; returns the summary."""
+        before = read_findings(self.paths.findings)
+        after = read_findings(self.paths.findings_mitigated) if self.paths.findings_mitigated.is_file() else None
+        metrics = json.loads(self.paths.metrics.read_text()) if self.paths.metrics.is_file() else None
+        method = self.mitigated.extra.get("method", "mitigated") if self.paths.mitigated_record.is_file() else None
+        provenance = {"validation_set": self.name, "run_id": run_id, "audited_model": self.audited.model,
+                      "mitigated_model": self.mitigated.model if method else None,
+                      "mitigation_method": train_config(self.audited.train,
+                                                        **dataclasses.asdict(self.params.mitigation)).method,
+                      **({"note": note} if note else {})}
+        summary = {"validation_set": self.name, "before": findings_summary(before),
+                   "after": findings_summary(after) if after is not None else None, "metrics": metrics,
+                   "provenance": {**provenance, "params": self.params.as_dict()}}
+        per_method = ({"audited": metrics["audited"], provenance["mitigation_method"]: metrics["mitigated"]}
+                      if metrics else None)
+        with atomic_dir(self.paths.report) as tmp:
+            write_json_atomic(tmp / "summary.json", summary)
+            write_report(tmp / "report.html", before, dataset_root=self.dataset_dir, metrics=per_method,
+                         reaudit=after, provenance=provenance)
+        return summary

@@ -1,0 +1,361 @@
+"""The method's steps composed in memory (SPEC §1–4).
+
+* **Stage 1** (SPEC §1–2): :func:`embed` → :func:`score` → :func:`cluster`
+  → :func:`find` (ranking, evidence, ground truth); :func:`stage1` runs
+  them in order.
+* **Stage 2** (SPEC §3): :func:`train` fine-tunes with any registered
+  method, in one process or data-parallel under ``torchrun``.
+* **Evaluation** (SPEC §4.2): :func:`evaluate` gives ``metrics.json``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch.distributed as torch_dist
+
+from ..config import (DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig, RegionsConfig,
+                     ScoresConfig, TrainConfig)
+from ..core.cluster import Clustering, cluster_regions
+from ..core.embed import Embeddings, embed_dataset
+from ..core.evidence import causal, names, stats
+from ..core.findings import Findings
+from ..core.metrics import (PRECISION_K, core_regions, feature_presence, mitigation_metrics, precision_at_k,
+                           region_label_map, validity)
+from ..core.rank import rank_features
+from ..core.regions import region_labels_for
+from ..core.scores import Scores, label_indices
+from ..core.scores import score as score_regions
+from ..io.dataset import Dataset, dataset_setting, induced_pairs, load_dataset, setting_templates
+from ..io.files import write_json_atomic
+from ..io.hashing import file_sha256, json_sha256
+from ..models import LoadedModel, check_same_architecture, load_model, save_model
+from ..mitigate import distributed
+from ..mitigate.assign import cached_assignment, select_features
+from ..mitigate.data import MitigationError, build_train_data
+from ..mitigate.methods import attach_class_tokens, attach_region_extras, get_method
+from ..mitigate.train import finetune
+
+__all__ = ["Stage1Result", "classes_for", "templates_for", "embed", "score", "cluster", "find", "stage1",
+           "ground_truth", "train", "evaluate"]
+
+
+# --------------------------------------------------------------------------- Stage 1
+
+@dataclass
+class Stage1Result:
+    findings: Findings
+    embeddings: Embeddings
+    scores: Scores
+    clustering: Clustering
+
+
+def classes_for(ds: Dataset, labels: LabelsConfig = LabelsConfig()) -> list[str]:
+    """The configured classes, else the labels present in the data (sorted)."""
+    return list(labels.classes or ds.classes())
+
+
+def templates_for(dataset_dir, scores: ScoresConfig = ScoresConfig()) -> list[str]:
+    """Prompt templates: configured, else the dataset's ``setting.json``
+    caption template (synthetic settings), else the generic default."""
+    return list(scores.templates or setting_templates(dataset_dir) or DEFAULT_TEMPLATES)
+
+
+def embed(lm: LoadedModel, ds: Dataset, regions: RegionsConfig = RegionsConfig(), *, cache=None,
+          progress: bool = False) -> Embeddings:
+    """Region proposals and their embeddings, one backbone pass per image (SPEC §1.1–1.2)."""
+    return embed_dataset(lm, ds, proposer=regions.proposer, mode=regions.mode, batch_size=regions.batch_size,
+                         progress=progress, cache=cache)
+
+
+def score(lm: LoadedModel, emb: Embeddings, classes: Sequence[str], templates: Sequence[str],
+          scores: ScoresConfig = ScoresConfig()) -> Scores:
+    """Zero-shot class probabilities of every image and region (SPEC §1.3–1.4)."""
+    return score_regions(lm, emb, classes, templates, scores.tau)
+
+
+def cluster(emb: Embeddings, n_classes: int, discovery: DiscoveryConfig = DiscoveryConfig()) -> Clustering:
+    """K-medoids over the region embeddings, K by silhouette (SPEC §2.1)."""
+    return cluster_regions(emb.region_emb, n_classes, seed=discovery.seed, k_range=discovery.k_range,
+                           max_regions=discovery.max_regions, workers=discovery.cluster_workers)
+
+
+def find(lm: LoadedModel, ds: Dataset, emb: Embeddings, sc: Scores, clustering: Clustering,
+         discovery: DiscoveryConfig = DiscoveryConfig(), *, dataset_name: str | None = None,
+         vocab: Sequence[str] | None = None, batch_size: int = RegionsConfig.batch_size) -> Findings:
+    """Rank the spurious features (SPEC §2.2–2.6), add their evidence when
+    ``discovery.evidence``, and, on a synthetic setting, the ground truth."""
+    classes = sc.classes
+    labels = label_indices(ds, classes)
+    gt = region_labels_for(ds, emb.proposer)
+    findings = rank_features(
+        clustering, emb.region_emb, emb.region_image, emb.region_index, sc.region_probs, labels, sc.image_pred,
+        classes, boxes=emb.boxes, image_ids=emb.image_ids,
+        region_labels=None if gt is None else [lab for labs in gt for lab in labs],
+        influence_threshold=discovery.influence_threshold, top_regions=discovery.top_regions, model=lm.name,
+        dataset=dataset_name or str(ds.root))
+    findings.embedding_mode, findings.proposer = emb.mode, emb.proposer
+    findings.templates = list(sc.templates)
+    findings.image_accuracy = float((sc.image_pred == labels).mean())
+    if discovery.evidence:
+        add_evidence(findings, lm, ds, emb, sc, clustering.labels, discovery, vocab=vocab, batch_size=batch_size)
+    return findings
+
+
+def add_evidence(findings: Findings, lm: LoadedModel, ds: Dataset, emb: Embeddings, sc: Scores,
+                 cluster_labels: np.ndarray, discovery: DiscoveryConfig = DiscoveryConfig(), *,
+                 vocab: Sequence[str] | None = None, batch_size: int = RegionsConfig.batch_size) -> Findings:
+    """Significance (permutation p, BH q, ``called``, per-class intervals),
+    the masking check with its verdict and the lead finding, and
+    model-derived names, for every feature (SPEC §5 evidence keys)."""
+    labels = label_indices(ds, sc.classes)
+    sig = stats.significance(findings, cluster_labels, emb.region_image, labels, sc.image_pred,
+                             n_permutations=discovery.permutations, alpha=discovery.alpha, seed=discovery.seed)
+    for summary in findings.clusters or []:
+        cid = int(summary["cluster_id"])
+        summary["p_value"], summary["q_value"] = sig.p_values[cid], sig.q_values[cid]
+    for feat in findings.features:
+        feat.p_value, feat.q_value = sig.p_values[feat.cluster_id], sig.q_values[feat.cluster_id]
+        feat.called = sig.called(feat.cluster_id)
+        for row, ci in zip(feat.per_class, sig.intervals[feat.cluster_id]):
+            row["ci"] = ci
+    findings.significance = sig.summary
+    check = causal.check_features(findings, lm, ds, cluster_labels, emb.region_image, emb.boxes, labels,
+                                  sc.image_pred, sc.classes, sc.templates, sc.tau, fill=discovery.mask_fill,
+                                  seed=discovery.seed, alpha=discovery.alpha, batch_size=batch_size)
+    for feat in findings.features:
+        if feat.cluster_id in check.effects:
+            feat.causal = check.effects[feat.cluster_id]
+            feat.causal_control = check.controls.get(feat.cluster_id)
+    findings.causal = check.summary
+    lead = findings.lead()
+    findings.lead_rank = None if lead is None else int(lead.rank)
+    named = names.name_features(findings.features, lm, emb.region_emb, vocab)
+    for feat in findings.features:
+        feat.names = named[feat.cluster_id]
+    return findings
+
+
+def ground_truth(findings: Findings, ds: Dataset, emb: Embeddings, sc: Scores,
+                 induced: Sequence[tuple[str, str]], k: int = PRECISION_K) -> dict:
+    """Precision@k and validity of each induced (feature, class) pair of a
+    synthetic setting (SPEC §4.1–4.2); {} without region ground truth."""
+    gt = region_labels_for(ds, emb.proposer)
+    if gt is None:
+        return {}
+    lookup = region_label_map(emb.image_ids, emb.region_image, emb.region_index,
+                              [lab for labs in gt for lab in labs])
+    top = findings.features[0] if findings.features else None
+    lead = findings.lead() if findings.causal is not None else None
+    labels = label_indices(ds, sc.classes)
+    out = {}
+    for feature, cls in induced:
+        presence = feature_presence(gt, feature)
+        best = max((precision_at_k(f, lookup, feature, k) for f in findings.features), default=0.0)
+        out[feature] = {
+            "correlated_class": cls,
+            f"precision_at_{k}_top": precision_at_k(top, lookup, feature, k),
+            f"precision_at_{k}_best": best,
+            **({f"precision_at_{k}_lead": precision_at_k(lead, lookup, feature, k)}
+               if findings.causal is not None else {}),
+            "top_attribute": top.attribute if top else None,
+            "validity": validity(labels, sc.image_pred, presence, sc.classes, cls),
+        }
+    return out
+
+
+def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: Sequence[str],
+           regions: RegionsConfig = RegionsConfig(), scores: ScoresConfig = ScoresConfig(),
+           discovery: DiscoveryConfig = DiscoveryConfig(), embeddings: Embeddings | None = None, cache=None,
+           dataset_name: str | None = None, vocab: Sequence[str] | None = None,
+           progress: bool = False) -> Stage1Result:
+    """Stage 1 in memory: embed, score, cluster, find (SPEC §1–2), with the
+    ground truth of a synthetic setting."""
+    emb = embeddings if embeddings is not None else embed(lm, ds, regions, cache=cache, progress=progress)
+    sc = score(lm, emb, classes, templates, scores)
+    clustering = cluster(emb, len(classes), discovery)
+    findings = find(lm, ds, emb, sc, clustering, discovery, dataset_name=dataset_name, vocab=vocab,
+                    batch_size=regions.batch_size)
+    induced = induced_pairs(ds.root)
+    if induced:
+        findings.ground_truth = ground_truth(findings, ds, emb, sc, induced)
+    return Stage1Result(findings, emb, sc, clustering)
+
+
+# --------------------------------------------------------------------------- Stage 2
+
+def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: str | None = None,
+          split: str | None = None, findings: Findings | None = None, findings_path=None,
+          audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = "called",
+          cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
+          progress: bool = False) -> dict:
+    """Fine-tune ``base_model`` on ``train_dir`` with the registered method
+    ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
+
+    Methods that need findings assign the spurious regions of every
+    training image with the ``audited_model`` whose medoids the findings
+    hold (default: the findings' ``model``; SPEC §3.1). Under ``torchrun``
+    the loop is data-parallel and rank 0 alone writes (``record_indices``
+    keeps which samples each process saw, in the history). The checkpoint's
+    ``ravl_model.json`` records the configuration, the findings used
+    (content and sha256) and the history. Returns the history.
+    """
+    method = get_method(cfg.method)
+    world = distributed.world_from_env()
+    if method.needs_findings and findings is None:
+        raise MitigationError(f"method {method.name!r} needs Stage-1 findings (--findings findings.json)")
+    if world.world_size > 1 and findings is not None:
+        raise MitigationError("--findings: Stage-2 methods cannot run under torchrun yet; run one process")
+    chosen = select_features(findings, features) if method.needs_findings else []
+    ds = load_dataset(train_dir, split=split, require_labels=method.needs_labels)
+    classes = list(findings.classes) if findings is not None else (ds.classes() or None)
+    if ds.labels is not None and classes:
+        _check_labels(ds, classes)
+    base = load_model(base_model, pretrained, seed=cfg.seed)
+    audited = None
+    if method.needs_findings:
+        audited_model = audited_model or findings.model
+        if not audited_model:
+            raise MitigationError("the audited model is needed to find spurious regions; findings name none")
+        audited = load_model(audited_model, audited_pretrained)
+        check_same_architecture(audited, base)
+    data = build_train_data(base, ds, cfg.caption_template, classes=classes, progress=progress)
+    if method.needs_labels:
+        attach_class_tokens(data, base, cfg.caption_template)
+    spurious = None
+    if method.needs_findings:
+        cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "spurious-regions-cache"
+        assignment = cached_assignment(audited, ds, findings, cache, features, progress)
+        attach_region_extras(data, base, ds, assignment)
+        spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
+                    "groups": _group_sizes(data.extras["groups"], data.classes)}
+    if world.world_size > 1:
+        distributed.init_process_group(world)
+        try:
+            history = distributed.finetune_distributed(base, data, cfg, world, progress=progress and world.is_main,
+                                                       record_indices=record_indices)
+        finally:
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
+    else:
+        history = finetune(base, data, cfg, progress=progress)
+    if world.is_main:
+        meta = {"base_model": base_model, "pretrained": pretrained, "train_data": str(Path(train_dir).resolve()),
+                "split": split, "method": cfg.method, "train": cfg.to_dict(), "world_size": world.world_size,
+                "audited_model": audited_model if method.needs_findings else None,
+                "findings": _findings_record(findings, findings_path, chosen, features) if findings else None,
+                "spurious_regions": spurious,
+                "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")},
+                **(extra_meta or {})}
+        save_model(base, out_dir, meta)
+    return history
+
+
+def _check_labels(ds: Dataset, classes: Sequence[str]) -> None:
+    known = set(classes)
+    for i, y in enumerate(ds.labels):
+        if y not in known:
+            raise MitigationError(f"{ds.manifest_file}: row {i} (image_id {ds.image_ids[i]!r}) has label {y!r}, "
+                                  f"which is not among the findings' classes {list(classes)}")
+
+
+def _group_sizes(groups, classes: Sequence[str]) -> list[dict]:
+    counts = np.bincount(np.asarray(groups), minlength=2 * len(classes)).tolist()
+    return [{"label": c, "feature_present": bool(p), "n": counts[2 * k + p]}
+            for k, c in enumerate(classes) for p in (0, 1)]
+
+
+def _findings_record(findings: Findings, path, chosen, which) -> dict[str, Any]:
+    content = findings.to_dict()
+    return {"path": str(Path(path).resolve()) if path else None,
+            "file_sha256": file_sha256(path) if path and Path(path).is_file() else None,
+            "sha256": json_sha256(content), "selection": str(which),
+            "features_used": [{"rank": f.rank, "cluster_id": f.cluster_id, "attribute": f.attribute}
+                              for f in chosen],
+            "content": content}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(model: str, data_dir, split: str | None = "test", features: Sequence[str] | None = None,
+             templates: Sequence[str] | None = None, *, pretrained: str | None = None,
+             classes: Sequence[str] | None = None, min_group_size: int = EvaluationConfig.min_group_size,
+             batch_size: int = RegionsConfig.batch_size, progress: bool = False) -> dict:
+    """``metrics.json`` of a model on a dataset split (SPEC §4.2, §5).
+
+    Groups are (class, any of ``features`` present), ``features`` defaulting
+    to the setting's induced features. Region metrics use the core regions
+    of the manifest's annotated boxes; without annotations they are ``None``
+    and the result is marked ``partial`` with a warning.
+    """
+    split = None if split in (None, "all") else split
+    ds = load_dataset(data_dir, classes=classes, split=split, require_labels=True)
+    setting = dataset_setting(data_dir) or {}
+    classes = list(classes or setting.get("classes") or ds.classes())
+    templates = list(templates or templates_for(data_dir))
+    features = list(features) if features else [name for name, _ in induced_pairs(data_dir)]
+    lm = load_model(model, pretrained)
+    labels = label_indices(ds, classes)
+    image_pred, core_image, core_pred, notes = _predictions(lm, ds, classes, templates, batch_size, progress)
+    presence, feature_notes = _presence(ds, features)
+    metrics = mitigation_metrics(labels, image_pred, classes, presence, core_image, core_pred, min_group_size)
+    metrics["warnings"] = notes + feature_notes + metrics["warnings"]
+    metrics.update({"model": lm.name, "dataset": str(ds.root), "split": split, "classes": classes,
+                    "features": features, "templates": templates, "tau": ScoresConfig.tau})
+    return metrics
+
+
+def _predictions(lm, ds, classes, templates, batch_size, progress):
+    """Image predictions for every row; core-region predictions where the
+    manifest annotates regions (``None`` when no row does)."""
+    def run(subset, proposer):
+        emb = embed_dataset(lm, subset, proposer=proposer, batch_size=batch_size, progress=progress)
+        return emb, score_regions(lm, emb, classes, templates)
+
+    annotated = _annotated_rows(ds)
+    if len(annotated) == len(ds) and len(ds):
+        emb, sc = run(ds, "boxes")
+        core_image, core_idx = core_regions(ds.region_labels, ds.labels)
+        return sc.image_pred, core_image, _region_pred(emb, sc, core_image, core_idx), []
+    image_pred = run(ds, RegionsConfig.proposer)[1].image_pred
+    if not annotated:
+        return image_pred, None, None, [f"{ds.manifest_file}: no region annotations (boxes + region_labels); "
+                                        "region metrics are null"]
+    sub = ds.subset(np.asarray(annotated))
+    emb, sc = run(sub, "boxes")
+    core_sub, core_idx = core_regions(sub.region_labels, sub.labels)
+    note = (f"{ds.manifest_file}: {len(ds) - len(annotated)} of {len(ds)} rows have no region annotations; "
+            "region metrics use the annotated rows only")
+    return image_pred, np.asarray(annotated, np.int64)[core_sub], _region_pred(emb, sc, core_sub, core_idx), [note]
+
+
+def _annotated_rows(ds) -> list[int]:
+    if ds.boxes is None or ds.region_labels is None:
+        return []
+    return [i for i, (b, labs) in enumerate(zip(ds.boxes, ds.region_labels)) if len(b) and len(labs) == len(b)]
+
+
+def _region_pred(emb, sc, core_image: np.ndarray, core_idx: np.ndarray) -> np.ndarray:
+    row_of = {(int(i), int(j)): r for r, (i, j) in enumerate(zip(emb.region_image, emb.region_index))}
+    rows = np.asarray([row_of[(int(i), int(j))] for i, j in zip(core_image, core_idx)], dtype=np.int64)
+    return sc.region_probs.argmax(axis=1)[rows] if len(rows) else np.zeros(0, np.int64)
+
+
+def _presence(ds, features: Sequence[str]) -> tuple[np.ndarray | None, list[str]]:
+    if not features:
+        return None, ["no feature named (--feature) and no setting.json with induced features: "
+                      "groups are classes only"]
+    if ds.region_labels is None:
+        return None, [f"{ds.manifest_file}: no region_labels to tell whether {list(features)} is present: "
+                      "groups are classes only"]
+    present = np.zeros(len(ds), dtype=bool)
+    for name in features:
+        present |= feature_presence(ds.region_labels, name)
+    return present, []
+
+
+def write_metrics(metrics: dict, path) -> Path:
+    """Write ``metrics.json`` atomically."""
+    return write_json_atomic(path, metrics)

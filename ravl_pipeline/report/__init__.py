@@ -1,0 +1,1 @@
+"""The audit report: its inputs and the HTML page."""

@@ -1,0 +1,265 @@
+"""Causal masking check (core/evidence/causal.py)."""
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ravl_pipeline.core.evidence import causal
+from ravl_pipeline.core.findings import Feature, Findings
+
+
+def test_box_pixel_mask_integer_and_fractional_boxes():
+    m = causal.box_pixel_mask(56, 56, [[28, 0, 56, 28]])
+    expected = np.zeros((56, 56), bool)
+    expected[0:28, 28:56] = True
+    np.testing.assert_array_equal(m, expected)
+    # pixel centres (c + .5, r + .5) inside [0.4, 2.5) x [0.6, 2.4): cols 0, 1 and row 1
+    m = causal.box_pixel_mask(4, 4, [[0.4, 0.6, 2.5, 2.4]])
+    assert np.argwhere(m).tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="empty or inverted"):
+        causal.box_pixel_mask(4, 4, [[2, 2, 2, 3]])
+
+
+def _image_without(colour, seed=0):
+    """Random RGB image in which no channel value equals ``colour``'s (so any
+    filled pixel visibly changes)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(56, 56, 3)).astype(np.uint8)
+    for ch in range(3):
+        plane = img[:, :, ch]
+        plane[plane == colour[ch]] = np.uint8((int(colour[ch]) + 1) % 256)
+    return img
+
+
+@pytest.mark.parametrize("fill", ["mean", "black"])
+def test_masking_changes_exactly_the_masked_pixels(fill):
+    colour = causal.fill_colour() if fill == "mean" else np.zeros(3, np.uint8)
+    img = _image_without(colour)
+    boxes = [[0, 0, 28, 28], [28, 28, 56, 56]]
+    out = causal.mask_regions(img, boxes, fill)
+    changed = (out != img).any(axis=2)
+    np.testing.assert_array_equal(changed, causal.box_pixel_mask(56, 56, boxes))
+    assert (out[changed] == colour).all()
+    assert out.dtype == np.uint8 and img is not out
+
+
+def test_mean_fill_is_the_normalisation_mean():
+    # the OpenAI CLIP mean * 255, rounded: a zero tensor after normalisation
+    assert causal.fill_colour().tolist() == [123, 117, 104]
+    assert causal.fill_colour({"mean": [0.5, 0.5, 0.5]}).tolist() == [128, 128, 128]
+
+
+def test_blur_only_touches_the_box():
+    img = _image_without([0, 0, 0], seed=1)
+    out = causal.mask_regions(img, [[10, 10, 30, 40]], "blur", blur_radius=3)
+    inside = causal.box_pixel_mask(56, 56, [[10, 10, 30, 40]])
+    np.testing.assert_array_equal(out[~inside], img[~inside])
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(3)))
+    np.testing.assert_array_equal(out[inside], blurred[inside])
+    assert (out[inside] != img[inside]).any()
+
+
+def test_mask_regions_rejects_bad_input():
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="unknown mask fill 'grey'"):
+        causal.mask_regions(img, [[0, 0, 4, 4]], "grey")
+    with pytest.raises(ValueError, match="uint8"):
+        causal.mask_regions(img.astype(np.float32), [[0, 0, 4, 4]])
+
+
+def test_random_control_rows_are_seeded_and_distinct():
+    a = causal.random_control_rows(10, 100, seed=3)
+    assert len(set(a.tolist())) == 10 and a.max() < 100
+    np.testing.assert_array_equal(a, causal.random_control_rows(10, 100, seed=3))
+    assert causal.random_control_rows(50, 20, seed=0).size == 20
+
+
+def _effect(fixed, made, toward=0, away=0):
+    return {"n_errors_fixed": fixed, "n_errors_made": made, "n_toward_parity": toward, "n_away_from_parity": away}
+
+
+def test_masking_support_is_a_sign_test_on_errors_fixed():
+    s = causal.masking_support(_effect(12, 1, toward=20, away=1), alpha=0.05)
+    assert s["supported"] and (s["errors_fixed"], s["errors_made"]) == (12, 1)
+    assert (s["toward_parity"], s["away_from_parity"]) == (20, 1)
+    assert s["p_value"] == pytest.approx(14 / 2 ** 13)  # P(X >= 12), X ~ Bin(13, 1/2)
+    # an "absence" cluster: hiding it changes nothing, which supports nothing
+    none = causal.masking_support(_effect(0, 0))
+    assert not none["supported"] and none["p_value"] == 1.0
+    # a cluster of class objects: hiding them breaks their own class (toward parity) but fixes nothing
+    assert not causal.masking_support(_effect(0, 0, toward=18, away=1))["supported"]
+    # one-sided: more errors made than fixed is no support, nor is a coin's split
+    assert not causal.masking_support(_effect(1, 12))["supported"]
+    assert not causal.masking_support(_effect(6, 6))["supported"]
+    # four fixes out of four cannot reach 0.05 (p = 1/16); five can (1/32)
+    assert not causal.masking_support(_effect(4, 0))["supported"]
+    assert causal.masking_support(_effect(5, 0))["supported"]
+    assert causal.masking_support(_effect(4, 0), alpha=0.1)["supported"]
+    # checks recorded before the counts existed have no verdict
+    assert causal.masking_support({"n_images": 40, "flip_rate": 0.75, "n_toward_parity": 3}) is None
+
+
+def _feature(rank, called=None, supported=None, cluster_id=None):
+    return Feature(rank=rank, cluster_id=rank if cluster_id is None else cluster_id, score=1.0, influence=1.0,
+                   called=called, causal=None if supported is None else {"support": {"supported": supported}})
+
+
+def _findings(features):
+    return Findings(model=None, dataset=None, classes=[], k=len(features), silhouette=None, features=features)
+
+
+def test_lead_finding_skips_uncalled_and_unsupported_features():
+    feats = [_feature(1, True, False), _feature(2, False, True), _feature(4, True), _feature(3, True, True)]
+    assert _findings(feats).lead().rank == 3
+    assert feats[0].supported is False and feats[3].supported is True
+    assert feats[2].supported is None and feats[2].support is None
+    assert not feats[0].actionable and not feats[1].actionable and feats[2].actionable
+    assert _findings([_feature(1, True, False), _feature(2, False)]).lead() is None
+    assert _findings([]).lead() is None
+    # without significance every kept feature may lead
+    assert _findings([_feature(2), _feature(1)]).lead().rank == 1
+    # a causal record without a verdict (an old check) neither supports nor refutes
+    old = Feature(rank=1, cluster_id=0, score=1.0, influence=1.0, called=True, causal={"flip_rate": 0.5})
+    assert old.supported is None and _findings([old]).lead() is old
+
+
+def test_the_top_features_and_every_called_one_are_checked():
+    feats = [_feature(r, called=r in (2, 7)) for r in range(1, 9)]
+    chosen = causal.features_to_check(_findings(feats), max_features=3)
+    assert [f.rank for f in chosen] == [1, 2, 3, 7]
+    assert [f.rank for f in causal.features_to_check(_findings(feats), max_features=None)] == list(range(1, 9))
+    assert [f.rank for f in causal.features_to_check(_findings(feats), max_features=0)] == [2, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    from ravl_pipeline.experiments.synth import SynthConfig, make_setting
+    from ravl_pipeline.io.dataset import load_dataset
+    from ravl_pipeline.models import load_model
+
+    out = tmp_path_factory.mktemp("causal")
+    cfg = SynthConfig(classes=["zero", "one", "nine"], correlated_class="nine", n_pretrain=3, n_finetune=3,
+                      n_val=24, n_test=3, seed=0)
+    make_setting(out, cfg)
+    ds = load_dataset(out / "eval", split="val")
+    return ds, load_model("ravl-tiny-rn", seed=0)
+
+
+def test_causal_effect_on_a_real_model(tiny_eval):
+    from ravl_pipeline.core.embed import embed_dataset
+    from ravl_pipeline.core.scores import class_text_embeddings, label_indices, score
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    templates = ["the number is a {}"]
+    emb = embed_dataset(lm, ds, progress=False)
+    sc = score(lm, emb, classes, templates, 0.07)
+    labels = label_indices(ds, classes)
+    text = class_text_embeddings(lm, classes, templates).numpy()
+    region_labels = [lab for labs in ds.region_labels for lab in labs]
+    empty = np.flatnonzero(np.array(region_labels) == "empty")
+    # black quadrants filled with black: nothing changes, so nothing may flip
+    res = causal.causal_effect(lm, ds, empty, emb.region_image, emb.boxes, labels, sc.image_pred, classes,
+                               text, 0.07, fill="black", attribute="nine")
+    assert res["n_regions"] == empty.size
+    assert res["n_images"] == np.unique(emb.region_image[empty]).size
+    assert res["flip_rate"] == 0.0 and res["acc_before"] == res["acc_after"]
+    for row in res["per_class"]:
+        assert row["gap_before"] == pytest.approx(row["gap_after"])
+    # "before" through encode_image agrees with the RoI image embedding of discovery
+    images = np.unique(emb.region_image[empty])
+    assert res["acc_before"] == pytest.approx(float(np.mean(sc.image_pred[images] == labels[images])))
+    # hiding the digits themselves does change what the model sees
+    digits = np.flatnonzero(np.isin(region_labels, classes))
+    res = causal.causal_effect(lm, ds, digits, emb.region_image, emb.boxes, labels, sc.image_pred, classes,
+                               text, 0.07, fill="mean")
+    assert res["n_images"] == len(ds) and 0.0 <= res["flip_rate"] <= 1.0
+    assert sum(r["n_present"] for r in res["per_class"]) == len(ds)
+
+
+def test_before_pred_shortcut_matches_recomputing(tiny_eval):
+    from ravl_pipeline.core.embed import embed_dataset
+    from ravl_pipeline.core.scores import class_text_embeddings, label_indices
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    emb = embed_dataset(lm, ds, progress=False)
+    labels = label_indices(ds, classes)
+    text = class_text_embeddings(lm, classes, ["the number is a {}"]).numpy()
+    rows = np.arange(0, emb.n_regions, 3)
+    args = (emb.region_image, emb.boxes, labels, labels, classes, text, 0.07)
+    slow = causal.causal_effect(lm, ds, rows, *args, fill="blur")
+    before = causal.predict_dataset(lm, ds, text, 0.07, batch_size=7)  # batches that do not divide 24
+    fast = causal.causal_effect(lm, ds, rows, *args, fill="blur", before_pred=before)
+    assert fast == slow
+
+
+def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval):
+    from ravl_pipeline.core.embed import embed_dataset
+    from ravl_pipeline.core.scores import class_text_embeddings, label_indices, score
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    templates = ["the number is a {}"]
+    emb = embed_dataset(lm, ds, progress=False)
+    sc = score(lm, emb, classes, templates, 0.07)
+    labels = label_indices(ds, classes)
+    region_labels = np.array([lab for labs in ds.region_labels for lab in labs])
+    # cluster 0: the empty quadrants, 1: the digits, 2: everything else
+    clusters = np.where(region_labels == "empty", 0, np.where(np.isin(region_labels, classes), 1, 2))
+    findings = _findings([_feature(1, called=False, cluster_id=0), _feature(2, called=False, cluster_id=2),
+                          _feature(3, called=True, cluster_id=1)])
+    check = causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
+                                  classes, templates, 0.07, fill="black", max_features=1, seed=0, alpha=0.05)
+    assert set(check.effects) == set(check.controls) == {0, 1}  # the first one and the called one
+    assert findings.features[0].causal is None  # a result is returned; the findings are left as they were
+    text = class_text_embeddings(lm, classes, templates).numpy()
+    for cid in (0, 1):
+        rows = np.flatnonzero(clusters == cid)
+        effect = dict(check.effects[cid])
+        support = effect.pop("support")
+        assert effect == causal.causal_effect(lm, ds, rows, emb.region_image, emb.boxes, labels, sc.image_pred,
+                                              classes, text, 0.07, fill="black",
+                                              attribute=findings.features[[0, 2][cid]].attribute)
+        assert support == causal.masking_support(effect, 0.05)
+        assert check.controls[cid]["n_regions"] == rows.size
+    # black quadrants filled with black change nothing, which supports nothing
+    assert check.effects[0]["n_flipped"] == 0 and check.effects[0]["support"]["supported"] is False
+    assert check.summary["fill"] == "black" and check.summary["features_checked"] == 2
+    with pytest.raises(ValueError, match="unknown mask fill 'grey'"):
+        causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
+                              classes, templates, 0.07, fill="grey")
+
+
+def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
+    import json
+
+    from ravl_pipeline import cli
+
+    ds, _ = tiny_eval
+    out = tmp_path / "findings.json"
+    base = ["discover", "--model", "ravl-tiny-rn", "--data", str(ds.root), "--split", "val", "--quiet",
+            "--out", str(out)]
+    assert cli.main(base + ["--permutations", "20", "--alpha", "0.2", "--mask-fill", "black"]) == 0
+    findings = json.loads(out.read_text())
+    sig = findings["significance"]
+    assert sig["n_permutations"] == 20 and sig["alpha"] == 0.2 and sig["n_tests"] == findings["k"]
+    for feat in findings["features"]:
+        assert feat["called"] == (feat["q_value"] <= 0.2)
+        assert feat["names"]["model_derived"] is True
+    for i, feat in enumerate(findings["features"]):
+        if i < 5 or feat["called"]:  # the top five and every called feature are checked
+            assert feat["causal"]["fill"] == "black" and "causal_control" in feat
+            support = feat["causal"]["support"]
+            changes = support["toward_parity"] + support["away_from_parity"]
+            assert changes <= feat["causal"]["n_flipped"] <= feat["causal"]["n_images"]
+            assert support["errors_fixed"] + support["errors_made"] <= changes
+            assert support["errors_fixed"] <= support["toward_parity"]
+            assert support["supported"] == (support["p_value"] <= 0.2)
+        else:
+            assert "causal" not in feat
+    lead = Findings.from_dict(findings).lead()
+    assert findings["lead_rank"] == (None if lead is None else lead.rank)
+    assert cli.main(base + ["--no-evidence"]) == 0
+    assert "significance" not in json.loads(out.read_text())
+    assert cli.main(base + ["--alpha", "2"]) == 2
+    assert "--alpha must lie in (0, 1)" in capsys.readouterr().err

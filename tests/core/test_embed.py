@@ -1,0 +1,277 @@
+"""Models and region embeddings (SPEC §1.2, §1.3, §5 checkpoints)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ravl_pipeline.core.embed import (Embeddings, EmbedError, embed_dataset, encode_image_and_regions,
+                                      input_boxes, pool_at_size)
+from ravl_pipeline.core.scores import ScoresError, class_text_embeddings, zero_shot_probs
+from ravl_pipeline.io.dataset import load_dataset
+from ravl_pipeline.io.manifest import write_manifest
+from ravl_pipeline.models import (BUILTIN_MODELS, ModelError, check_same_architecture, load_model,
+                                  save_model)
+
+_LOADED: dict[str, object] = {}
+
+
+def _builtin(name: str):
+    """A built-in tiny model with seed-0 weights, loaded once per module."""
+    if name not in _LOADED:
+        _LOADED[name] = load_model(name, seed=0)
+    return _LOADED[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_models():
+    yield
+    _LOADED.clear()
+
+
+@pytest.fixture(scope="module")
+def rn():
+    return _builtin("ravl-tiny-rn")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return _builtin("ravl-tiny-vit")
+
+
+@pytest.fixture()
+def small_ds(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    (tmp_path / "img").mkdir()
+    for i, (w, h) in enumerate([(56, 56), (80, 56), (56, 90)]):
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image_id": f"im{i}", "path": f"img/{i}.png", "label": "a" if i % 2 else "b",
+                     "boxes": [[0, 0, w, h], [0, 0, w / 2, h / 2]], "region_labels": ["all", "tl"]})
+    write_manifest(tmp_path, rows)
+    return load_dataset(tmp_path)
+
+
+def _whole_input_reference(lm, pixels: torch.Tensor) -> torch.Tensor:
+    """What the box covering the whole preprocessed input must give (SPEC §1.2).
+
+    ResNet: the image embedding itself (layer3 RoI-aligned at its full size is
+    layer3, so layer4 and the attention pool see what the image pass saw).
+    ViT: every final patch token pooled, then ``ln_post`` and ``proj``; this
+    is the image embedding only for a ViT that pools patch tokens, and the
+    tiny ViT reads its class token instead.
+    """
+    if lm.architecture == "resnet":
+        return lm.model.encode_image(pixels)
+    if lm.architecture == "vit":
+        visual = lm.model.visual
+        seen = {}
+        hook = visual.transformer.register_forward_hook(lambda module, args, out: seen.update(x=out))
+        try:
+            lm.model.encode_image(pixels)
+        finally:
+            hook.remove()
+        x = seen["x"]
+        n_patches = visual.grid_size[0] * visual.grid_size[1]
+        pooled = visual.ln_post(x[:, x.shape[1] - n_patches:].mean(dim=1))
+        return pooled @ visual.proj if visual.proj is not None else pooled
+    raise AssertionError(f"no whole-input identity stated for {lm.architecture!r} models")
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_whole_image_box_reproduces_image_embedding(name):
+    """SPEC §1.2 check: the box covering the whole input gives back f(I)
+    (ResNet), or all patch tokens pooled (ViT)."""
+    lm = _builtin(name)
+    torch.manual_seed(1)
+    s = float(lm.image_size)
+    pixels = torch.randn(4, 3, lm.image_size, lm.image_size)
+    whole = [torch.tensor([[0.0, 0.0, s, s], [0.0, 0.0, s / 2, s / 2]])] * 4
+    with torch.no_grad():
+        image, regions = encode_image_and_regions(lm.model, pixels, whole)
+        reference = lm.model.encode_image(pixels)
+        expected = _whole_input_reference(lm, pixels)
+    cos = F.cosine_similarity(regions[0::2], expected, dim=-1)
+    assert torch.all(cos > 0.9999), cos
+    assert torch.allclose(regions[0::2], expected, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(image, reference, atol=1e-5)
+    # a quadrant is not the whole image
+    assert not torch.allclose(regions[1::2], regions[0::2], atol=1e-6)
+
+
+def _crop_box(width: int, height: int, preprocess_cfg: dict) -> list[float]:
+    """The part of a ``width`` × ``height`` image the model's own preprocessing keeps."""
+    assert preprocess_cfg.get("resize_mode", "shortest") == "shortest"
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return [x0, y0, x0 + side, y0 + side]
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_box_of_the_models_crop_reproduces_the_image_embedding_in_roi_mode(name, tmp_path):
+    """The same identity through :func:`embed_dataset` (mode ``roi``), on a
+    square and on non-square images: the box covering the model's own crop
+    is the whole preprocessed input."""
+    lm = _builtin(name)
+    rng = np.random.default_rng(4)
+    rows = []
+    (tmp_path / "img").mkdir()
+    for i, (w, h) in enumerate([(56, 56), (80, 56), (56, 90)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image_id": f"im{i}", "path": f"img/{i}.png",
+                     "boxes": [_crop_box(w, h, lm.preprocess_cfg), [0, 0, w / 2, h / 2]]})
+    write_manifest(tmp_path, rows)
+    ds = load_dataset(tmp_path)
+    emb = embed_dataset(lm, ds, proposer="boxes", mode="roi", progress=False)
+    assert emb.mode == "roi"
+    pixels = torch.stack([lm.preprocess(ds.load_image(i)) for i in range(len(ds))])
+    with torch.no_grad():
+        expected = F.normalize(_whole_input_reference(lm, pixels), dim=-1).numpy()
+    np.testing.assert_allclose(emb.region_emb[0::2], expected, atol=1e-4)
+    if lm.architecture == "resnet":
+        np.testing.assert_allclose(emb.region_emb[0::2], emb.image_emb, atol=1e-4)
+    assert not np.allclose(emb.region_emb[1::2], emb.region_emb[0::2], atol=1e-6)  # a quadrant is not the crop
+
+
+def test_pool_at_size_is_the_module_at_its_own_size_and_resizes_otherwise(rn):
+    pool = rn.model.visual.attnpool
+    side = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))
+    torch.manual_seed(3)
+    x = torch.randn(3, pool.k_proj.in_features, side, side)
+    with torch.no_grad():
+        assert torch.allclose(pool_at_size(pool, x), pool(x), atol=1e-5)
+        half = pool_at_size(pool, x[..., : side // 2, : side // 2])
+    assert half.shape == (3, pool.c_proj.out_features) and torch.isfinite(half).all()
+
+
+def test_roi_half_mode(rn, vit, small_ds):
+    full = embed_dataset(rn, small_ds, mode="roi", progress=False)
+    half = embed_dataset(rn, small_ds, mode="roi-half", progress=False)
+    assert half.mode == "roi-half" and half.region_emb.shape == full.region_emb.shape
+    assert np.allclose(np.linalg.norm(half.region_emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(half.image_emb, full.image_emb, atol=1e-6)  # the image pass is unchanged
+    # a different computation of the regions (its quality is measured by the discovery benchmark)
+    assert not np.allclose(half.region_emb, full.region_emb, atol=1e-3)
+    # ViT token pooling has nothing to halve: roi-half is roi
+    v = embed_dataset(vit, small_ds, mode="roi-half", progress=False)
+    assert v.mode == "roi" and np.allclose(v.region_emb, embed_dataset(vit, small_ds, mode="roi", progress=False).region_emb)
+
+
+@pytest.mark.parametrize("mode", ["roi", "crop"])
+@pytest.mark.parametrize("which", ["rn", "vit"])
+def test_region_embeddings_shapes_and_norms(request, small_ds, mode, which):
+    lm = request.getfixturevalue(which)
+    emb = embed_dataset(lm, small_ds, proposer="boxes", mode=mode, progress=False)
+    assert emb.image_emb.shape == (3, 64)
+    assert emb.region_emb.shape == (6, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb.region_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb.image_emb, axis=1), 1.0, atol=1e-5)
+    assert emb.region_image.tolist() == [0, 0, 1, 1, 2, 2]
+    assert emb.region_index.tolist() == [0, 1, 0, 1, 0, 1]
+    assert np.all(np.isfinite(emb.region_emb))
+
+
+def test_crop_of_whole_square_image_equals_image_embedding(rn, small_ds):
+    emb = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="crop", progress=False)
+    # image 0 is square, so cropping the whole-image box and re-encoding is the image itself
+    np.testing.assert_allclose(emb.region_emb[0], emb.image_emb[0], atol=1e-5)
+
+
+def test_roi_and_crop_agree_on_whole_image_box_resnet(rn, small_ds):
+    roi = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="roi", progress=False)
+    crop = embed_dataset(rn, small_ds.subset([0]), proposer="boxes", mode="crop", progress=False)
+    assert float(roi.region_emb[0] @ crop.region_emb[0]) > 0.99
+
+
+def test_input_boxes_follow_shortest_side_resize_and_centre_crop():
+    cfg = {"resize_mode": "shortest"}
+    # 128×64 image → resized to 128×64·(64/64)... short side 64 → scale 1, crop 32 px each side
+    out = input_boxes(np.array([[32, 0, 96, 64], [0, 0, 128, 64]]), 128, 64, cfg, 64)
+    np.testing.assert_allclose(out, [[0, 0, 64, 64], [0, 0, 64, 64]])
+    out = input_boxes(np.array([[0, 0, 28, 28]]), 56, 56, cfg, 64)
+    np.testing.assert_allclose(out, [[0, 0, 32, 32]], atol=1e-5)
+    squash = input_boxes(np.array([[0, 0, 50, 25]]), 100, 50, {"resize_mode": "squash"}, 64)
+    np.testing.assert_allclose(squash, [[0, 0, 32, 32]])
+
+
+def test_embeddings_round_trip(tmp_path, rn, small_ds):
+    emb = embed_dataset(rn, small_ds, proposer="quadrants", progress=False)
+    emb.save(tmp_path / "out" / "emb")
+    back = Embeddings.load(tmp_path / "out" / "emb")
+    np.testing.assert_array_equal(back.region_emb, emb.region_emb)
+    np.testing.assert_array_equal(back.boxes, emb.boxes)
+    assert back.image_ids == emb.image_ids and back.proposer == "quadrants" and back.mode == "roi"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["emb"]  # no temporary directory left
+    with pytest.raises(EmbedError, match="cannot read embeddings"):
+        Embeddings.load(tmp_path / "out" / "nothing")
+    with pytest.raises(EmbedError, match="unknown embedding mode 'nope'"):
+        embed_dataset(rn, small_ds, mode="nope", progress=False)
+
+
+def test_text_embeddings_and_zero_shot(rn):
+    t = class_text_embeddings(rn, ["cat", "dog"], ["a {}", "the {}"])
+    assert t.shape == (2, 64)
+    np.testing.assert_allclose(t.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    probs = zero_shot_probs(t.numpy(), t.numpy(), tau=0.07)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0)
+    assert probs[0, 0] > probs[0, 1]
+    with pytest.raises(ScoresError, match="placeholder"):
+        class_text_embeddings(rn, ["cat"], ["no slot"])
+
+
+def test_checkpoint_round_trip_and_architecture_check(tmp_path, rn, vit):
+    save_model(rn, tmp_path / "ck", meta={"note": "x"})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "open_clip_config.json", "open_clip_model.safetensors", "ravl_model.json"]
+    back = load_model(f"local-dir:{tmp_path / 'ck'}")
+    x = torch.randn(2, 3, rn.image_size, rn.image_size)
+    with torch.no_grad():
+        assert torch.equal(back.model.encode_image(x), rn.model.encode_image(x))
+    assert back.meta == {"note": "x"}
+    check_same_architecture(rn, back)
+    with pytest.raises(ModelError, match="different architecture"):
+        check_same_architecture(rn, vit)
+
+
+def test_open_clip_loads_saved_checkpoint_unchanged(tmp_path, rn):
+    import open_clip
+    save_model(rn, tmp_path / "ck")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ck'}")
+    x = torch.randn(1, 3, rn.image_size, rn.image_size)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(x), rn.model.encode_image(x), atol=1e-6)
+
+
+def test_open_clip_name_with_pretrained_file(tmp_path, rn):
+    from safetensors.torch import save_file
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in rn.model.state_dict().items()}, str(weights))
+    lm = load_model("ravl-tiny-rn", pretrained=str(weights))
+    x = torch.randn(1, 3, rn.image_size, rn.image_size)
+    with torch.no_grad():
+        assert torch.equal(lm.model.encode_image(x), rn.model.encode_image(x))
+
+
+def test_bad_model_names(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        load_model("nope")
+    with pytest.raises(ModelError, match="missing open_clip_config.json"):
+        load_model(f"local-dir:{tmp_path}")
+    with pytest.raises(ModelError, match="neither a file nor a known tag"):
+        load_model("RN50", pretrained="not-a-tag")
+
+
+def test_random_init_warning_only_for_models_that_are_not_built_in(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_model("ravl-tiny-vit", seed=0)
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_model("RN50", seed=0)  # an open_clip model without weights: the user is told
+    assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter does not outlive the call

@@ -1,0 +1,161 @@
+"""Pieces of the pipeline that need no model: params, fingerprints, checks'
+logic, the instance folder, and the shape of the definitions."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ravl_pipeline.config import ParamsError, load_params, section_version
+from ravl_pipeline.core.findings import Findings
+from ravl_pipeline.defs.resources import list_validation_sets
+from ravl_pipeline.io.files import atomic_dir
+from ravl_pipeline.io.hashing import dataset_fingerprint
+from ravl_pipeline.io.manifest import write_manifest
+
+
+def test_params_defaults_overlay_and_section_versions(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("discovery:\n  seed: 3\n")
+    params = load_params(path)
+    assert params.discovery.seed == 3
+    assert params.discovery.influence_threshold == 0.25  # default kept
+    defaults = load_params(tmp_path / "missing.yaml")
+    assert section_version(params, "discovery") != section_version(defaults, "discovery")
+    assert section_version(params, "regions") == section_version(defaults, "regions")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("discovery:\n  sede: 1\n", "discovery.sede"),
+    ("clustering:\n  k: 3\n", "unknown section 'clustering'"),
+    ("discovery:\n  influence_threshold: 2\n", "discovery.influence_threshold"),
+    ("audited_model:\n  source: checkpoint\n", "audited_model.checkpoint"),
+    ("discovery: [1, 2\n", "not valid YAML"),
+    ("discovery:\n  evidence: yes please\n", "discovery.evidence"),
+    ("discovery:\n  permutations: 0\n", "discovery.permutations"),
+    ("discovery:\n  cluster_workers: 0\n", "discovery.cluster_workers"),
+    ("discovery:\n  alpha: 1.5\n", "discovery.alpha"),
+    ("discovery:\n  mask_fill: grey\n", "discovery.mask_fill"),
+])
+def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_mask_fills_accepted_by_params_are_the_causal_check_fills():
+    from ravl_pipeline.config import MASK_FILLS
+    from ravl_pipeline.core.evidence.causal import FILLS
+
+    assert tuple(MASK_FILLS) == tuple(FILLS)
+
+
+def _tiny_set(root, n=3):
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"images/{i}.png")
+        rows.append({"image_id": f"i{i}", "path": f"images/{i}.png", "label": "one" if i % 2 else "two"})
+    write_manifest(root, rows)
+    return root
+
+
+def test_fingerprint_follows_content_not_timestamps(tmp_path):
+    root = _tiny_set(tmp_path / "set")
+    first = dataset_fingerprint(root)
+    os.utime(root / "images/0.png", (1, 1))
+    assert dataset_fingerprint(root) == first
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(root / "images/0.png")
+    assert dataset_fingerprint(root) != first
+
+
+def test_fingerprint_prefers_the_dvc_md5(tmp_path):
+    root = _tiny_set(tmp_path / "set")
+    (tmp_path / "set.dvc").write_text("outs:\n- md5: abc123.dir\n  path: set\n")
+    assert dataset_fingerprint(root) == "dvc-abc123.dir"
+
+
+def test_only_directories_with_a_manifest_are_validation_sets(tmp_path):
+    _tiny_set(tmp_path / "b-set")
+    _tiny_set(tmp_path / "a-set")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    assert list_validation_sets(tmp_path) == ["a-set", "b-set"]
+
+
+def test_atomic_dir_keeps_the_previous_output_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _feature(rank, score, gaps, sims, influence=0.5, attribute="nine"):
+    return {"rank": rank, "cluster_id": rank, "score": score, "influence": influence, "attribute": attribute,
+            "per_class": [{"label": lab, "gap": g} for lab, g in gaps],
+            "regions": [{"similarity": s} for s in sims]}
+
+
+def _findings(features):
+    return Findings.from_dict({"model": "m", "dataset": "d", "classes": ["one", "nine"], "k": 4,
+                               "silhouette": 0.1, "influence_threshold": 0.25, "features": features})
+
+
+def test_findings_problems_accepts_consistent_findings_and_names_each_fault():
+    good = _findings([
+        _feature(1, 0.5, [("nine", 0.3), ("one", -0.2)], [1.0, 0.9]),
+        _feature(2, 0.3, [("nine", 0.1), ("one", -0.2)], [1.0, 0.5]),
+    ])
+    assert good.problems() == []
+    bad = _findings([
+        _feature(1, 0.3, [("nine", 0.1), ("one", -0.2)], [0.5, 1.0], influence=0.1, attribute="seven"),
+        _feature(3, 0.5, [("nine", 0.3), ("one", 0.1)], [1.0]),  # |gaps| sum to 0.4
+    ])
+    problems = bad.problems()
+    assert "ranks are not 1..n" in problems
+    assert "features are not sorted by score G_c, descending" in problems
+    assert "feature rank 1: attribute 'seven' is not a class" in problems
+    assert "feature rank 1: regions are not sorted by similarity to the medoid" in problems
+    assert "feature rank 1: influence below the threshold (SPEC §2.4)" in problems
+    assert "feature rank 3: needs a positive and a negative per-class gap (SPEC §2.4)" in problems
+    assert "feature rank 3: score is not the sum of |gap| (SPEC §2.2)" in problems
+
+
+def test_ensure_dagster_home_creates_the_instance_folder(tmp_path, monkeypatch):
+    from ravl_pipeline.cli.dagster_runs import ensure_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    home = ensure_dagster_home()
+    assert home == tmp_path / "home"
+    assert "default_limit: 1" in (home / "dagster.yaml").read_text()
+
+
+def test_definitions_load_with_every_piece():
+    import dagster as dg
+
+    from ravl_pipeline.definitions import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"audited_model", "spurious_features", "evaluation_report", "validation_set",
+            "params_discovery"} <= keys
+    assert {c.name for c in graph.asset_check_keys} == {
+        "embeddings_finite_and_normalised", "findings_well_formed", "audited_model_validity",
+        "mitigated_accuracy_within_margin"}
+    for key in graph.materializable_asset_keys:
+        node = graph.get(key)
+        assert node.code_version, key
+        assert node.kinds, key
+    assert defs.resolve_schedule_def("weekly_reaudit").cron_schedule == "0 6 * * 1"
+    assert isinstance(defs.resolve_sensor_def("new_validation_sets"), dg.SensorDefinition)
+    for name in ("region_embeddings", "mitigated_model", "zero_shot_scores"):
+        assert set(graph.get(dg.AssetKey(name)).pools) == {"ravl_model"}
+    assert not graph.get(dg.AssetKey("region_clusters")).pools
