@@ -19,7 +19,8 @@ from ..io.files import atomic_dir, write_json_atomic
 from ..io.tables import fixed_list, matrix
 from ..models import LoadedModel
 
-__all__ = ["Scores", "ScoresError", "check_templates", "check_tau", "class_text_embeddings", "zero_shot_probs", "model_tau", "score",
+__all__ = ["Scores", "ScoresError", "check_templates", "check_tau",
+           "class_text_embeddings", "zero_shot_probs", "model_tau", "score",
            "label_indices"]
 
 
