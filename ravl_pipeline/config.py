@@ -10,17 +10,30 @@ exactly the steps that read a section depend on it: changing
 sections or keys are refused with the file and key named, since a misspelt
 key would otherwise silently fall back to its default.
 
+Numeric parameters carry their valid range (:class:`Bound`): the flag built
+by :func:`option` refuses a value outside it, naming the flag, and so do
+:func:`check_params` for ``params.yaml`` and :class:`TrainConfig` for a
+recorded training configuration.
+
+It also defines :class:`InputError`, the base of every error a user can
+cause (each layer's own error type subclasses it), and
+:func:`user_error_message`, which tells such errors from internal ones for
+the command line's and the assets' error boundary.
+
 This module imports nothing of the package: it is the bottom of the layers.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -36,11 +49,143 @@ RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1")  # or a count
 
 
-def _f(default: Any, help: str) -> Any:
-    """A field with its default and the help text its command-line flag shows."""
+# --------------------------------------------------------------------------- user errors
+
+class InputError(ValueError):
+    """Something the user gave — a file, a row, a flag, a parameter — that
+    cannot be used. The message names it and says what would be valid. Every
+    layer's own error type for bad input subclasses this one."""
+
+
+# Operating-system errors that are about a path the user named.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def first_line(text: str, limit: int = 400) -> str:
+    """The first line of ``text``, at most ``limit`` characters."""
+    line = (str(text).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of an error the user caused (an :class:`InputError`, or
+    an OS error about a path), ``None`` for anything else (an internal error)."""
+    if isinstance(exc, InputError):
+        return str(exc).strip()
+    if isinstance(exc, USER_OS_ERRORS):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return first_line(str(exc))
+    return None
+
+
+# --------------------------------------------------------------------------- valid values
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric parameter takes: its kind (``int`` or ``float``)
+    and an interval (``None``: unbounded on that side)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def describe(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"{noun} in {'(' if self.open_low else '['}{lo:g}, {hi:g}{')' if self.open_high else ']'}"
+        if lo is not None:
+            return f"{noun} {'>' if self.open_low else '≥'} {lo:g}"
+        if hi is not None:
+            return f"{noun} {'<' if self.open_high else '≤'} {hi:g}"
+        return noun
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def parse(self, text: str) -> int | float:
+        """A flag's value: ``argparse`` reports the message with the flag."""
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return value
+
+
+INTEGER = Bound(int)
+COUNT = Bound(int, 1)  # at least one
+NON_NEGATIVE_INT = Bound(int, 0)
+POSITIVE = Bound(float, 0, open_low=True)
+NON_NEGATIVE = Bound(float, 0)
+UNIT = Bound(float, 0, 1)  # a fraction in [0, 1]
+OPEN_UNIT = Bound(float, 0, 1, open_low=True, open_high=True)
+NUMBER = Bound(float)
+
+
+def template_problem(template: Any) -> str | None:
+    """Why ``template`` cannot be filled with a class name, or ``None``:
+    it needs the placeholder ``{}`` and no other (``{kind}`` would fail at
+    the first class, after the model was loaded)."""
+    if not isinstance(template, str):
+        return f"is a {type(template).__name__}, not text"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return f"is not a valid template ({exc}; write a literal brace as '{{{{' or '}}}}')"
+    if not names:
+        return "has no '{}' placeholder for the class name"
+    other = [name for name in names if name not in ("", "0")]
+    if other:
+        return f"has the placeholder {{{other[0]}}}; the only placeholder allowed is '{{}}' (the class name)"
+    try:
+        template.format("class")
+    except (ValueError, IndexError, KeyError) as exc:
+        return f"cannot be filled with a class name ({exc})"
+    return None
+
+
+def check_template(template: Any, where: str) -> str:
+    """``template`` when it can be filled with a class name; :class:`InputError` naming ``where`` otherwise."""
+    problem = template_problem(template)
+    if problem:
+        raise InputError(f"{where} {template!r} {problem}")
+    return template
+
+
+def _f(default: Any, help: str, bound: Bound | None = None) -> Any:
+    """A field with its default, the help text its command-line flag shows
+    and, for a number, the values it takes."""
+    metadata = {"help": help, **({"bound": bound} if bound is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_bounds(record: Any, where: str, error: type = InputError, none_ok: bool = False,
+                 prefix: str = "") -> None:
+    """Every bounded field of a config dataclass in its range; ``error``
+    naming ``where`` and the field (after ``prefix``) otherwise (``None``
+    passes for fields whose default is ``None``, or for all with ``none_ok``)."""
+    for spec in fields(record):
+        bound = spec.metadata.get("bound")
+        value = getattr(record, spec.name)
+        if bound is None or (value is None and (none_ok or spec.default is None)):
+            continue
+        if not bound.accepts(value):
+            raise error(f"{where}: {prefix}{spec.name} must be {bound.describe()}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +203,7 @@ class RegionsConfig:
     proposer: str = _f("quadrants", "region proposer: quadrants | grid:N | boxes")
     mode: str = _f("auto", "region embedding mode (auto: RoI for ResNet/ViT, crop otherwise; roi-half: ResNet "
                            "RoI at half the layer3 size, ~1/4 the per-region cost, not SPEC's exact identity)")
-    batch_size: int = _f(64, "images per forward pass")
+    batch_size: int = _f(64, "images per forward pass", COUNT)
 
 
 @dataclass(frozen=True)
@@ -68,22 +213,23 @@ class LabelsConfig:
 
 @dataclass(frozen=True)
 class ScoresConfig:
-    tau: float = _f(DEFAULT_TAU, "softmax temperature of the zero-shot scores")
+    tau: float = _f(DEFAULT_TAU, "softmax temperature of the zero-shot scores", POSITIVE)
     templates: list[str] | None = _f(None, "prompt templates with {} for the class (default: the dataset's "
                                            "setting.json caption template, else 'a photo of a {}.')")
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    seed: int = _f(0, "seed of the clustering and the permutation draws")
-    influence_threshold: float = _f(0.25, "H_c threshold of the spurious criterion (SPEC §2.4)")
+    seed: int = _f(0, "seed of the clustering and the permutation draws", INTEGER)
+    influence_threshold: float = _f(0.25, "H_c threshold of the spurious criterion (SPEC §2.4)", UNIT)
     k_range: list[int] | None = _f(None, "[lo, hi) of K (default [2|Y|, 5|Y|))")
-    max_regions: int = _f(20000, "regions clustered at most; more are sampled and the rest assigned")
-    top_regions: int = _f(50, "regions listed per feature")
-    cluster_workers: int = _f(1, "fit the K values of the sweep in this many processes (same result)")
+    max_regions: int = _f(20000, "regions clustered at most; more are sampled and the rest assigned", Bound(int, 2))
+    top_regions: int = _f(50, "regions listed per feature", COUNT)
+    cluster_workers: int = _f(1, "fit the K values of the sweep in this many processes (same result)", COUNT)
     evidence: bool = _f(True, "significance, the masking check and names for every feature")
-    permutations: int = _f(2000, "permutations for each cluster's p-value (smallest p = 1/(permutations+1))")
-    alpha: float = _f(0.05, "Benjamini-Hochberg level deciding which features are 'called'")
+    permutations: int = _f(2000, "permutations for each cluster's p-value (smallest p = 1/(permutations+1))",
+                           COUNT)
+    alpha: float = _f(0.05, "Benjamini-Hochberg level deciding which features are 'called'", OPEN_UNIT)
     mask_fill: str = _f("mean", "how the masking check hides a feature's regions: mean | black | blur")
 
 
@@ -92,18 +238,18 @@ class MitigationConfig:
     """Stage 2 (SPEC §3). ``None``: as in the audited model's own fine-tuning."""
 
     method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | standard")
-    lam: float | None = _f(0.8, "λ of the region-aware loss (SPEC §3.3)")
-    epochs: float | None = _f(None, "epochs (default: the audited model's fine-tuning)")
-    lr: float | None = _f(None, "learning rate (default: the audited model's fine-tuning)")
-    batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)")
-    seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)")
-    max_steps: int | None = _f(None, "stop after this many steps")
+    lam: float | None = _f(0.8, "λ of the region-aware loss (SPEC §3.3)", UNIT)
+    epochs: float | None = _f(None, "epochs (default: the audited model's fine-tuning)", POSITIVE)
+    lr: float | None = _f(None, "learning rate (default: the audited model's fine-tuning)", POSITIVE)
+    batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)", COUNT)
+    seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)", INTEGER)
+    max_steps: int | None = _f(None, "stop after this many steps", COUNT)
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    max_accuracy_drop: float = _f(0.05, "image accuracy the mitigated model may lose (blocking check)")
-    min_group_size: int = _f(10, "groups smaller than this are reported but left out of worst-group")
+    max_accuracy_drop: float = _f(0.05, "image accuracy the mitigated model may lose (blocking check)", NUMBER)
+    min_group_size: int = _f(10, "groups smaller than this are reported but left out of worst-group", COUNT)
 
 
 @dataclass(frozen=True)
@@ -111,17 +257,22 @@ class TrainConfig:
     """One fine-tuning run (SPEC §3.2–3.6): every method shares the loop and these."""
 
     method: str = _f("standard", "training method (one of the registered methods)")
-    epochs: float = _f(4.0, "epochs (fractions allowed)")
-    batch_size: int = _f(128, "batch size (global under torchrun); SPEC §3.4 compares methods at 128")
-    lr: float = _f(5e-4, "learning rate")
-    weight_decay: float = _f(0.1, "AdamW weight decay (not on biases and norms)")
-    warmup_steps: int = _f(0, "linear warm-up steps before the cosine schedule")
-    seed: int = _f(0, "seed of initialisation, data order and sampling")
+    epochs: float = _f(4.0, "epochs (fractions allowed)", POSITIVE)
+    batch_size: int = _f(128, "batch size (global under torchrun); SPEC §3.4 compares methods at 128", COUNT)
+    lr: float = _f(5e-4, "learning rate", POSITIVE)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not on biases and norms)", NON_NEGATIVE)
+    warmup_steps: int = _f(0, "linear warm-up steps before the cosine schedule", NON_NEGATIVE_INT)
+    seed: int = _f(0, "seed of initialisation, data order and sampling", INTEGER)
     lock_text: bool = _f(False, "freeze the text tower")
     caption_template: str = _f(DEFAULT_TEMPLATE, "caption for rows without one, {} = label")
-    lam: float = _f(MitigationConfig.lam, "λ of the region-aware loss (SPEC §3.3)")
-    tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss")
-    max_steps: int | None = _f(None, "stop after this many steps")
+    lam: float = _f(MitigationConfig.lam, "λ of the region-aware loss (SPEC §3.3)", UNIT)
+    tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", POSITIVE)
+    max_steps: int | None = _f(None, "stop after this many steps", COUNT)
+
+    def __post_init__(self) -> None:
+        # a recorded configuration (ravl_model.json) enters here too
+        check_bounds(self, "training configuration", ParamsError)
+        check_template(self.caption_template, "training configuration: caption_template")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +300,7 @@ class Params:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A params file that cannot be used; the message names the file and key."""
 
 
@@ -158,7 +309,19 @@ def option(section: type, name: str) -> dict[str, Any]:
     text from the section's definition (so a flag cannot drift from it)."""
     spec = {f.name: f for f in fields(section)}[name]
     default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-    return {"default": default, "help": f"{spec.metadata.get('help', '')} (default: {default})"}
+    out = {"default": default, "help": f"{spec.metadata.get('help', '')} (default: {default})"}
+    bound = spec.metadata.get("bound")
+    if bound is not None:
+        out["type"] = flag_type(bound)
+    return out
+
+
+def flag_type(bound: Bound) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return bound.parse(text)
+
+    parse.__name__ = bound.kind.__name__  # what argparse calls the type in its messages
+    return parse
 
 
 def load_params(path: str | os.PathLike | None) -> Params:
@@ -195,14 +358,6 @@ def _read_sections(path: Path) -> dict[str, dict[str, Any]]:
     return values
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None:
     """Refuse values no step could use, naming the file and the key."""
     def need(ok: bool, key: str, what: str, value: Any) -> None:
@@ -216,26 +371,13 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     need(model.recipe in RECIPES, "audited_model.recipe", "'default' or 'small'", model.recipe)
     need(params.regions.mode in EMBEDDING_MODES, "regions.mode", f"one of {', '.join(EMBEDDING_MODES)}",
          params.regions.mode)
-    need(_is_int(params.regions.batch_size) and params.regions.batch_size >= 1, "regions.batch_size",
-         "a positive integer", params.regions.batch_size)
-    need(_is_number(disc.influence_threshold) and 0 <= disc.influence_threshold <= 1,
-         "discovery.influence_threshold", "a number in [0, 1]", disc.influence_threshold)
+    for name in SECTIONS:  # every number in its range (a negative max_accuracy_drop demands a gain)
+        check_bounds(getattr(params, name), str(where), ParamsError, none_ok=name == "mitigation", prefix=f"{name}.")
     need(isinstance(disc.evidence, bool), "discovery.evidence", "true or false", disc.evidence)
-    need(_is_int(disc.cluster_workers) and disc.cluster_workers >= 1, "discovery.cluster_workers",
-         "a positive integer", disc.cluster_workers)
-    need(_is_int(disc.permutations) and disc.permutations >= 1, "discovery.permutations", "a positive integer",
-         disc.permutations)
-    need(_is_number(disc.alpha) and 0 < disc.alpha < 1, "discovery.alpha", "a number in (0, 1)", disc.alpha)
     need(disc.mask_fill in MASK_FILLS, "discovery.mask_fill", f"one of {', '.join(MASK_FILLS)}", disc.mask_fill)
-    need(_is_number(params.scores.tau) and params.scores.tau > 0, "scores.tau", "a positive number",
-         params.scores.tau)
-    lam = params.mitigation.lam
-    need(lam is None or (_is_number(lam) and 0 <= lam <= 1), "mitigation.lam", "a number in [0, 1]", lam)
-    # a negative drop is allowed: it demands a gain of at least that much
-    need(_is_number(params.evaluation.max_accuracy_drop), "evaluation.max_accuracy_drop", "a number",
-         params.evaluation.max_accuracy_drop)
-    need(_is_int(params.evaluation.min_group_size) and params.evaluation.min_group_size >= 1,
-         "evaluation.min_group_size", "a positive integer", params.evaluation.min_group_size)
+    for i, template in enumerate(params.scores.templates or []):
+        problem = template_problem(template)
+        need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)
 
 
 def section_version(params: Params | Mapping[str, Any], section: str) -> str:

@@ -18,15 +18,19 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .io.files import atomic_dir
+from .config import InputError, first_line
+from .io.files import atomic_dir, read_json
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUILTIN_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -46,7 +50,7 @@ BUILTIN_PREPROCESS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model name, checkpoint or architecture that cannot be used."""
 
 
@@ -61,6 +65,7 @@ class LoadedModel:
     model_cfg: dict[str, Any]
     preprocess_cfg: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    random_init: bool = False  # no trained weights: a built-in or an open_clip name without `pretrained`
 
     @property
     def image_size(self) -> int:
@@ -88,26 +93,32 @@ def _parse_name(spec: str) -> tuple[str, str | None]:
     return "name", spec
 
 
+def untrained(spec: str, pretrained: str | None = None) -> bool:
+    """Whether ``spec`` names a model without trained weights: a built-in
+    configuration or an open_clip name without ``pretrained`` (random init)."""
+    kind, ident = _parse_name(str(spec))
+    return kind == "name" and pretrained is None and open_clip.get_model_config(ident.replace("/", "-")) is not None
+
+
 def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
                seed: int | None = None) -> LoadedModel:
-    """Load a model by name (see module docstring). ``seed`` fixes random init."""
+    """Load a model by name (see module docstring). ``seed`` fixes random
+    init; a model without trained weights (a built-in or an open_clip name
+    without ``pretrained``) says so in ``random_init``."""
     kind, ident = _parse_name(str(spec))
     meta: dict[str, Any] = {}
     if kind == "local-dir":
         path = Path(ident)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise ModelError(f"checkpoint {path}: missing {CONFIG_NAME}")
-        if not (path / WEIGHTS_NAME).is_file():
-            raise ModelError(f"checkpoint {path}: missing {WEIGHTS_NAME}")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"checkpoint {cfg_path}: invalid JSON ({exc})") from exc
-        if "model_cfg" not in config:
-            raise ModelError(f"checkpoint {cfg_path}: no 'model_cfg' key")
+        if not path.is_dir():
+            raise ModelError(f"checkpoint {path}: no such directory (local-dir:PATH names a checkpoint folder)")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise ModelError(f"checkpoint {path}: missing {name}")
+        config = read_json(path / CONFIG_NAME, ModelError)
+        if not isinstance(config.get("model_cfg"), dict):
+            raise ModelError(f"checkpoint {path / CONFIG_NAME}: no 'model_cfg' object")
         if (path / RAVL_META_NAME).is_file():
-            meta = json.loads((path / RAVL_META_NAME).read_text())
+            meta = read_json(path / RAVL_META_NAME, ModelError)
         model_name, pretrained = f"local-dir:{path}", None
     else:
         model_name = ident
@@ -130,13 +141,28 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
         with _without_random_init_warning(quiet):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        raise ModelError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelError(_refused_pickle(pretrained, exc)) from exc
+    except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
+        weights = pretrained if kind == "name" else Path(ident) / WEIGHTS_NAME
+        raise ModelError(f"cannot load model {spec!r}: weights {weights} are unreadable or do not fit the "
+                         f"architecture ({first_line(str(exc), 300)})") from exc
     tokenizer = open_clip.get_tokenizer(model_name)
     model_cfg = _model_cfg(model_name)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
-    return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta)
+    return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta,
+                       random_init=untrained(spec, pretrained))
+
+
+def _refused_pickle(pretrained: str | None, exc: Exception) -> str:
+    """The one line for a pickled checkpoint ``torch.load(weights_only=True)`` refused."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    why = f"it holds {found.group(1)}, which is not a tensor" if found else "it holds objects other than tensors"
+    return (f"--pretrained {pretrained}: refusing to unpickle this checkpoint ({why}); ravl never executes a "
+            "pickle. Convert it once, where you trust the file, to safetensors (e.g. "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors')) or to a plain state_dict of tensors "
+            "saved with torch.save, and pass that file")
 
 
 @contextlib.contextmanager

@@ -8,28 +8,34 @@ import logging
 import sys
 
 from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth
+from .errors import Parser, run_guarded
 
 COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo)
+VERBOSE_HELP = "on an error, print its traceback; show progress logs"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ravl", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = Parser(prog="ravl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
+    for command_parser in set(sub.choices.values()):  # `ravl discover -v …` as well as `ravl -v discover …`
+        command_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help=VERBOSE_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ravl`` command: exit status 0 on success, 2 for bad input (one
+    line naming it), 1 for an internal error (``-v`` shows the traceback)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ravl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad flag (one line printed) or --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
+    return run_guarded(args.command, lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import TrainConfig, option
+from ..config import InputError, TrainConfig, option
 from ..core.findings import Findings
+from ..core.regions import ProposerError, parse_proposer
+from ..core.scores import check_templates
+from ..io.manifest import SPLITS
 from ..mitigate.methods import METHODS
+from ..models import untrained
+from .errors import warn
 
 
 def fmt(x, spec: str = ".3f") -> str:
@@ -20,19 +25,51 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file")
 
 
+def warn_if_untrained(command: str, model: str, pretrained: str | None, seed: int | None) -> None:
+    """Say so when the model has no trained weights: its results describe a random network."""
+    if untrained(model, pretrained):
+        seeded = f"random initialisation seeded with {seed}" if seed is not None else "random initialisation"
+        warn(command, f"--model {model} without --pretrained has no trained weights ({seeded}); its results "
+                      "say nothing about a trained model: pass a local-dir:PATH checkpoint or --pretrained")
+
+
+def proposer_flag(text: str) -> str:
+    """``--proposer``'s value, checked by the parser."""
+    try:
+        parse_proposer(text)
+    except ProposerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def flag_templates(templates: list[str] | None, flag: str = "--template") -> list[str] | None:
+    """Prompt templates from a repeatable flag, checked before any work."""
+    return check_templates(templates, flag) if templates else None
+
+
+def flag_classes(text: str | None, flag: str = "--classes") -> list[str] | None:
+    """Comma-separated class names: non-empty and distinct."""
+    if not text:
+        return None
+    classes = [c.strip() for c in text.split(",")]
+    if not all(classes) or len(set(classes)) != len(classes):
+        raise InputError(f"{flag} {text!r}: expected distinct, non-empty class names separated by commas")
+    return classes
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The options of one fine-tuning run (read back by :func:`train_config`)."""
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--split", default=None, choices=SPLITS, help="train on this split only (default: every row)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (replaces an earlier checkpoint there)")
     p.add_argument("--method", choices=sorted(METHODS), **option(TrainConfig, "method"))
-    p.add_argument("--epochs", type=float, **option(TrainConfig, "epochs"))
-    p.add_argument("--max-steps", type=int, **option(TrainConfig, "max_steps"))
-    p.add_argument("--batch-size", type=int, **option(TrainConfig, "batch_size"))
-    p.add_argument("--lr", type=float, **option(TrainConfig, "lr"))
-    p.add_argument("--lam", type=float, **option(TrainConfig, "lam"))
-    p.add_argument("--tau", type=float, **option(TrainConfig, "tau"))
-    p.add_argument("--seed", type=int, **option(TrainConfig, "seed"))
+    p.add_argument("--epochs", **option(TrainConfig, "epochs"))
+    p.add_argument("--max-steps", **option(TrainConfig, "max_steps"))
+    p.add_argument("--batch-size", **option(TrainConfig, "batch_size"))
+    p.add_argument("--lr", **option(TrainConfig, "lr"))
+    p.add_argument("--lam", **option(TrainConfig, "lam"))
+    p.add_argument("--tau", **option(TrainConfig, "tau"))
+    p.add_argument("--seed", **option(TrainConfig, "seed"))
     p.add_argument("--lock-text", action="store_true", help=option(TrainConfig, "lock_text")["help"])
     p.add_argument("--caption-template", default=None,
                    help="caption for rows without one, {} = label (default: the dataset's setting.json "

@@ -15,9 +15,10 @@ from typing import Iterable, Sequence
 import dagster as dg
 
 from ..defs.jobs import AUDIT_JOB, MODEL_JOB
-from ..defs.partitions import validation_sets
+from ..config import first_line
+from ..defs.partitions import INPUT_ERROR, validation_sets
 from ..defs.resources import RavlProject, project_root
-from ..io.files import copy_dir_atomic
+from ..io.files import copy_dir_atomic, process_alive
 from ..io.hashing import dataset_fingerprint
 
 DAGSTER_YAML = """\
@@ -54,13 +55,20 @@ class RunSummary:
     success: bool
     materialized: list[str] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, passed, severity)
+    failures: list[tuple[str, str, bool]] = field(default_factory=list)  # (step, one line, caused by bad input)
 
     def lines(self) -> list[str]:
         where = f" [{self.partition}]" if self.partition else ""
         out = [f"run {self.run_id[:8]}{where}: {'success' if self.success else 'FAILED'}"]
         out += [f"  materialized {name}" for name in self.materialized]
         out += [f"  check {name}: {'passed' if ok else 'FAILED'} ({sev})" for name, ok, sev in self.checks]
+        out += [f"  step {step} failed: {message}" for step, message, _ in self.failures]
         return out
+
+    @property
+    def input_error(self) -> bool:
+        """Failed, and only because of bad input (one-line failures of the assets)."""
+        return not self.success and bool(self.failures) and all(bad for _, _, bad in self.failures)
 
 
 def _project(defs: dg.Definitions) -> RavlProject:
@@ -119,7 +127,17 @@ def _summary(result, partition: str | None) -> RunSummary:
     mats = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
     checks = [(f"{ev.asset_key.to_user_string()}:{ev.check_name}", bool(ev.passed), ev.severity.value)
               for ev in result.get_asset_check_evaluations()]
-    return RunSummary(result.run_id, partition, result.success, mats, checks)
+    failures = []
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        user = data.user_failure_data
+        if user is not None and user.metadata.get(INPUT_ERROR) is not None:
+            failures.append((event.step_key, user.description, True))
+        else:
+            error = data.error
+            what = f"{error.cls_name}: {first_line(error.message)}" if error is not None else "unknown"
+            failures.append((event.step_key, f"internal error: {what} (re-run with -v for the traceback)", False))
+    return RunSummary(result.run_id, partition, result.success, mats, checks, failures)
 
 
 def _run_config(log_level: str) -> dict:
@@ -136,16 +154,6 @@ def _runner_tags() -> dict[str, str]:
     return {RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     """Mark failed the runs launched on this host by a ``ravl`` process that no
     longer exists (killed mid-step, e.g. SIGKILL), and free their
@@ -156,7 +164,7 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=active,
                                                        tags={RUNNER_HOST_TAG: socket.gethostname()})):
         pid = int(run.tags.get(RUNNER_PID_TAG, "0") or 0)
-        if pid and pid != os.getpid() and not _process_alive(pid):
+        if pid and pid != os.getpid() and not process_alive(pid):
             instance.report_run_failed(run, message=f"the process that ran it (pid {pid}) is gone")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             released.append(run.run_id)

@@ -10,30 +10,32 @@ from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
 from ..io.dataset import load_dataset
+from ..io.manifest import SPLITS
 from ..models import load_model
 from ..pipeline import stages
-from .common import add_model_args, print_findings
+from .common import add_model_args, flag_classes, flag_templates, print_findings, proposer_flag, warn_if_untrained
+from .errors import check_output_dir, check_output_file
 
 
 def register(sub) -> None:
     p = sub.add_parser("discover", help="Stage 1: find spurious region features (SPEC §2)", description=__doc__)
     add_model_args(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--proposer", **option(RegionsConfig, "proposer"))
+    p.add_argument("--split", default=None, choices=SPLITS, help="discover on this split only (default: every row)")
+    p.add_argument("--out", required=True, help="findings.json to write")
+    p.add_argument("--proposer", type=proposer_flag, **option(RegionsConfig, "proposer"))
     p.add_argument("--mode", choices=list(EMBEDDING_MODES), **option(RegionsConfig, "mode"))
-    p.add_argument("--batch-size", type=int, **option(RegionsConfig, "batch_size"))
+    p.add_argument("--batch-size", **option(RegionsConfig, "batch_size"))
     p.add_argument("--template", action="append", default=None,
                    help="prompt template with {} for the class (repeatable); default from the dataset")
     p.add_argument("--classes", default=None, help="comma-separated class names (default: labels in the data)")
-    p.add_argument("--tau", type=float, **option(ScoresConfig, "tau"))
+    p.add_argument("--tau", **option(ScoresConfig, "tau"))
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="embedding cache directory: reuse embeddings of unchanged images (e.g. data/cache/embeddings)")
-    p.add_argument("--seed", type=int, **option(DiscoveryConfig, "seed"))
-    p.add_argument("--cluster-workers", type=int, **option(DiscoveryConfig, "cluster_workers"))
-    p.add_argument("--permutations", type=int, **option(DiscoveryConfig, "permutations"))
-    p.add_argument("--alpha", type=float, **option(DiscoveryConfig, "alpha"))
+    p.add_argument("--seed", **option(DiscoveryConfig, "seed"))
+    p.add_argument("--cluster-workers", **option(DiscoveryConfig, "cluster_workers"))
+    p.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))
+    p.add_argument("--alpha", **option(DiscoveryConfig, "alpha"))
     p.add_argument("--mask-fill", choices=list(MASK_FILLS), **option(DiscoveryConfig, "mask_fill"))
     p.add_argument("--vocab", action="append", default=None, metavar="FILE",
                    help="extra naming concepts, one per line (repeatable; added to the packaged list)")
@@ -43,24 +45,25 @@ def register(sub) -> None:
 
 
 def discovery_config(args) -> DiscoveryConfig:
-    if args.permutations < 1:
-        raise ValueError(f"--permutations must be at least 1, got {args.permutations}")
-    if not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
     return DiscoveryConfig(seed=args.seed, cluster_workers=args.cluster_workers, evidence=not args.no_evidence,
                            permutations=args.permutations, alpha=args.alpha, mask_fill=args.mask_fill)
 
 
 def run(args) -> int:
-    classes = args.classes.split(",") if args.classes else None
-    ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
-    classes = classes or ds.classes()
-    lm = load_model(args.model, args.pretrained)
+    check_output_file(args.out)
+    if args.cache:
+        check_output_dir(args.cache, "--cache")
+    templates = flag_templates(args.template)
+    classes = flag_classes(args.classes)
     discovery = discovery_config(args)
     vocab = load_vocabulary(args.vocab) if args.vocab and discovery.evidence else None
+    ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
+    classes = classes or ds.classes()
+    lm = load_model(args.model, args.pretrained, seed=args.seed)
+    warn_if_untrained("discover", args.model, args.pretrained, args.seed)
     cache = EmbeddingCache(Path(args.cache)) if args.cache else None
     t0 = time.perf_counter()
-    result = stages.stage1(lm, ds, classes, templates=args.template or stages.templates_for(args.data),
+    result = stages.stage1(lm, ds, classes, templates=templates or stages.templates_for(args.data),
                            regions=RegionsConfig(proposer=args.proposer, mode=args.mode, batch_size=args.batch_size),
                            scores=ScoresConfig(tau=args.tau), discovery=discovery, cache=cache, vocab=vocab,
                            progress=not args.quiet)

@@ -3,8 +3,10 @@ model on one split (SPEC §4.2) → ``metrics.json``."""
 from __future__ import annotations
 
 from ..config import EvaluationConfig, RegionsConfig, option
+from ..io.manifest import SPLITS
 from ..pipeline import stages
-from .common import add_model_args, metrics_line
+from .common import add_model_args, flag_classes, flag_templates, metrics_line, warn_if_untrained
+from .errors import check_output_file
 
 
 def register(sub) -> None:
@@ -12,22 +14,26 @@ def register(sub) -> None:
                        description=__doc__)
     add_model_args(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test", help="split to evaluate (default test; 'all' for every row)")
+    p.add_argument("--split", default="test", choices=[*SPLITS, "all"],
+                   help="split to evaluate (default test; 'all' for every row)")
     p.add_argument("--feature", action="append", default=None,
                    help="region label of a feature defining the groups (repeatable; default: setting.json)")
     p.add_argument("--template", action="append", default=None, help="prompt template (default from the dataset)")
     p.add_argument("--classes", default=None, help="comma-separated class names (default: setting or labels)")
-    p.add_argument("--min-group-size", type=int, **option(EvaluationConfig, "min_group_size"))
-    p.add_argument("--batch-size", type=int, **option(RegionsConfig, "batch_size"))
+    p.add_argument("--min-group-size", **option(EvaluationConfig, "min_group_size"))
+    p.add_argument("--batch-size", **option(RegionsConfig, "batch_size"))
     p.add_argument("--out", required=True, help="metrics.json to write")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_output_file(args.out)
+    templates = flag_templates(args.template)
+    classes = flag_classes(args.classes)
+    warn_if_untrained("evaluate", args.model, args.pretrained, 0)
     metrics = stages.evaluate(args.model, args.data, split=args.split, features=args.feature,
-                              templates=args.template, pretrained=args.pretrained,
-                              classes=args.classes.split(",") if args.classes else None,
+                              templates=templates, pretrained=args.pretrained, classes=classes,
                               min_group_size=args.min_group_size, batch_size=args.batch_size,
                               progress=not args.quiet)
     stages.write_metrics(metrics, args.out)

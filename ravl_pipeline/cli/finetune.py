@@ -3,11 +3,16 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 --nproc-per-node N`` the run is data-parallel (DDP) and rank 0 alone writes."""
 from __future__ import annotations
 
+import argparse
+
+from ..config import FEATURE_SELECTIONS, check_template
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
+from ..models import CONFIG_NAME
 from ..pipeline import stages
 from .common import add_model_args, add_training_args, train_config
+from .errors import check_output_dir, check_output_file
 
 HELP = "fine-tune a CLIP model (Stage 2 with --method ravl --findings); data-parallel under torchrun"
 
@@ -20,19 +25,35 @@ def register(sub) -> None:
         p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
         p.add_argument("--audited-model", default=None,
                        help="the audited model the findings came from (default: the findings' 'model')")
-        p.add_argument("--features", default="called",
+        p.add_argument("--features", default="called", type=features_flag,
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
                             "significant (every called one) | all (every kept cluster) | top1 | K")
         p.add_argument("--cache-dir", default=None,
-                       help="cache of spurious-region assignments (default: beside --out)")
+                       help="cache the spurious-region assignment in this folder, for runs on the same data and "
+                            "findings (default: no cache)")
         p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
         p.add_argument("--record-indices", action="store_true",
                        help="under torchrun: record which sample indices each process saw at each step")
         p.set_defaults(func=run)
 
 
+def features_flag(text: str) -> str:
+    """``--features``: one of the selections or a positive count."""
+    if text in FEATURE_SELECTIONS or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(FEATURE_SELECTIONS)} or a positive count, "
+                                     f"got {text!r}")
+
+
 def run(args) -> int:
+    check_output_dir(args.out, replaces_if=CONFIG_NAME, what="checkpoint")
+    if args.history:
+        check_output_file(args.history, "--history")
+    if args.cache_dir:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    if args.caption_template:
+        check_template(args.caption_template, "--caption-template")
     template = args.caption_template or stages.templates_for(args.data)[0]
     cfg = train_config(args, template)
     findings = read_findings(args.findings) if args.findings else None

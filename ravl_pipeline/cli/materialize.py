@@ -6,6 +6,7 @@ import dagster as dg
 
 from ..definitions import build_definitions
 from . import dagster_runs
+from .errors import EXIT_INPUT, EXIT_INTERNAL
 
 
 def register(sub) -> None:
@@ -35,7 +36,10 @@ def run(args) -> int:
     instance, defs = dagster_session()
     with instance:
         runs = dagster_runs.materialize(defs, instance, partitions=args.partition or None, select=args.select,
-                                        log_level="INFO" if args.verbose else "WARNING")
+                                        # the summary names every failure in one line; -v: Dagster's full log
+                                        log_level="INFO" if args.verbose else "CRITICAL")
     if not runs:
         print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
-    return 0 if print_runs(runs) else 1
+    if print_runs(runs):
+        return 0
+    return EXIT_INPUT if all(run.input_error for run in runs if not run.success) else EXIT_INTERNAL

@@ -1,12 +1,16 @@
 """``ravl report``: a static HTML audit report of findings (with metrics
-and the re-audit when given) and its JSON twin."""
+and the re-audit when given) and its JSON twin, named after the page
+(``report.html`` → ``report.json``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..report.html import DEFAULT_TOP_REGIONS, write_report
+from ..config import NON_NEGATIVE_INT, InputError, flag_type
+from ..io.files import read_json
+from ..report.html import DEFAULT_TOP_REGIONS, check_report_outputs, twin_path, write_report
 from ..report.inputs import load_metrics
+from .errors import check_output_file
 
 
 def register(sub) -> None:
@@ -18,26 +22,25 @@ def register(sub) -> None:
     p.add_argument("--reaudit", default=None, help="findings.json of the mitigated model")
     p.add_argument("--data", default=None, help="dataset directory the findings were computed on (images)")
     p.add_argument("--provenance", default=None, help="JSON object of extra provenance (versions, parameters)")
-    p.add_argument("--top-regions", type=int, default=DEFAULT_TOP_REGIONS, help="regions drawn per feature")
-    p.add_argument("--out", required=True, help="report.html to write")
+    p.add_argument("--top-regions", type=flag_type(NON_NEGATIVE_INT), default=DEFAULT_TOP_REGIONS,
+                   help="regions drawn per feature")
+    p.add_argument("--out", required=True, help="report.html to write (its JSON twin: report.json beside it)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_report_outputs(args.out)
+    check_output_file(args.out)
     metrics = {}
     for item in args.metrics or []:
         name, path = metrics_arg(item)
         if name in metrics:
-            raise ValueError(f"--metrics: method {name!r} given twice")
+            raise InputError(f"--metrics: method {name!r} given twice")
         metrics[name] = load_metrics(path)
-    provenance = None
-    if args.provenance:
-        provenance = json.loads(Path(args.provenance).read_text(encoding="utf-8"))
-        if not isinstance(provenance, dict):
-            raise ValueError(f"{args.provenance}: provenance must be a JSON object")
+    provenance = read_json(args.provenance) if args.provenance else None
     out = write_report(args.out, args.findings, dataset_root=args.data, metrics=metrics or None,
                        reaudit=args.reaudit, provenance=provenance, top_regions=args.top_regions)
-    print(f"wrote {out} (open it in any browser; JSON beside it)")
+    print(f"wrote {out} and its JSON twin {twin_path(out)} (open the page in any browser)")
     return 0
 
 

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ..config import InputError
 from ..io.files import atomic_write, write_json_atomic
 from ..io.hashing import json_sha256, memo_file_sha256
 from ..models import WEIGHTS_NAME, LoadedModel
@@ -47,7 +48,7 @@ SHARD_GLOB = "shard-*.parquet"
 DEFAULT_FLUSH_EVERY = 512
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache directory or model that cannot be used for caching."""
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import DiscoveryConfig
+from ..config import DiscoveryConfig, InputError
 from ..io.files import atomic_dir, write_json_atomic
 from .findings import finite_or_none
 
@@ -28,7 +28,7 @@ __all__ = ["Clustering", "ClusterError", "cosine_distance", "k_candidates", "clu
            "silhouette_from_distance", "assign_to_medoids"]
 
 
-class ClusterError(ValueError):
+class ClusterError(InputError):
     """Stored clusters that cannot be read."""
 
 

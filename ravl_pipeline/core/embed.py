@@ -35,6 +35,7 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from ..config import EMBEDDING_MODES as MODES
+from ..config import InputError
 from ..io.files import atomic_dir
 from ..io.tables import fixed_list, matrix
 from ..models import LoadedModel, visual_architecture
@@ -43,7 +44,7 @@ from .regions import propose_dataset
 ROI_SCALE = {"roi": 1.0, "roi-half": 0.5}
 
 
-class EmbedError(ValueError):
+class EmbedError(InputError):
     pass
 
 

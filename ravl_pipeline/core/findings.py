@@ -15,13 +15,13 @@ tools add columns to them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..io.files import json_bytes, write_bytes_atomic
+from ..config import InputError
+from ..io.files import json_bytes, read_json, write_bytes_atomic
 
 __all__ = ["SCHEMA_VERSION", "REQUIRED_KEYS", "REQUIRED_FEATURE_KEYS", "FindingsError", "Feature", "Findings",
            "check_findings", "read_findings", "write_findings"]
@@ -31,7 +31,7 @@ REQUIRED_KEYS = ("model", "dataset", "classes", "k", "silhouette", "features")
 REQUIRED_FEATURE_KEYS = ("rank", "cluster_id", "score", "influence", "attribute", "per_class", "regions")
 
 
-class FindingsError(ValueError):
+class FindingsError(InputError):
     """A findings file or object that does not follow the schema; the message names it."""
 
 
@@ -215,26 +215,61 @@ def check_findings(data: Any, where: str, *, required: Sequence[str] = REQUIRED_
         raise error(f"{where}: findings missing required key(s): {', '.join(missing)}")
     if not isinstance(data.get("features"), list):
         raise error(f"{where}: 'features' must be a list")
+    for key, (ok, what) in _TOP_TYPES.items():
+        if key in data and data[key] is not None and not ok(data[key]):
+            raise error(f"{where}: '{key}' must be {what}, got {_shown(data[key])}")
     for i, feat in enumerate(data["features"]):
         if not isinstance(feat, Mapping):
             raise error(f"{where}: features[{i}] must be an object")
         missing = [key for key in feature_keys if key not in feat]
         if missing:
             raise error(f"{where}: features[{i}] missing required key(s): {', '.join(missing)}")
+        for key, (ok, what) in _FEATURE_TYPES.items():
+            if key in feat and not ok(feat[key]):
+                raise error(f"{where}: features[{i}] (rank {_shown(feat.get('rank'))}): '{key}' must be {what}, "
+                            f"got {_shown(feat[key])}")
     return dict(data)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _rows(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(row, Mapping) for row in x)
+
+
+def _shown(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# What a key holds when present (SPEC §5); readers may rely on these types.
+_TOP_TYPES = {
+    "classes": (lambda x: isinstance(x, list) and all(isinstance(c, str) and c for c in x)
+                and len(set(x)) == len(x), "a list of distinct class names"),
+    "k": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
+    "medoid_embeddings": (lambda x: isinstance(x, list) and all(isinstance(row, list) for row in x),
+                          "a list of vectors"),
+}
+_FEATURE_TYPES = {
+    "rank": (_is_int, "an integer"),
+    "cluster_id": (lambda x: _is_int(x) and x >= 0, "a non-negative integer"),
+    "score": (_is_finite, "a finite number"),
+    "influence": (lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)), "a number"),
+    "per_class": (_rows, "a list of objects (one per class)"),
+    "regions": (_rows, "a list of objects (one per region)"),
+}
 
 
 def read_findings(path: str | os.PathLike) -> Findings:
     """Read and check ``findings.json``; :class:`FindingsError` naming the file on any problem."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FindingsError(f"{path}: not valid JSON ({exc})") from exc
-    return Findings.from_dict(data, path)
+    return Findings.from_dict(read_json(path, FindingsError, expect=None), path)
 
 
 def write_findings(findings: Findings, path: str | os.PathLike) -> None:

@@ -11,10 +11,12 @@ import re
 
 import numpy as np
 
+from ..config import InputError
+
 PROPOSERS = ("quadrants", "grid:N", "boxes")
 
 
-class ProposerError(ValueError):
+class ProposerError(InputError):
     pass
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +14,17 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_TAU, DEFAULT_TEMPLATES
+from ..config import DEFAULT_TAU, DEFAULT_TEMPLATES, InputError, template_problem
 from ..io.files import atomic_dir, write_json_atomic
 from ..io.tables import fixed_list, matrix
 from ..models import LoadedModel
 
-__all__ = ["Scores", "ScoresError", "class_text_embeddings", "zero_shot_probs", "model_tau", "score",
+__all__ = ["Scores", "ScoresError", "check_templates", "check_tau",
+           "class_text_embeddings", "zero_shot_probs", "model_tau", "score",
            "label_indices"]
 
 
-class ScoresError(ValueError):
+class ScoresError(InputError):
     """Templates, classes or stored scores that cannot be used."""
 
 
@@ -30,11 +32,7 @@ def class_text_embeddings(lm: LoadedModel, classes: Sequence[str],
                           templates: Sequence[str] = DEFAULT_TEMPLATES,
                           grad: bool = False) -> torch.Tensor:
     """``t_y`` (SPEC §1.3): mean of L2-normalised template embeddings, renormalised."""
-    if not templates:
-        raise ScoresError("at least one prompt template is needed")
-    for t in templates:
-        if "{}" not in t:
-            raise ScoresError(f"prompt template {t!r} has no '{{}}' placeholder for the class name")
+    check_templates(templates)
     texts = [t.format(c) for c in classes for t in templates]
     device = next(lm.model.parameters()).device
     tokens = lm.tokenizer(texts).to(device)
@@ -44,12 +42,28 @@ def class_text_embeddings(lm: LoadedModel, classes: Sequence[str],
         return F.normalize(emb, dim=-1)
 
 
+def check_templates(templates: Sequence[str], where: str = "prompt template") -> list[str]:
+    """Templates that can each be filled with a class name (SPEC §1.3); :class:`ScoresError` otherwise."""
+    if not templates:
+        raise ScoresError(f"at least one {where} is needed")
+    for t in templates:
+        if template_problem(t):
+            raise ScoresError(f"{where} {t!r} {template_problem(t)}")
+    return list(templates)
+
+
+def check_tau(tau: float) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ScoresError(f"the softmax temperature tau must be a number > 0, got {tau!r}")
+    return float(tau)
+
+
 def zero_shot_probs(emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor,
                     tau: float = DEFAULT_TAU) -> np.ndarray:
     """``softmax(e · T / τ)`` (SPEC §1.4) for L2-normalised rows of ``emb``."""
     e = _as_float_tensor(emb)
     t = _as_float_tensor(text_emb)
-    return torch.softmax(e @ t.T / tau, dim=-1).numpy()
+    return torch.softmax(e @ t.T / check_tau(tau), dim=-1).numpy()
 
 
 def _as_float_tensor(x) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """Validation sets as dynamic partitions: one per dataset directory under
 ``data/validation_sets/<name>/`` (DESIGN, Dagster and DVC together), and the
 shape every per-set asset shares."""
+import functools
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import dagster as dg
 
+from ..config import user_error_message
 from ..io.hashing import dataset_fingerprint
 
 VALIDATION_SETS = "validation_sets"
@@ -14,14 +17,33 @@ VALIDATION_SETS = "validation_sets"
 MODEL_POOL = "ravl_model"
 AUDIT_GROUP = "audit"
 MITIGATION_GROUP = "mitigation"
+INPUT_ERROR = "ravl/input_error"  # metadata key of a failure caused by bad input
 
 validation_sets = dg.DynamicPartitionsDefinition(name=VALIDATION_SETS)
 
 
+def failing_cleanly(step: Callable) -> Callable:
+    """An asset body whose user errors (bad data, parameters or files) end
+    the step as one line — a ``dg.Failure`` with the message naming the
+    input — instead of a traceback; internal errors are left as they are."""
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None:
+                raise
+            raise dg.Failure(description=message, metadata={INPUT_ERROR: True}, allow_retries=False) from exc
+    return run
+
+
 def audit_asset(**kwargs):
-    """``@dg.asset`` of one validation set's audit (partitioned by set)."""
+    """``@dg.asset`` of one validation set's audit (partitioned by set),
+    with user errors as one-line failures (:func:`failing_cleanly`)."""
     kwargs.setdefault("group_name", AUDIT_GROUP)
-    return dg.asset(partitions_def=validation_sets, **kwargs)
+    asset = dg.asset(partitions_def=validation_sets, **kwargs)
+    return lambda step: asset(failing_cleanly(step))
 
 
 def set_data_version(dataset_dir: Path, *parts: str) -> dg.DataVersion:

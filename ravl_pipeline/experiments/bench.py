@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import DiscoveryConfig, RegionsConfig
+from ..config import DiscoveryConfig, InputError, RegionsConfig
 from ..core.evidence import stats
 from ..core.findings import Feature, Findings
 from ..core.metrics import PRECISION_K as K
@@ -129,7 +129,7 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
             out.append(_setting("two", ["red square", "blue circle"], ["nine", "three"], 0.99, seed,
                                 classes, scale))
         return _run_order(out)
-    raise ValueError(f"unknown benchmark grid {grid!r}; expected one of {', '.join(GRIDS)}")
+    raise InputError(f"unknown benchmark grid {grid!r}; expected one of {', '.join(GRIDS)}")
 
 
 def _round_robin(groups: list[list]) -> list:
@@ -458,12 +458,12 @@ def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery",
     ``match`` keeps only the settings whose name contains it.
     """
     if int(workers) < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise InputError(f"workers must be at least 1, got {workers}")
     settings = grid_settings(grid)
     if match:
         settings = [s for s in settings if match in s.name]
         if not settings:
-            raise ValueError(f"no setting of grid {grid!r} has {match!r} in its name")
+            raise InputError(f"--match: no setting of grid {grid!r} has {match!r} in its name")
     n_grid = len(settings)
     if limit is not None:
         settings = settings[: int(limit)]

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from ..config import InputError
 from ..io.files import atomic_dir, write_json_atomic
 from ..io.manifest import SCHEMA, write_manifest
 
@@ -99,7 +100,7 @@ def shape_mask(shape: str) -> np.ndarray:
     elif shape == "stripes":
         mask = np.broadcast_to((np.arange(n) // 4) % 2 == 0, (n, n)).T.copy()
     else:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
+        raise InputError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
     mask.setflags(write=False)
     return mask
 
@@ -120,7 +121,7 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         self.color = tuple(int(v) for v in self.color)
         if len(self.color) != 3 or not all(0 <= v <= 255 for v in self.color):
-            raise ValueError(f"feature {self.name!r}: color must be 3 values in 0..255, got {self.color}")
+            raise InputError(f"feature {self.name!r}: color must be 3 values in 0..255, got {self.color}")
         shape_mask(self.shape)  # fail early on an unknown shape
 
     def draw(self, img_array: np.ndarray, quadrant: int) -> None:
@@ -190,26 +191,26 @@ class SynthConfig:
         return list(self.correlated_classes)
 
     def check(self) -> None:
-        """Raise ``ValueError`` on an unusable configuration."""
+        """Raise :class:`InputError` on an unusable configuration."""
         unknown = [c for c in self.classes if c not in DIGIT_CLASSES]
         if unknown or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
-            raise ValueError(f"classes must be at least 2 distinct names from {DIGIT_CLASSES}, got {self.classes}")
+            raise InputError(f"classes must be at least 2 distinct names from {DIGIT_CLASSES}, got {self.classes}")
         correlated = self.resolved_correlated_classes()
         if len(correlated) != len(self.features):
-            raise ValueError(f"correlated_classes needs one class per feature ({len(self.features)}), got {correlated}")
+            raise InputError(f"correlated_classes needs one class per feature ({len(self.features)}), got {correlated}")
         if self.correlated_class not in self.classes or any(c not in self.classes for c in correlated):
-            raise ValueError(f"correlated classes {[self.correlated_class, *correlated]} must be among {self.classes}")
+            raise InputError(f"correlated classes {[self.correlated_class, *correlated]} must be among {self.classes}")
         names = [f.name for f in self.features + self.distractors]
         if len(set(names)) != len(names) or any(n in self.classes or n == EMPTY_REGION for n in names):
-            raise ValueError(f"feature names must be distinct and differ from class names and {EMPTY_REGION!r}: {names}")
+            raise InputError(f"feature names must be distinct and differ from class names and {EMPTY_REGION!r}: {names}")
         if len(names) > _MAX_EXTRA_OBJECTS:
-            raise ValueError(f"at most {_MAX_EXTRA_OBJECTS} features and distractors fit beside the digit, got {len(names)}")
+            raise InputError(f"at most {_MAX_EXTRA_OBJECTS} features and distractors fit beside the digit, got {len(names)}")
         for key in ("strength", "distractor_rate", "eval_feature_rate", "pretrain_feature_rate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
+                raise InputError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
         for key in ("n_pretrain", "n_finetune", "n_val", "n_test"):
             if getattr(self, key) < len(self.classes):
-                raise ValueError(f"{key} must be at least the number of classes ({len(self.classes)}), got {getattr(self, key)}")
+                raise InputError(f"{key} must be at least the number of classes ({len(self.classes)}), got {getattr(self, key)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

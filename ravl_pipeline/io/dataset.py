@@ -3,7 +3,6 @@ setting keeps beside it (``setting.json``: its classes, caption template and
 the features it correlates with a class)."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from .manifest import MANIFEST_NAME, SPLITS, ManifestError, _check, _column, dataset_root, probe_image, read_manifest
+from .files import read_json
+from .manifest import (MANIFEST_NAME, SPLITS, ManifestError, _check, _column, dataset_root, outside_link_problem,
+                       probe_image, read_manifest)
 
 __all__ = ["Dataset", "load_dataset", "dataset_setting", "setting_templates", "induced_pairs"]
 
@@ -88,6 +89,9 @@ class Dataset:
         """Image ``i`` as RGB; :class:`ManifestError` naming the row when the
         file cannot be read."""
         path = self.image_path(i)
+        escape = outside_link_problem(self.root, self.paths[i])
+        if escape:
+            raise ManifestError(f"{self._where(i)}: {escape}")
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
@@ -144,7 +148,7 @@ def load_dataset(
     selected = None
     if split is not None:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+            raise ManifestError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if "split" not in table.column_names:
             raise ManifestError(f"{root / MANIFEST_NAME}: no 'split' column to select split {split!r} from")
         mask = pc.fill_null(pc.equal(table.column("split"), split), False)
@@ -169,7 +173,7 @@ def dataset_setting(root: str | os.PathLike) -> dict | None:
     root = Path(root)
     for candidate in (root / "setting.json", root.parent / "setting.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_json(candidate, ManifestError)
     return None
 
 

@@ -6,30 +6,113 @@ output through :func:`atomic_dir` or :func:`replace_dir`, which swap the
 new folder in with one ``renameat2(RENAME_EXCHANGE)`` on Linux, so a process
 killed at any point leaves the previous version or the new one, never
 neither and never a mixture.
+
+A temporary is named ``.<target>.ravl-tmp-<host>-<pid>-<random>`` (a hash
+of the host name and the id of the process writing it), so that it is
+recognisably this tool's and says who owns it. A process killed with
+SIGKILL cannot remove its temporaries; the next write into the same folder
+does (:func:`remove_stale_temporaries`): those of this host whose process is
+gone, and nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..config import InputError
+
 __all__ = ["atomic_write", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "json_bytes",
-           "replace_dir", "atomic_dir", "copy_dir_atomic"]
+           "read_json", "replace_dir", "atomic_dir", "copy_dir_atomic", "temporary_path", "remove_stale_temporaries",
+           "process_alive"]
+
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ravl-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+$")
+
+
+def temporary_path(target: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh name beside ``target`` for a temporary of this process
+    (``kind`` ``tmp``: being written; ``old``: a previous version moved aside)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.ravl-{kind}-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by a process of this host
+    that no longer exists (killed mid-write); returns what was removed.
+
+    A previous version moved aside (``old``, on platforms without an atomic
+    exchange) is put back when its target is missing, since the process
+    died between the two renames; otherwise it is removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or match["host"] != HOST_TAG:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or process_alive(pid):
+            continue
+        path = Path(entry.path)
+        target = folder / match["target"]
+        if match["kind"] == "old" and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.replace(path, target)
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
+
+
+def _new_temporary(target: Path, create: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """``create(path)`` on a fresh temporary name beside ``target`` (after
+    removing stale ones there); returns the path and what ``create`` returned."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
+    while True:
+        tmp = temporary_path(target)
+        try:
+            return tmp, create(tmp)
+        except FileExistsError:  # a random name taken: draw another
+            continue
 
 
 def atomic_write(target: str | os.PathLike, write: Callable) -> Path:
     """Call ``write(fileobj)`` on a temporary file next to ``target``, then
-    move it into place; the temporary file never outlives a failure."""
+    move it into place; the temporary file never outlives a failure (nor,
+    after the next write into the folder, a killed process)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp, fd = _new_temporary(target, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     try:
-        os.fchmod(fd, 0o644)  # outputs are for reading; mkstemp's 0600 would hide them
+        os.fchmod(fd, 0o644)  # outputs are for reading, whatever the umask
         with open(fd, "wb") as f:
             write(f)
             f.flush()
@@ -59,6 +142,21 @@ def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(target, json_bytes(obj))
 
 
+def read_json(path: str | os.PathLike, error: type = InputError, expect: type | None = dict) -> Any:
+    """The content of JSON file ``path``; ``error`` naming the file when it
+    is not valid JSON or (with ``expect``) not of that type. A missing file
+    raises ``FileNotFoundError``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    if expect is not None and not isinstance(data, expect):
+        noun = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise error(f"{path}: expected {noun}, got {type(data).__name__}")
+    return data
+
+
 def _exchange_paths(a: Path, b: Path) -> bool:
     """Atomically swap two paths; False when the platform cannot."""
     try:
@@ -83,7 +181,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
         if _exchange_paths(new, target):
             shutil.rmtree(new, ignore_errors=True)  # now holds the previous content
             return
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = temporary_path(target, "old")
         os.replace(target, old)
         try:
             os.replace(new, target)
@@ -100,9 +198,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; on success it replaces
     ``target`` in one rename, on failure it is removed and ``target`` (the
     previous version) is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp, _ = _new_temporary(Path(target), Path.mkdir)
     try:
         yield tmp
         replace_dir(tmp, target)

@@ -114,7 +114,7 @@ def import_coco(
       ``out_dir/images/<file_name>``.
     """
     if label_from not in ("largest", None):
-        raise ValueError(f"label_from must be 'largest' or None, got {label_from!r}")
+        raise ManifestError(f"label_from must be 'largest' or None, got {label_from!r}")
     instances_json, images_dir, out_dir = Path(instances_json), Path(images_dir), Path(out_dir)
     try:
         coco = json.loads(instances_json.read_text())
@@ -124,6 +124,20 @@ def import_coco(
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"{instances_json}: not a readable COCO instances file: {exc}") from exc
 
+    try:
+        return _import_coco_rows(categories, images, annotations, instances_json, images_dir, out_dir,
+                                 label_from, split, copy, include_crowd)
+    except ManifestError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ManifestError(f"{instances_json}: not a COCO instances file ({type(exc).__name__}: {exc}); "
+                            "expected images with 'id' and 'file_name', annotations with 'image_id', "
+                            "'category_id' and 'bbox'") from exc
+
+
+def _import_coco_rows(categories, images, annotations, instances_json: Path, images_dir: Path, out_dir: Path,
+                      label_from, split, copy, include_crowd) -> Dataset:
+    """The body of :func:`import_coco`, once the file is parsed."""
     image_info = {img["id"]: img for img in images}
     regions: dict[Any, list[tuple[list[float], str, float]]] = {img["id"]: [] for img in images}
     for k, ann in enumerate(annotations):

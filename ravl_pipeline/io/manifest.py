@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..config import InputError
 from .files import atomic_write
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "canonicalize",
     "dataset_root",
     "manifest_path",
+    "outside_link_problem",
     "probe_image",
     "read_manifest",
     "validate",
@@ -81,7 +83,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 _MAX_LISTED_PROBLEMS = 20
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A dataset directory or manifest is unusable.
 
     The message names the manifest file and, where a row is at fault, its
@@ -281,6 +283,22 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def outside_link_problem(root: Path, path: str) -> str | None:
+    """Why image ``path`` of dataset directory ``root``, although written as
+    a relative path inside it, leads outside it through a symbolic link; or
+    None. Such a file is never opened."""
+    file = root / path
+    try:
+        target = file.resolve()
+        inside = target.is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return f"{path!r} is a symbolic link that cannot be resolved"
+    if inside:
+        return None
+    return (f"{path!r} is, or lies under, a symbolic link leading outside the dataset directory (to {target}); "
+            "copy the image into the dataset directory")
+
+
 def _box_problem(box: Any) -> str | None:
     """Why ``box`` is not a proper ``[x1, y1, x2, y2]``, or None."""
     if box is None or len(box) != 4:
@@ -353,7 +371,8 @@ def validate(
     and the column:
 
     - no rows; a missing required column; missing or duplicate ``image_id``;
-    - a ``path`` that is empty, absolute or escapes ``root`` with ``..``;
+    - a ``path`` that is empty, absolute or escapes ``root`` with ``..``
+      or (with ``check_images``) through a symbolic link;
     - with ``check_images``: an image file that is missing or that PIL cannot
       open and ``verify()``; a box outside its image (``BOX_TOLERANCE`` px);
     - a missing ``label`` when ``require_labels``; a label outside
@@ -417,6 +436,10 @@ def _check_image_files(root: Path, paths: list, rows: Iterable[int], problems: _
         path = paths[i]
         if not path or _path_problem(path):
             continue  # already reported; never open files outside the directory
+        escape = outside_link_problem(root, path)
+        if escape:
+            problems.row(i, "path", escape)
+            continue
         file = root / path
         if not file.is_file():
             problems.row(i, "path", f"image file {file} does not exist")
@@ -461,6 +484,10 @@ def _check_splits(splits: list | None, problems: _Problems) -> None:
 
 
 def _check_regions(boxes: list | None, region_labels: list | None, sizes: dict[int, tuple[int, int]], problems: _Problems) -> None:
+    if boxes is None and region_labels is not None and any(labels for labels in region_labels):
+        problems.table("column 'region_labels' is given without a 'boxes' column; region labels name the "
+                       "boxes they are aligned with: add 'boxes' or drop 'region_labels'")
+        return
     n = len(boxes) if boxes is not None else len(region_labels or [])
     for i in range(n):
         row_boxes = boxes[i] if boxes is not None else None

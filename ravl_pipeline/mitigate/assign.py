@@ -33,7 +33,7 @@ from ..io.tables import fixed_list, matrix
 from ..models import WEIGHTS_NAME, LoadedModel
 from .data import MitigationError
 
-__all__ = ["select_features", "medoid_embeddings", "RegionAssignment", "assign_spurious_regions",
+__all__ = ["select_features", "check_stage2_findings", "medoid_embeddings", "RegionAssignment", "assign_spurious_regions",
            "cached_assignment", "group_ids"]
 
 
@@ -84,17 +84,44 @@ def select_features(findings: Findings, which: str | int = "called") -> list[Fea
     return feats[:k]
 
 
+def check_stage2_findings(findings: Findings, where: str = "findings", embed_dim: int | None = None) -> None:
+    """Refuse findings Stage 2 cannot trust, naming ``where`` (the file) and
+    the feature rank: a ``cluster_id`` outside the findings' ``K`` clusters
+    (it would mark no region spurious), ``medoid_embeddings`` that are not
+    one finite, non-zero vector per cluster (a NaN medoid would mark every
+    region spurious) or not of the audited model's width ``embed_dim``."""
+    k = findings.k
+    for f in findings.features:
+        if not 0 <= f.cluster_id < k:
+            raise MitigationError(f"{where}: feature rank {f.rank} has cluster_id {f.cluster_id}, outside the "
+                                  f"findings' K = {k} clusters (0..{k - 1})")
+    if not findings.medoid_embeddings:
+        return  # medoid_embeddings() asks for the discovery embeddings instead
+    try:
+        med = np.asarray(findings.medoid_embeddings, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MitigationError(f"{where}: 'medoid_embeddings' must be {k} vectors of equal length") from None
+    if med.ndim != 2 or len(med) != k:
+        raise MitigationError(f"{where}: 'medoid_embeddings' has shape {list(med.shape)}, expected one vector per "
+                              f"cluster (K = {k})")
+    ranks = {f.cluster_id: f.rank for f in findings.features}
+    for cid, row in enumerate(med):
+        what = "a non-finite value" if not np.isfinite(row).all() else "zero length" if not row.any() else None
+        if what:
+            used = f" (the medoid of feature rank {ranks[cid]})" if cid in ranks else ""
+            raise MitigationError(f"{where}: medoid_embeddings[{cid}]{used} has {what}; re-run discovery")
+    if embed_dim is not None and med.shape[1] != embed_dim:
+        raise MitigationError(f"{where}: medoid_embeddings are {med.shape[1]}-dimensional but the audited model "
+                              f"embeds in {embed_dim}: findings from another model?")
+
+
 def medoid_embeddings(findings: Findings, embeddings: Embeddings | None = None) -> np.ndarray:
     """Medoid vectors ``[K, D]`` of the Stage-1 clustering: from the findings'
     ``medoid_embeddings`` when present, else rows ``medoids`` of the
     discovery ``embeddings``."""
     if findings.medoid_embeddings:
-        med = np.asarray(findings.medoid_embeddings, dtype=np.float32)
-        n_medoids = len(findings.medoids) if findings.medoids is not None else len(med)
-        if med.ndim != 2 or len(med) != n_medoids:
-            raise MitigationError(f"findings 'medoid_embeddings' has shape {med.shape}, "
-                                  f"expected one row per medoid ({n_medoids})")
-        return med
+        check_stage2_findings(findings)
+        return np.asarray(findings.medoid_embeddings, dtype=np.float32)
     if embeddings is None:
         raise MitigationError("findings have no 'medoid_embeddings'; re-run discovery (it records them) "
                               "or pass the discovery embeddings")

@@ -7,17 +7,18 @@ from typing import Any
 
 import torch
 
+from ..config import InputError
 from ..core.embed import preprocess_images
 from ..models import LoadedModel
 
 __all__ = ["TrainError", "MitigationError", "TrainData", "captions_for", "build_train_data"]
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A training configuration or input that cannot be trained on."""
 
 
-class MitigationError(ValueError):
+class MitigationError(InputError):
     """Findings, models or data that Stage 2 cannot use."""
 
 

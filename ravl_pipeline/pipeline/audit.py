@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import AuditedModelConfig, Params, train_config
+from ..config import AuditedModelConfig, InputError, Params, train_config
 from ..core.cluster import Clustering
 from ..core.embed import Embeddings
 from ..core.findings import Findings, read_findings, write_findings
 from ..core.regions import propose_dataset
 from ..core.scores import Scores, label_indices
 from ..io.dataset import Dataset, induced_pairs, load_dataset
-from ..io.files import atomic_dir, write_json_atomic
+from ..io.files import atomic_dir, read_json, write_json_atomic
 from ..io.manifest import read_manifest
 from ..io.tables import fixed_list
 from ..mitigate.assign import select_features
@@ -53,7 +53,7 @@ from . import stages
 __all__ = ["AuditError", "AuditPaths", "ModelRecord", "Audit", "describe_audited_model", "findings_summary"]
 
 
-class AuditError(ValueError):
+class AuditError(InputError):
     """A step whose inputs are missing or do not fit together; the message says what to re-run."""
 
 
@@ -104,7 +104,7 @@ class ModelRecord:
         if not path.is_file():
             raise AuditError(f"{path} does not exist: materialize the step that writes it first "
                              "(`ravl materialize --select audited_model` for the audited model)")
-        data = json.loads(path.read_text())
+        data = read_json(path, AuditError)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
@@ -272,7 +272,7 @@ class Audit:
                 return kept, {}
         history = stages.train(record.init_model, record.train_data, self.paths.mitigated_model, cfg,
                                findings=findings, findings_path=self.paths.findings, audited_model=record.model,
-                               audited_pretrained=record.pretrained)
+                               audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache)
         mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
                                 extra={"trained": True, "method": cfg.method,
                                        "feature_ranks": [int(f.rank) for f in chosen]})

@@ -17,7 +17,7 @@ import numpy as np
 import torch.distributed as torch_dist
 
 from ..config import (DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig, RegionsConfig,
-                     ScoresConfig, TrainConfig)
+                     ScoresConfig, TrainConfig, check_bounds)
 from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
 from ..core.evidence import causal, names, stats
@@ -26,14 +26,14 @@ from ..core.metrics import (PRECISION_K, core_regions, feature_presence, mitigat
                            region_label_map, validity)
 from ..core.rank import rank_features
 from ..core.regions import region_labels_for
-from ..core.scores import Scores, label_indices
+from ..core.scores import Scores, check_templates, label_indices
 from ..core.scores import score as score_regions
 from ..io.dataset import Dataset, dataset_setting, induced_pairs, load_dataset, setting_templates
 from ..io.files import write_json_atomic
 from ..io.hashing import file_sha256, json_sha256
-from ..models import LoadedModel, check_same_architecture, load_model, save_model
+from ..models import LoadedModel, check_same_architecture, load_model, save_model, untrained
 from ..mitigate import distributed
-from ..mitigate.assign import cached_assignment, select_features
+from ..mitigate.assign import assign_spurious_regions, cached_assignment, check_stage2_findings, select_features
 from ..mitigate.data import MitigationError, build_train_data
 from ..mitigate.methods import attach_class_tokens, attach_region_extras, get_method
 from ..mitigate.train import finetune
@@ -172,7 +172,11 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
            dataset_name: str | None = None, vocab: Sequence[str] | None = None,
            progress: bool = False) -> Stage1Result:
     """Stage 1 in memory: embed, score, cluster, find (SPEC §1–2), with the
-    ground truth of a synthetic setting."""
+    ground truth of a synthetic setting. Parameters and templates are
+    checked before any work."""
+    for section in (regions, scores, discovery):
+        check_bounds(section, type(section).__name__)
+    templates = check_templates(templates)
     emb = embeddings if embeddings is not None else embed(lm, ds, regions, cache=cache, progress=progress)
     sc = score(lm, emb, classes, templates, scores)
     clustering = cluster(emb, len(classes), discovery)
@@ -196,7 +200,10 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
 
     Methods that need findings assign the spurious regions of every
     training image with the ``audited_model`` whose medoids the findings
-    hold (default: the findings' ``model``; SPEC §3.1). Under ``torchrun``
+    hold (default: the findings' ``model``; SPEC §3.1); the findings are
+    checked first (:func:`check_stage2_findings`, errors naming
+    ``findings_path``), and the assignment is cached in ``cache_dir`` when
+    one is given. Under ``torchrun``
     the loop is data-parallel and rank 0 alone writes (``record_indices``
     keeps which samples each process saw, in the history). The checkpoint's
     ``ravl_model.json`` records the configuration, the findings used
@@ -208,26 +215,31 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         raise MitigationError(f"method {method.name!r} needs Stage-1 findings (--findings findings.json)")
     if world.world_size > 1 and findings is not None:
         raise MitigationError("--findings: Stage-2 methods cannot run under torchrun yet; run one process")
+    where = str(findings_path) if findings_path else "findings"
+    if findings is not None:
+        check_stage2_findings(findings, where)
     chosen = select_features(findings, features) if method.needs_findings else []
     ds = load_dataset(train_dir, split=split, require_labels=method.needs_labels)
     classes = list(findings.classes) if findings is not None else (ds.classes() or None)
     if ds.labels is not None and classes:
-        _check_labels(ds, classes)
+        _check_labels(ds, classes, where if findings is not None else None)
     base = load_model(base_model, pretrained, seed=cfg.seed)
     audited = None
     if method.needs_findings:
         audited_model = audited_model or findings.model
         if not audited_model:
-            raise MitigationError("the audited model is needed to find spurious regions; findings name none")
+            raise MitigationError(f"{where}: names no audited model ('model'); pass --audited-model, the model "
+                                  "the findings came from")
         audited = load_model(audited_model, audited_pretrained)
         check_same_architecture(audited, base)
+        check_stage2_findings(findings, where, embed_dim=int(audited.model_cfg["embed_dim"]))
     data = build_train_data(base, ds, cfg.caption_template, classes=classes, progress=progress)
     if method.needs_labels:
         attach_class_tokens(data, base, cfg.caption_template)
     spurious = None
     if method.needs_findings:
-        cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "spurious-regions-cache"
-        assignment = cached_assignment(audited, ds, findings, cache, features, progress)
+        assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress) if cache_dir is not None
+                      else assign_spurious_regions(audited, ds, findings, features, progress=progress))
         attach_region_extras(data, base, ds, assignment)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
@@ -253,12 +265,13 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     return history
 
 
-def _check_labels(ds: Dataset, classes: Sequence[str]) -> None:
+def _check_labels(ds: Dataset, classes: Sequence[str], findings_where: str | None = None) -> None:
     known = set(classes)
+    source = f"the classes of {findings_where}" if findings_where else "the classes"
     for i, y in enumerate(ds.labels):
         if y not in known:
-            raise MitigationError(f"{ds.manifest_file}: row {i} (image_id {ds.image_ids[i]!r}) has label {y!r}, "
-                                  f"which is not among the findings' classes {list(classes)}")
+            raise MitigationError(f"{ds.manifest_file}: row {i} (image_id {ds.image_ids[i]!r}), column 'label': "
+                                  f"{y!r} is not among {source} {list(classes)}")
 
 
 def _group_sizes(groups, classes: Sequence[str]) -> list[dict]:
@@ -294,9 +307,9 @@ def evaluate(model: str, data_dir, split: str | None = "test", features: Sequenc
     ds = load_dataset(data_dir, classes=classes, split=split, require_labels=True)
     setting = dataset_setting(data_dir) or {}
     classes = list(classes or setting.get("classes") or ds.classes())
-    templates = list(templates or templates_for(data_dir))
+    templates = check_templates(list(templates or templates_for(data_dir)))
     features = list(features) if features else [name for name, _ in induced_pairs(data_dir)]
-    lm = load_model(model, pretrained)
+    lm = load_model(model, pretrained, seed=0 if untrained(model, pretrained) else None)  # the same each run
     labels = label_indices(ds, classes)
     image_pred, core_image, core_pred, notes = _predictions(lm, ds, classes, templates, batch_size, progress)
     presence, feature_notes = _presence(ds, features)

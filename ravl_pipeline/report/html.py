@@ -8,9 +8,16 @@ significance where the findings carry them), its score ``G_c`` and influence
 and the re-audit of the mitigated model.
 
 The page needs no server: images are embedded as base64 PNG, the style sheet
-is inline, and nothing is fetched.  Beside it, ``findings.json`` (and
-``metrics.json`` / ``reaudit_findings.json`` when given) hold the same
-numbers for programs.  Every file is written to a temporary name and renamed.
+is inline, and nothing is fetched.  Beside it, its JSON twin — named after
+the page, ``report.html`` → ``report.json`` (:func:`twin_path`) — holds the
+same numbers for programs: the findings, and the metrics and the re-audit
+when given.  Both files carry a generator mark, and an existing file at
+either path is replaced only when it bears that mark (it is an earlier
+report); anything else there is refused before any work.  Every file is
+written to a temporary name and renamed.
+
+One concept — the page and how each part of it is drawn — which is why this
+module is longer than most.
 """
 from __future__ import annotations
 
@@ -20,16 +27,19 @@ import html
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
 from ..io.files import json_bytes, write_bytes_atomic
-from .inputs import (METRIC_KEYS, ImageSource, default_provenance, json_safe, load_findings, metric_value,
-                     normalise_metrics, row_intervals)
+from .inputs import (METRIC_KEYS, ImageSource, checked_box, default_provenance, json_safe, load_findings,
+                     metric_value, normalise_metrics, row_intervals)
+from .outputs import GENERATOR, HTML_MARK, check_report_outputs, twin_path
 
-__all__ = ["METRIC_KEYS", "write_report", "render_report", "region_thumbnail"]
+__all__ = ["METRIC_KEYS", "write_report", "render_report", "region_thumbnail", "twin_path", "check_report_outputs"]
+
 
 METRIC_TITLES = {
     "image_overall": "Image overall",
@@ -191,7 +201,7 @@ def _per_class_table(feat: Mapping[str, Any]) -> str:
     return f'<table class="per-class">{head}{"".join(body)}</table>'
 
 
-def _region_grid(feat: Mapping[str, Any], images: ImageSource | None, top: int) -> str:
+def _region_grid(feat: Mapping[str, Any], images: ImageSource | None, top: int, where: str = "findings") -> str:
     regions = list(feat.get("regions", []))[:top]
     if not regions:
         return '<p class="note">No regions listed for this feature.</p>'
@@ -201,8 +211,10 @@ def _region_grid(feat: Mapping[str, Any], images: ImageSource | None, top: int) 
                 f"Top region ids: {_e(ids)}</p>")
     cells = []
     for pos, region in enumerate(regions, start=1):
-        image = images.image(region.get("image_id"))
-        png = region_thumbnail(image, region.get("box"))
+        at = f"{where}: feature rank {feat.get('rank')}, region {pos}"
+        image = images.image(region.get("image_id"), at)
+        box = checked_box(region.get("box"), image.size, f"{at} (image_id {region.get('image_id')!r})")
+        png = region_thumbnail(image, box)
         caption = f"#{pos} {region.get('image_id')} r{region.get('region_index')} · sim {_num(region.get('similarity'), 2)}"
         if region.get("region_label"):
             caption += f" · {region['region_label']}"
@@ -218,7 +230,8 @@ def _support(feat: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return support if isinstance(support, Mapping) and "supported" in support else None
 
 
-def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lead: bool = False) -> str:
+def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lead: bool = False,
+                     where: str = "findings") -> str:
     rank = feat.get("rank")
     facts = [("score G_c", _num(feat.get("score"))), ("influence H_c", _num(feat.get("influence"))),
              ("correlated class", feat.get("attribute")), ("cluster", feat.get("cluster_id"))]
@@ -254,11 +267,11 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lea
             f"<h3>{_e(title)}{badge}</h3>{lead_note}"
             f'<div class="feature-body"><div class="facts">{_kv_table(facts)}</div>'
             f'<div class="table-wrap">{_per_class_table(feat)}</div></div>'
-            f"<h4>Top regions</h4>{_region_grid(feat, images, top)}</section>")
+            f"<h4>Top regions</h4>{_region_grid(feat, images, top, where)}</section>")
 
 
 def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_id: str,
-                      title: str, prefix: str = "") -> str:
+                      title: str, prefix: str = "", where: str = "findings") -> str:
     summary = [("K (clusters)", findings.get("k")), ("silhouette", _num(findings.get("silhouette"))),
                ("regions", findings.get("n_regions")), ("images", findings.get("n_images")),
                ("features found", len(findings.get("features", [])))]
@@ -285,7 +298,8 @@ def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_
                      .format(prefix, _e(_num(findings.get("influence_threshold", 0.25), 2))))
     lead = findings.get("lead_rank")
     for feat in features:
-        parts.append(_feature_section(feat, images, top, prefix, lead=lead is not None and feat.get("rank") == lead))
+        parts.append(_feature_section(feat, images, top, prefix, lead=lead is not None and feat.get("rank") == lead,
+                                      where=where))
     parts.append("</section>")
     return "".join(parts)
 
@@ -357,22 +371,25 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
 
 
 def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=None, reaudit=None,
-                  provenance=None, top_regions: int = DEFAULT_TOP_REGIONS) -> str:
-    """The report as an HTML string (see :func:`write_report`)."""
+                  provenance=None, top_regions: int = DEFAULT_TOP_REGIONS,
+                  sources: tuple[str, str] = ("findings", "reaudit")) -> str:
+    """The report as an HTML string (see :func:`write_report`); ``sources``
+    name the findings and the re-audit in error messages."""
     images = ImageSource(dataset_root) if dataset_root is not None else None
     prov = default_provenance(findings, dataset_root)
     prov.update(dict(provenance or {}))
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
              f"<title>RaVL audit report — {_e(prov.get('model') or findings.get('model'))}</title>",
              f"<style>{_style()}</style></head><body>", _header(findings, prov), "<main>",
              f'<section id="provenance"><h2>Model, data and parameters</h2>{_kv_table(prov.items())}</section>',
              _findings_section(findings, images, top_regions, section_id="findings",
-                               title="Discovered spurious features")]
+                               title="Discovered spurious features", where=sources[0])]
     if metrics:
         parts.append(_metrics_section(metrics))
     if reaudit is not None:
         parts.append(_findings_section(reaudit, images, top_regions, section_id="reaudit",
-                                       title="Re-audit of the mitigated model", prefix="reaudit-"))
+                                       title="Re-audit of the mitigated model", prefix="reaudit-",
+                                       where=sources[1]))
     parts.append("</main></body></html>\n")
     return "".join(parts)
 
@@ -390,24 +407,24 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
     ``dataset_root`` is the dataset the findings were computed on; its
     manifest maps each region's ``image_id`` to the image drawn.
 
-    Beside the page: ``findings.json``, and ``metrics.json`` (method →
-    metrics) and ``reaudit_findings.json`` when given.  Everything is
-    rendered before anything is written, and each file is renamed into place,
-    so a failure leaves earlier files untouched.
+    The twin (:func:`twin_path`: ``report.html`` → ``report.json``) holds
+    ``findings``, ``metrics`` (method → metrics) and ``reaudit``. An
+    existing page or twin that is not an earlier report is refused
+    (:func:`check_report_outputs`) before anything else; everything is
+    rendered before anything is written, and each file is renamed into
+    place, so a failure leaves earlier files untouched.
     """
-    out = Path(out_path)
+    out, twin = check_report_outputs(out_path)
+    sources = tuple(str(x) if isinstance(x, (str, os.PathLike)) else name
+                    for x, name in ((findings, "findings"), (reaudit, "reaudit")))
     findings = load_findings(findings, "findings")
     reaudit = load_findings(reaudit, "reaudit") if reaudit is not None else None
     metrics = normalise_metrics(metrics)
     page = render_report(findings, dataset_root=dataset_root, metrics=metrics, reaudit=reaudit,
-                         provenance=provenance, top_regions=top_regions)
-    twins = {"findings.json": json_bytes(json_safe(findings))}
-    if metrics:
-        twins["metrics.json"] = json_bytes(json_safe(metrics))
-    if reaudit is not None:
-        twins["reaudit_findings.json"] = json_bytes(json_safe(reaudit))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for name, data in twins.items():
-        write_bytes_atomic(out.parent / name, data)
+                         provenance=provenance, top_regions=top_regions, sources=sources)
+    record = {"generator": GENERATOR, "report": out.name, "findings": json_safe(findings),
+              "metrics": json_safe(metrics) if metrics else None,
+              "reaudit": json_safe(reaudit) if reaudit is not None else None}
+    write_bytes_atomic(twin, json_bytes(record))
     write_bytes_atomic(out, page.encode("utf-8"))
     return out

@@ -4,7 +4,6 @@ its own. Findings may come from another tool: the report reads the JSON
 interface, tolerating extra keys and alternative spellings of intervals."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -12,18 +11,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import InputError
 from ..core.findings import Findings, check_findings as _check_schema
 from ..io.dataset import load_dataset
+from ..io.files import read_json
 from ..io.hashing import file_sha256
-from ..io.manifest import MANIFEST_NAME
+from ..io.manifest import BOX_TOLERANCE, MANIFEST_NAME
 
-__all__ = ["ReportError", "METRIC_KEYS", "check_findings", "load_findings", "load_metrics", "normalise_metrics",
+__all__ = ["ReportError", "METRIC_KEYS", "check_findings", "checked_box", "load_findings", "load_metrics", "normalise_metrics",
            "metric_value", "row_intervals", "dataset_version", "default_provenance", "ImageSource", "json_safe"]
 
 METRIC_KEYS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """Findings, metrics or images that cannot be rendered."""
 
 
@@ -45,12 +46,9 @@ def load_findings(findings, where: str) -> dict:
         return findings.to_dict()
     if isinstance(findings, (str, os.PathLike)):
         try:
-            with open(findings, encoding="utf-8") as fh:
-                data = json.load(fh)
+            data = read_json(findings, ReportError, expect=None)
         except FileNotFoundError as exc:
             raise ReportError(f"{findings}: findings file not found") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ReportError(f"{findings}: not valid JSON ({exc})") from exc
         return check_findings(data, str(findings))
     return check_findings(findings, where)
 
@@ -59,11 +57,9 @@ def load_metrics(path: str | os.PathLike) -> dict:
     """A ``metrics.json`` (SPEC §5) read and checked for the four metrics."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, ReportError, expect=None)
     except FileNotFoundError as exc:
         raise ReportError(f"{path}: metrics file not found") from exc
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc})") from exc
     _check_metrics(data, str(path))
     return data
 
@@ -74,6 +70,27 @@ def _check_metrics(data: Any, where: str) -> None:
     missing = [k for k in METRIC_KEYS if k not in data]
     if missing:
         raise ReportError(f"{where}: metrics missing key(s): {', '.join(missing)}")
+    for key in METRIC_KEYS:
+        if data[key] is not None and metric_value(data[key]) is None:
+            raise ReportError(f"{where}: metric {key!r} must be a finite number or null, got {data[key]!r}")
+
+
+def checked_box(box: Any, size: tuple[int, int], where: str) -> list[float] | None:
+    """``box`` as four numbers inside an image of ``size``; :class:`ReportError` naming ``where`` otherwise."""
+    if box is None:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ReportError(f"{where}: box {box!r} is not 4 numbers [x1, y1, x2, y2]") from None
+    width, height = size
+    t = BOX_TOLERANCE
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+        raise ReportError(f"{where}: box {list(box)} is not a box (needs finite x1 < x2, y1 < y2)")
+    if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+        raise ReportError(f"{where}: box {list(box)} lies outside its {width}x{height} image "
+                          "(is --data the dataset the findings were computed on?)")
+    return [x1, y1, x2, y2]
 
 
 def metric_value(value: Any) -> float | None:
@@ -178,11 +195,11 @@ class ImageSource:
         self.ds = load_dataset(self.root, check_images=False)
         self.row_of = {image_id: i for i, image_id in enumerate(self.ds.image_ids)}
 
-    def image(self, image_id: str):
+    def image(self, image_id: str, where: str | None = None):
         row = self.row_of.get(str(image_id))
         if row is None:
-            raise ReportError(f"{self.ds.manifest_file}: no image with image_id {image_id!r} "
-                              "(is --data the dataset the findings were computed on?)")
+            raise ReportError(f"{where + ': ' if where else ''}{self.ds.manifest_file}: no image with image_id "
+                              f"{image_id!r} (is --data the dataset the findings were computed on?)")
         return self.ds.load_image(row)
 
 

@@ -4,6 +4,7 @@ the previous outputs byte-identical, and the next run completes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -193,3 +194,125 @@ def test_killed_materialization_keeps_previous_outputs(tmp_path):
     assert _latest_run_of(home, "region_embeddings", "tiny") not in (None, first_run)
     after = snapshot(outputs)
     assert set(after) == set(before)
+
+
+# --------------------------------------------------------------------------- SIGKILL at chosen points
+
+# Run `ravl` in a child that kills itself with SIGKILL at one chosen point of
+# writing its output: a deterministic stand-in for a kill arriving there.
+KILLER = r"""
+import os, re, shutil, signal, sys
+from ravl_pipeline import models
+from ravl_pipeline.io import files
+
+point, argv = sys.argv[1], sys.argv[2:]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "file-written-not-renamed":  # atomic_write: content in the temporary, rename not done
+    fsync = os.fsync
+    def killing_fsync(fd):
+        fsync(fd)
+        if ".ravl-tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            die()
+    os.fsync = killing_fsync
+elif point == "checkpoint-half-written":  # atomic_dir: the temporary folder half filled
+    def half(state, path, *a, **k):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 4096)
+        die()
+    models.save_file = half
+elif point == "previous-moved-aside":  # replace_dir without an atomic exchange, between its two renames
+    files._exchange_paths = lambda a, b: False
+    rename = os.replace
+    def killing_replace(src, dst):
+        rename(src, dst)
+        if ".ravl-old-" in str(dst):
+            die()
+    os.replace = killing_replace
+elif point == "swapped-old-not-removed":  # after the exchange, before the previous version is deleted
+    def killing_rmtree(path, *a, **k):
+        if ".ravl-tmp-" in str(path):
+            die()
+    shutil.rmtree = killing_rmtree
+from ravl_pipeline.cli import main
+sys.exit(main(argv))
+"""
+
+DEBRIS = re.compile(r"\.ravl-(tmp|old)-")
+
+
+def _debris(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if DEBRIS.search(p.name))
+
+
+def _killed(point: str, argv: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", KILLER, point, *argv], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+
+
+@pytest.mark.parametrize("point", ["file-written-not-renamed", "checkpoint-half-written", "previous-moved-aside",
+                                   "swapped-old-not-removed"])
+def test_killed_at_a_write_keeps_the_previous_output_and_the_next_run_leaves_no_debris(point, finetune_set,
+                                                                                      tmp_path):
+    """SIGKILL at four points of writing an output (a file: after writing its
+    temporary; a checkpoint folder: half written, after moving the previous
+    one aside, after swapping the new one in). The previous output survives
+    (in place, or set aside and put back by the next run), and the next run
+    in the folder removes what the killed one left."""
+    findings, model = tmp_path / "findings.json", tmp_path / "model"
+    discover = ["discover", "--model", f"local-dir:{model}", "--data", str(finetune_set.parent / "eval"),
+                "--split", "val", "--no-evidence", "--quiet", "--out", str(findings)]
+    train = ["train", "--data", str(finetune_set), "--out", str(model), "--max-steps", "1", "--quiet", *TRAIN]
+    assert _in_one_thread(train) == 0
+    assert _in_one_thread(discover) == 0
+    before = {"model": snapshot(model), "findings": findings.read_bytes()}
+
+    _killed(point, discover if point == "file-written-not-renamed" else train)
+    left = _debris(tmp_path)
+    assert left, "the kill should leave a temporary behind"
+    if point == "previous-moved-aside":
+        assert not model.exists()
+        assert snapshot(tmp_path / left[0]) == before["model"]  # intact, under its temporary name
+    elif point == "swapped-old-not-removed":
+        assert snapshot(model) != before["model"]  # the new checkpoint is in place and complete
+        load_model(f"local-dir:{model}")
+    else:
+        assert snapshot(model) == before["model"] and findings.read_bytes() == before["findings"]
+
+    assert _in_one_thread(discover) == 0  # the next run writing into the same folder
+    assert _debris(tmp_path) == []
+    if point != "swapped-old-not-removed":
+        assert snapshot(model) == before["model"]  # put back where it was set aside
+    assert load_model(f"local-dir:{model}").architecture == "resnet"
+
+
+def test_only_stale_temporaries_of_this_tool_are_removed(tmp_path):
+    """Removed: this host's temporaries whose process is gone. Kept: those of
+    a live process, another host, and anything not named like ours."""
+    from ravl_pipeline.io.files import HOST_TAG, remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        f".out.json.ravl-tmp-{HOST_TAG}-{dead.pid}-00ff": "removed",
+        f".ck.ravl-tmp-{HOST_TAG}-{dead.pid}-0a0b": "removed",  # a folder
+        f".out.json.ravl-tmp-{HOST_TAG}-{os.getpid()}-00ff": "kept",  # this (live) process
+        f".out.json.ravl-tmp-{'0' * 8 if HOST_TAG != '0' * 8 else '1' * 8}-{dead.pid}-00ff": "kept",  # other host
+        ".out.json.abcd1234.tmp": "kept",
+        ".ck.k3j2l1": "kept",
+        "out.json": "kept",
+    }
+    for name in names:
+        if name.startswith(".ck"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "weights").write_bytes(b"x")
+        else:
+            (tmp_path / name).write_text("x")
+    aside = tmp_path / f".model.ravl-old-{HOST_TAG}-{dead.pid}-0c0d"
+    aside.mkdir()
+    (aside / "open_clip_config.json").write_text("{}")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, what in names.items() if what == "removed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [n for n, what in names.items() if what == "kept"] + ["model"])
+    assert (tmp_path / "model" / "open_clip_config.json").read_text() == "{}"  # the previous version, put back

@@ -144,10 +144,10 @@ def test_report_renders_every_finding_with_its_regions(dataset, tmp_path):
     assert tuple(thumb[20, 57]) == BOX_COLOUR  # left edge of the box, inner colour
     assert tuple(thumb[20, 56 + 28]) == RED  # inside the box: the red square, untouched
     assert tuple(thumb[20, 20]) == (0, 0, 0)  # top-left quadrant: empty, no outline
-    # the JSON twin holds the same numbers
-    twin = json.loads((tmp_path / "r" / "findings.json").read_text())
-    assert twin == findings
-    assert not (tmp_path / "r" / "metrics.json").exists()
+    # the JSON twin, named after the page, holds the same numbers
+    twin = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert twin["findings"] == findings and twin["metrics"] is None and twin["reaudit"] is None
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report.html", "report.json"]
 
 
 def test_a_findings_record_renders_as_its_json(dataset, tmp_path):
@@ -160,7 +160,7 @@ def test_a_findings_record_renders_as_its_json(dataset, tmp_path):
     from_dict = write_report(tmp_path / "dict" / "report.html", data, dataset_root=dataset, provenance=prov)
     from_record = write_report(tmp_path / "record" / "report.html", record, dataset_root=dataset, provenance=prov)
     assert from_record.read_text() == from_dict.read_text()
-    assert json.loads((tmp_path / "record" / "findings.json").read_text()) == data
+    assert json.loads((tmp_path / "record" / "report.json").read_text())["findings"] == data
 
 
 def test_empty_findings_give_an_explicit_report(dataset, tmp_path):
@@ -170,7 +170,7 @@ def test_empty_findings_give_an_explicit_report(dataset, tmp_path):
     assert "No spurious feature found" in text
     assert page.images == []
     assert not any(s and s.startswith("feature-") for s in page.sections)
-    assert json.loads((tmp_path / "findings.json").read_text())["features"] == []
+    assert json.loads((tmp_path / "report.json").read_text())["findings"]["features"] == []
 
 
 def test_schema_version_mismatch_is_refused_by_name(tmp_path):
@@ -205,9 +205,10 @@ def test_metrics_panel_and_reaudit(dataset, tmp_path):
     # worst-group image accuracy: 30.0 -> 55.0 is +25.0 points against the baseline
     assert "55.0 <span class=\"delta pos\">(+25.0)</span>" in html_text
     assert "Re-audit of the mitigated model" in page.headings
-    twin = json.loads((tmp_path / "metrics.json").read_text())
-    assert twin == {"standard": before, "ravl": after}
-    assert json.loads((tmp_path / "reaudit_findings.json").read_text())["features"] == []
+    twin = json.loads((tmp_path / "report.json").read_text())
+    assert twin["metrics"] == {"standard": before, "ravl": after}
+    assert twin["reaudit"]["features"] == []
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "findings.json").exists()
 
 
 def test_metrics_missing_a_key_is_refused(tmp_path):

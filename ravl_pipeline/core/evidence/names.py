@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...config import DEFAULT_TEMPLATE
+from ...config import DEFAULT_TEMPLATE, InputError
 from ..findings import Feature
 from ..scores import class_text_embeddings
 
@@ -36,18 +36,18 @@ def read_vocabulary(path) -> list[str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"vocabulary file {path} does not exist") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"vocabulary file {path}: not UTF-8 text ({exc})") from None
+        raise InputError(f"vocabulary file {path}: not UTF-8 text ({exc})") from None
     terms: list[str] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         term = line.strip()
         if not term or term.startswith("#"):
             continue
         if "{" in term or "}" in term:
-            raise ValueError(f"vocabulary file {path}, line {line_no}: braces are not allowed in a term ({term!r})")
+            raise InputError(f"vocabulary file {path}, line {line_no}: braces are not allowed in a term ({term!r})")
         if term not in terms:
             terms.append(term)
     if not terms:
-        raise ValueError(f"vocabulary file {path} holds no terms")
+        raise InputError(f"vocabulary file {path} holds no terms")
     return terms
 
 
@@ -57,7 +57,7 @@ def load_vocabulary(extra: Sequence | None = None, include_default: bool = True)
     for path in extra or []:
         terms += [t for t in read_vocabulary(path) if t not in terms]
     if not terms:
-        raise ValueError("the concept vocabulary is empty")
+        raise InputError("the concept vocabulary is empty")
     return terms
 
 

@@ -262,4 +262,4 @@ def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
     assert cli.main(base + ["--no-evidence"]) == 0
     assert "significance" not in json.loads(out.read_text())
     assert cli.main(base + ["--alpha", "2"]) == 2
-    assert "--alpha must lie in (0, 1)" in capsys.readouterr().err
+    assert "argument --alpha: must be a number in (0, 1), got '2'" in capsys.readouterr().err

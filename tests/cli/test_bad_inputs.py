@@ -1,0 +1,542 @@
+"""Every entry point against bad input: one table of cases, each run through
+``ravl`` in process. Each case asserts the exit status (2: bad input), that
+the one-line error names the offending input (file, row, column or flag),
+that no traceback is printed, and that no file in the workspace changed or
+appeared (bytes compared, hidden files included)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ravl_pipeline.cli import main as ravl
+from ravl_pipeline.experiments.synth import SynthConfig, make_setting
+from ravl_pipeline.io.manifest import write_manifest
+from ravl_pipeline.models import CONFIG_NAME, RAVL_META_NAME, WEIGHTS_NAME, load_model, save_model
+
+CLASSES = ["one", "nine"]
+EMBED_DIM = 64  # ravl-tiny-rn
+QUADRANTS = [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
+
+
+# --------------------------------------------------------------------------- the workspace
+
+class _Evil:
+    """A pickle that would leave a file behind if it were ever executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _findings(ws: Path, **changes) -> dict:
+    """Findings that Stage 2 and the report accept: K = 3 clusters, the
+    feature's medoid a unit vector of the audited model's width."""
+    rng = np.random.default_rng(0)
+    medoids = rng.normal(size=(3, EMBED_DIM))
+    medoids /= np.linalg.norm(medoids, axis=1, keepdims=True)
+    feature = {"rank": 1, "cluster_id": 0, "score": 0.9, "influence": 0.5, "attribute": "nine",
+               "per_class": [{"label": "nine", "n_present": 3, "acc_present": 1.0, "n_absent": 1,
+                              "acc_absent": 0.0, "gap": 0.45},
+                             {"label": "one", "n_present": 2, "acc_present": 0.0, "n_absent": 2,
+                              "acc_absent": 1.0, "gap": -0.45}],
+               "regions": [{"image_id": "eval-000000", "region_index": 1, "box": QUADRANTS[1], "similarity": 0.9}]}
+    data = {"schema_version": 1, "model": f"local-dir:{ws / 'ck'}", "dataset": str(ws / "set" / "eval"),
+            "classes": list(CLASSES), "k": 3, "silhouette": 0.3, "proposer": "quadrants", "embedding_mode": "auto",
+            "medoids": [0, 1, 2], "medoid_embeddings": medoids.tolist(), "features": [feature]}
+    for key, value in changes.items():
+        if key.startswith("feature."):
+            feature[key.removeprefix("feature.")] = value
+        else:
+            data[key] = value
+    return data
+
+
+def _dump(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+BAD_FINDINGS = {
+    "cluster_out_of_k": {"feature.cluster_id": 7},
+    "nan_medoid": None,  # built below: a NaN in the feature's medoid
+    "zero_medoid": None,
+    "medoid_width": None,  # 32-dimensional medoids for a 64-dimensional model
+    "medoid_rows": None,  # 2 medoid vectors for K = 3
+    "per_class_string": {"feature.per_class": "nine better than one"},
+    "score_string": {"feature.score": "high"},
+    "score_nan": {"feature.score": float("nan")},
+    "negative_cluster": {"feature.cluster_id": -1},
+    "classes_mismatch": {"classes": ["seven", "nine"]},
+    "classes_duplicate": {"classes": ["nine", "nine"]},
+    "schema_version": {"schema_version": 9},
+    "features_not_list": {"features": "none"},
+    "box_outside": {"feature.regions": [{"image_id": "eval-000000", "region_index": 0, "box": [0, 0, 560, 56],
+                                         "similarity": 0.9}]},
+    "unknown_image": {"feature.regions": [{"image_id": "no-such-image", "region_index": 0, "box": QUADRANTS[0],
+                                           "similarity": 0.9}]},
+}
+
+
+def _bad_findings(ws: Path) -> None:
+    for name, changes in BAD_FINDINGS.items():
+        data = _findings(ws, **(changes or {}))
+        if name == "nan_medoid":
+            data["medoid_embeddings"][0][5] = float("nan")
+        elif name == "zero_medoid":
+            data["medoid_embeddings"][0] = [0.0] * EMBED_DIM
+        elif name == "medoid_width":
+            data["medoid_embeddings"] = [row[:32] for row in data["medoid_embeddings"]]
+        elif name == "medoid_rows":
+            data["medoid_embeddings"] = data["medoid_embeddings"][:2]
+        # json.dumps writes NaN as the (non-standard) literal other tools also write
+        _dump(ws / "bad" / f"{name}.json", data)
+    _dump(ws / "bad" / "not_json.json", "{\"features\": [")
+    _dump(ws / "bad" / "not_object.json", "[1, 2, 3]")
+    _dump(ws / "bad" / "missing_key.json", json.dumps({k: v for k, v in _findings(ws).items() if k != "k"}))
+
+
+def _datasets(ws: Path) -> None:
+    """Small dataset directories, each with one thing wrong."""
+    def images(root: Path, n: int = 2) -> list[dict]:
+        root.mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            Image.fromarray(np.full((56, 56, 3), 60 * i, np.uint8)).save(root / f"img{i}.png")
+            rows.append({"image_id": f"i{i}", "path": f"img{i}.png", "label": CLASSES[i % 2]})
+        return rows
+
+    rows = images(ws / "data" / "noboxes", 3)
+    table = pa.table({"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
+                      "label": [r["label"] for r in rows],
+                      "region_labels": [["empty"] * 4 for _ in rows]})
+    pq.write_table(table, ws / "data" / "noboxes" / "manifest.parquet")
+
+    rows = images(ws / "data" / "linked")
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(ws / "outside.png")
+    (ws / "data" / "linked" / "img1.png").unlink()
+    (ws / "data" / "linked" / "img1.png").symlink_to(ws / "outside.png")
+    write_manifest(ws / "data" / "linked", rows)
+
+    rows = images(ws / "data" / "missing")
+    write_manifest(ws / "data" / "missing", rows)
+    (ws / "data" / "missing" / "img1.png").unlink()
+
+    rows = images(ws / "data" / "corrupt")
+    (ws / "data" / "corrupt" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    write_manifest(ws / "data" / "corrupt", rows)
+
+    rows = images(ws / "data" / "badlabel")
+    write_manifest(ws / "data" / "badlabel", rows)
+
+    rows = images(ws / "data" / "dupid")
+    rows[1]["image_id"] = rows[0]["image_id"]
+    pq.write_table(pa.Table.from_pylist(rows), ws / "data" / "dupid" / "manifest.parquet")
+
+    rows = images(ws / "data" / "dotdot")
+    rows[1]["path"] = "../outside.png"
+    pq.write_table(pa.Table.from_pylist(rows), ws / "data" / "dotdot" / "manifest.parquet")
+
+    rows = images(ws / "data" / "badbox")
+    table = pa.Table.from_pylist([dict(r, boxes=[[0, 0, 90, 20]]) for r in rows])
+    pq.write_table(table, ws / "data" / "badbox" / "manifest.parquet")
+
+    (ws / "data" / "nomanifest").mkdir(parents=True)
+    images(ws / "data" / "notparquet")
+    (ws / "data" / "notparquet" / "manifest.parquet").write_text("image_id,path\ni0,img0.png\n")
+
+
+def _models(ws: Path) -> None:
+    lm = load_model("ravl-tiny-rn", seed=0)
+    save_model(lm, ws / "ck", {"note": "the audited model of the findings"})
+    weights = (ws / "ck" / WEIGHTS_NAME).read_bytes()
+    for name, change in (("ck_trunc", lambda d: (d / WEIGHTS_NAME).write_bytes(weights[: len(weights) // 2])),
+                         ("ck_garbage", lambda d: (d / WEIGHTS_NAME).write_bytes(b"not safetensors" * 9)),
+                         ("ck_badconfig", lambda d: (d / CONFIG_NAME).write_text("{\"model_cfg\": ")),
+                         ("ck_badmeta", lambda d: (d / RAVL_META_NAME).write_text("{broken")),
+                         ("ck_noweights", lambda d: (d / WEIGHTS_NAME).unlink())):
+        shutil.copytree(ws / "ck", ws / name)
+        change(ws / name)
+    state = lm.model.state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1e-3)}, ws / "pickled.pt")
+    torch.save({"state_dict": state, "hook": _Evil(ws / "EXECUTED")}, ws / "evil.pt")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("bad_inputs")
+    make_setting(ws / "set", SynthConfig(classes=CLASSES, n_pretrain=4, n_finetune=16, n_val=8, n_test=8, seed=0))
+    _models(ws)
+    _dump(ws / "findings.json", _findings(ws))
+    _bad_findings(ws)
+    _datasets(ws)
+    metrics = {"image_overall": 0.5, "image_worst_group": 0.25, "region_overall": 0.5, "region_worst_group": 0.25,
+               "groups": []}
+    _dump(ws / "metrics.json", metrics)
+    _dump(ws / "bad" / "metrics_missing.json", {k: v for k, v in metrics.items() if k != "region_overall"})
+    _dump(ws / "bad" / "metrics_text.json", dict(metrics, image_overall="good"))
+    _dump(ws / "bad" / "provenance_list.json", ["not", "an", "object"])
+    _dump(ws / "bad" / "vocab_empty.txt", "# nothing\n\n")
+    _dump(ws / "bad" / "vocab_braces.txt", "red {thing}\n")
+    _dump(ws / "bad" / "params_tau.yaml", "scores:\n  tau: 0\n")
+    _dump(ws / "bad" / "params_template.yaml", "scores:\n  templates: ['a {kind} of {}']\n")
+    _dump(ws / "bad" / "coco.json", {"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []})
+    # earlier results of the user, beside which bad commands are run
+    _dump(ws / "results" / "findings.json", _findings(ws))
+    _dump(ws / "results" / "metrics.json", metrics)
+    _dump(ws / "results" / "notes.txt", "my notes\n")
+    _dump(ws / "results" / "report.html", "<html>my own page</html>\n")
+    (ws / "results" / "subdir").mkdir()
+    (ws / "results" / "somefile").write_text("x")
+    return ws
+
+
+def snapshot_all(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder`` (hidden ones included) with its bytes or link target."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+# --------------------------------------------------------------------------- the cases
+
+@dataclass
+class Case:
+    group: str
+    name: str
+    argv: list[str]
+    needles: tuple[str, ...]  # each must appear in the error (with {ws} filled in)
+
+
+MODEL = ["--model", "local-dir:{ws}/ck"]
+DISCOVER = ["discover", *MODEL, "--data", "{ws}/set/eval", "--split", "val", "--no-evidence",
+            "--out", "{ws}/results/new_findings.json"]
+EVALUATE = ["evaluate", *MODEL, "--data", "{ws}/set/eval", "--out", "{ws}/results/new_metrics.json"]
+FINETUNE = ["finetune", *MODEL, "--data", "{ws}/set/finetune", "--out", "{ws}/new_ck", "--max-steps", "1",
+            "--batch-size", "8", "--quiet"]
+STAGE2 = [*FINETUNE, "--method", "ravl", "--findings"]
+REPORT = ["report", "--findings", "{ws}/findings.json", "--data", "{ws}/set/eval", "--out",
+          "{ws}/rep/report.html"]
+SYNTH = ["synth", "--out", "{ws}/new_set", "--n-pretrain", "4", "--n-finetune", "4", "--n-val", "4",
+         "--n-test", "4"]
+
+
+def _flag(name: str, argv: list[str], flag: str, value: str) -> Case:
+    return Case("numeric and choice flags", name, [*argv, flag, value], (f"argument {flag}", repr(value)))
+
+
+CASES = [
+    # ---- numeric and choice flags: refused by the parser, naming the flag and the value
+    _flag("discover-tau-0", DISCOVER, "--tau", "0"),
+    _flag("discover-tau-negative", DISCOVER, "--tau", "-0.5"),
+    _flag("discover-tau-nan", DISCOVER, "--tau", "nan"),
+    _flag("discover-tau-text", DISCOVER, "--tau", "cold"),
+    _flag("discover-batch-0", DISCOVER, "--batch-size", "0"),
+    _flag("discover-permutations-0", DISCOVER, "--permutations", "0"),
+    _flag("discover-alpha-1", DISCOVER, "--alpha", "1"),
+    _flag("discover-cluster-workers-0", DISCOVER, "--cluster-workers", "0"),
+    _flag("discover-seed-float", DISCOVER, "--seed", "1.5"),
+    _flag("finetune-tau-0", FINETUNE, "--tau", "0"),
+    _flag("finetune-lam-above-1", FINETUNE, "--lam", "1.5"),
+    _flag("finetune-lam-negative", FINETUNE, "--lam", "-0.1"),
+    _flag("finetune-batch-0", FINETUNE, "--batch-size", "0"),
+    _flag("finetune-lr-0", FINETUNE, "--lr", "0"),
+    _flag("finetune-epochs-negative", FINETUNE, "--epochs", "-1"),
+    _flag("finetune-max-steps-0", FINETUNE, "--max-steps", "0"),
+    _flag("evaluate-batch-0", EVALUATE, "--batch-size", "0"),
+    _flag("evaluate-min-group-0", EVALUATE, "--min-group-size", "0"),
+    _flag("synth-strength-2", SYNTH, "--strength", "2"),
+    _flag("synth-n-val-0", SYNTH, "--n-val", "0"),
+    _flag("report-top-regions-negative", REPORT, "--top-regions", "-1"),
+    _flag("bench-workers-0", ["bench", "discovery", "--out", "{ws}/bench"], "--workers", "0"),
+    Case("numeric and choice flags", "discover-mode-unknown", [*DISCOVER, "--mode", "fast"], ("--mode", "'fast'")),
+    Case("numeric and choice flags", "finetune-method-unknown", [*FINETUNE, "--method", "magic"],
+         ("--method", "'magic'")),
+    Case("numeric and choice flags", "discover-proposer-grid-0", [*DISCOVER, "--proposer", "grid:0"],
+         ("proposer", "'grid:0'")),
+    Case("numeric and choice flags", "discover-classes-empty-name", [*DISCOVER, "--classes", "one,,nine"],
+         ("--classes", "'one,,nine'")),
+    Case("numeric and choice flags", "finetune-features-unknown",
+         [*STAGE2, "{ws}/findings.json", "--features", "most"], ("argument --features", "'most'")),
+    Case("numeric and choice flags", "evaluate-split-unknown", [*EVALUATE, "--split", "holdout"],
+         ("split", "'holdout'")),
+    # ---- templates: refused before the model is loaded
+    Case("templates", "discover-unknown-placeholder", [*DISCOVER, "--template", "a {kind} of {}"],
+         ("--template", "{kind}")),
+    Case("templates", "discover-two-placeholders", [*DISCOVER, "--template", "a {} of {}"], ("--template",)),
+    Case("templates", "discover-no-placeholder", [*DISCOVER, "--template", "a photo"], ("--template", "'{}'")),
+    Case("templates", "discover-lone-brace", [*DISCOVER, "--template", "a {} photo {"], ("--template",)),
+    Case("templates", "evaluate-unknown-placeholder", [*EVALUATE, "--template", "a {kind} of {}"],
+         ("--template", "{kind}")),
+    Case("templates", "finetune-caption-placeholder", [*FINETUNE, "--caption-template", "a {kind}"],
+         ("--caption-template", "{kind}")),
+    Case("templates", "params-template", ["materialize", "--select", "audited_model"],
+         ("params_template.yaml", "scores.templates[0]")),
+    Case("templates", "params-tau", ["materialize", "--select", "audited_model"],
+         ("params_tau.yaml", "scores.tau")),
+    # ---- output paths: checked before any work; nothing existing replaced
+    Case("output paths", "discover-out-is-directory", [*DISCOVER[:-1], "{ws}/results/subdir"],
+         ("--out", "results/subdir", "is a directory")),
+    Case("output paths", "evaluate-out-is-directory", [*EVALUATE[:-1], "{ws}/results"],
+         ("--out", "results", "is a directory")),
+    Case("output paths", "discover-out-under-a-file", [*DISCOVER[:-1], "{ws}/results/somefile/f.json"],
+         ("--out", "somefile", "not a directory")),
+    Case("output paths", "finetune-out-is-unrelated-folder", [*FINETUNE[:5], "--out", "{ws}/results"],
+         ("--out", "results", "not a checkpoint")),
+    Case("output paths", "finetune-out-is-a-file", [*FINETUNE[:5], "--out", "{ws}/results/notes.txt"],
+         ("--out", "notes.txt", "not a directory")),
+    Case("output paths", "finetune-history-is-directory", [*FINETUNE, "--history", "{ws}/results"],
+         ("--history", "results", "is a directory")),
+    Case("output paths", "report-out-is-directory", [*REPORT[:-1], "{ws}/results"], ("--out", "is a directory")),
+    Case("output paths", "report-out-is-not-a-report", [*REPORT[:-1], "{ws}/results/report.html"],
+         ("--out", "results/report.html", "not a report")),
+    Case("output paths", "report-twin-is-not-a-report", [*REPORT[:-1], "{ws}/results/metrics.html"],
+         ("--out", "results/metrics.json", "not a report")),
+    Case("output paths", "report-out-ends-in-json", [*REPORT[:-1], "{ws}/rep/report.json"], ("--out", ".json")),
+    Case("output paths", "synth-out-is-unrelated-folder", [*SYNTH[:2], "{ws}/results", *SYNTH[3:]],
+         ("--out", "results", "not a synthetic setting")),
+    Case("output paths", "synth-out-is-a-file", [*SYNTH[:2], "{ws}/results/notes.txt", *SYNTH[3:]],
+         ("--out", "notes.txt", "not a directory")),
+    Case("output paths", "import-out-is-a-file",
+         ["import", "imagefolder", "{ws}/set/eval/images", "--out", "{ws}/results/notes.txt"],
+         ("--out", "notes.txt", "not a directory")),
+    # ---- models and weights
+    Case("models", "truncated-safetensors", ["discover", "--model", "local-dir:{ws}/ck_trunc", *DISCOVER[3:]],
+         ("ck_trunc/open_clip_model.safetensors",)),
+    Case("models", "garbage-safetensors", ["discover", "--model", "local-dir:{ws}/ck_garbage", *DISCOVER[3:]],
+         ("ck_garbage/open_clip_model.safetensors",)),
+    Case("models", "pickle-pretrained",
+         ["discover", "--model", "ravl-tiny-rn", "--pretrained", "{ws}/pickled.pt", *DISCOVER[3:]],
+         ("--pretrained", "pickled.pt", "refusing to unpickle", "safetensors")),
+    Case("models", "malicious-pickle-pretrained",
+         ["evaluate", "--model", "ravl-tiny-rn", "--pretrained", "{ws}/evil.pt", *EVALUATE[3:]],
+         ("--pretrained", "evil.pt", "refusing to unpickle")),
+    Case("models", "malformed-open-clip-config", ["discover", "--model", "local-dir:{ws}/ck_badconfig",
+                                                  *DISCOVER[3:]], ("ck_badconfig/open_clip_config.json", "JSON")),
+    Case("models", "malformed-ravl-model-json", ["discover", "--model", "local-dir:{ws}/ck_badmeta", *DISCOVER[3:]],
+         ("ck_badmeta/ravl_model.json", "JSON")),
+    Case("models", "checkpoint-without-weights", ["discover", "--model", "local-dir:{ws}/ck_noweights",
+                                                  *DISCOVER[3:]], ("ck_noweights", WEIGHTS_NAME)),
+    Case("models", "checkpoint-folder-missing", ["discover", "--model", "local-dir:{ws}/nowhere", *DISCOVER[3:]],
+         ("nowhere", "no such directory")),
+    Case("models", "unknown-model-name", ["discover", "--model", "ravl-huge", *DISCOVER[3:]], ("'ravl-huge'",)),
+    Case("models", "unknown-pretrained-tag",
+         ["discover", "--model", "ravl-tiny-rn", "--pretrained", "laion-nothing", *DISCOVER[3:]],
+         ("'laion-nothing'",)),
+    Case("models", "audited-model-other-architecture",
+         [*STAGE2, "{ws}/findings.json", "--audited-model", "ravl-tiny-vit"], ("different architecture",)),
+    # ---- findings entering Stage 2 (ravl finetune --method ravl)
+    *[Case("findings (Stage 2)", f"finetune-{name}", [*STAGE2, f"{{ws}}/bad/{name}.json"],
+           (f"bad/{name}.json", *needles))
+      for name, needles in (("cluster_out_of_k", ("feature rank 1", "cluster_id 7", "K = 3")),
+                            ("nan_medoid", ("medoid_embeddings[0]", "feature rank 1", "non-finite")),
+                            ("zero_medoid", ("medoid_embeddings[0]", "zero length")),
+                            ("medoid_width", ("32-dimensional", "64")),
+                            ("medoid_rows", ("medoid_embeddings", "K = 3")),
+                            ("per_class_string", ("rank 1", "'per_class'")),
+                            ("score_string", ("rank 1", "'score'")),
+                            ("negative_cluster", ("rank 1", "'cluster_id'")),
+                            ("classes_mismatch", ("manifest.parquet", "column 'label'", "'one'")),
+                            ("classes_duplicate", ("'classes'",)),
+                            ("schema_version", ("schema_version 9",)),
+                            ("features_not_list", ("'features'",)),
+                            ("not_json", ("not valid JSON",)),
+                            ("not_object", ("JSON object",)),
+                            ("missing_key", ("missing required key", "k")))],
+    Case("findings (Stage 2)", "finetune-findings-missing", [*STAGE2, "{ws}/bad/nothing.json"],
+         ("bad/nothing.json",)),
+    Case("findings (Stage 2)", "finetune-ravl-without-findings", [*FINETUNE, "--method", "ravl"], ("--findings",)),
+    # ---- report inputs
+    *[Case("report inputs", f"report-{name}", ["report", "--findings", f"{{ws}}/bad/{name}.json", *REPORT[3:]],
+           (f"bad/{name}.json", *needles))
+      for name, needles in (("per_class_string", ("rank 1", "'per_class'")),
+                            ("score_string", ("rank 1", "'score'")),
+                            ("score_nan", ("rank 1", "'score'")),
+                            ("box_outside", ("feature rank 1", "eval-000000", "outside", "56x56")),
+                            ("unknown_image", ("no-such-image",)),
+                            ("schema_version", ("schema_version 9",)))],
+    Case("report inputs", "report-metrics-missing-key",
+         [*REPORT, "--metrics", "ravl={ws}/bad/metrics_missing.json"], ("metrics_missing.json", "region_overall")),
+    Case("report inputs", "report-metrics-not-a-number",
+         [*REPORT, "--metrics", "ravl={ws}/bad/metrics_text.json"], ("metrics_text.json", "image_overall")),
+    Case("report inputs", "report-metrics-twice",
+         [*REPORT, "--metrics", "a={ws}/metrics.json", "--metrics", "a={ws}/metrics.json"], ("--metrics", "'a'")),
+    Case("report inputs", "report-provenance-not-an-object", [*REPORT, "--provenance", "{ws}/bad/provenance_list.json"],
+         ("provenance_list.json", "JSON object")),
+    Case("report inputs", "report-reaudit-bad", [*REPORT, "--reaudit", "{ws}/bad/per_class_string.json"],
+         ("per_class_string.json", "'per_class'")),
+    # ---- datasets
+    Case("datasets", "region-labels-without-boxes", ["discover", *MODEL, "--data", "{ws}/data/noboxes",
+                                                     *DISCOVER[7:]], ("noboxes/manifest.parquet", "'boxes'")),
+    Case("datasets", "symlink-outside-dataset", ["discover", *MODEL, "--data", "{ws}/data/linked", *DISCOVER[7:]],
+         ("linked/manifest.parquet", "row 1", "column 'path'", "symbolic link")),
+    Case("datasets", "path-with-dotdot", ["discover", *MODEL, "--data", "{ws}/data/dotdot", *DISCOVER[7:]],
+         ("dotdot/manifest.parquet", "row 1", "'..'")),
+    Case("datasets", "missing-image", ["discover", *MODEL, "--data", "{ws}/data/missing", *DISCOVER[7:]],
+         ("missing/manifest.parquet", "row 1", "does not exist")),
+    Case("datasets", "corrupt-image", ["discover", *MODEL, "--data", "{ws}/data/corrupt", *DISCOVER[7:]],
+         ("corrupt/manifest.parquet", "row 0", "unreadable")),
+    Case("datasets", "label-not-a-class", ["discover", *MODEL, "--data", "{ws}/data/badlabel", "--classes",
+                                           "seven,nine", *DISCOVER[7:]], ("badlabel/manifest.parquet", "'one'")),
+    Case("datasets", "duplicate-image-id", ["discover", *MODEL, "--data", "{ws}/data/dupid", *DISCOVER[7:]],
+         ("dupid/manifest.parquet", "row 1", "duplicate")),
+    Case("datasets", "box-outside-image", ["discover", *MODEL, "--data", "{ws}/data/badbox", *DISCOVER[7:]],
+         ("badbox/manifest.parquet", "column 'boxes'", "outside")),
+    Case("datasets", "no-manifest", ["discover", *MODEL, "--data", "{ws}/data/nomanifest", *DISCOVER[7:]],
+         ("nomanifest/manifest.parquet",)),
+    Case("datasets", "manifest-not-parquet", ["discover", *MODEL, "--data", "{ws}/data/notparquet", *DISCOVER[7:]],
+         ("notparquet/manifest.parquet", "unreadable")),
+    Case("datasets", "split-without-rows", [*DISCOVER[:5], "--split", "train", *DISCOVER[7:]],
+         ("eval/manifest.parquet", "'train'")),
+    Case("datasets", "boxes-proposer-without-boxes", ["discover", *MODEL, "--data", "{ws}/data/badlabel",
+                                                      "--proposer", "boxes", *DISCOVER[7:]], ("'boxes'",)),
+    Case("datasets", "coco-missing-images-flag", ["import", "coco", "{ws}/bad/coco.json", "--out", "{ws}/imported"],
+         ("--images",)),
+    Case("datasets", "coco-malformed", ["import", "coco", "{ws}/bad/coco.json", "--images", "{ws}/set/eval",
+                                        "--out", "{ws}/imported"], ("coco.json",)),
+    Case("datasets", "imagefolder-not-a-folder", ["import", "imagefolder", "{ws}/nowhere", "--out", "{ws}/imported"],
+         ("nowhere",)),
+    Case("datasets", "vocabulary-empty", [*DISCOVER[:-3], "--out", "{ws}/results/new.json", "--vocab",
+                                          "{ws}/bad/vocab_empty.txt"], ("vocab_empty.txt", "no terms")),
+    Case("datasets", "vocabulary-braces", [*DISCOVER[:-3], "--out", "{ws}/results/new.json", "--vocab",
+                                           "{ws}/bad/vocab_braces.txt"], ("vocab_braces.txt", "line 1")),
+]
+
+
+def test_the_table_covers_every_group_and_names_are_unique():
+    assert len({c.name for c in CASES}) == len(CASES)
+    groups = {c.group for c in CASES}
+    assert groups == {"numeric and choice flags", "templates", "output paths", "models", "findings (Stage 2)",
+                      "report inputs", "datasets"}
+
+
+def run_ravl(argv: list[str]) -> int:
+    """``ravl argv`` in process: its exit status."""
+    return ravl(argv)
+
+
+def assert_one_clear_line(err: str, command: str) -> None:
+    """One error line for ``command`` (warnings may come before it; a list of
+    problems may follow it, indented), and no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith(f"ravl {command}: error: ")]
+    assert len(errors) == 1, err
+    assert all(line.startswith(f"ravl {command}: warning: ") for line in lines[:errors[0]]), err
+    assert all(line.startswith("  ") for line in lines[errors[0] + 1:]), err
+    assert "Traceback" not in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_ends_in_one_clear_line_and_changes_nothing(case, ws, tmp_path, monkeypatch, capsys):
+    if case.name.startswith("params-"):
+        monkeypatch.setenv("RAVL_PARAMS", str(ws / "bad" / f"{case.name.replace('-', '_')}.yaml"))
+        monkeypatch.setenv("RAVL_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    argv = [a.replace("{ws}", str(ws)) for a in case.argv]
+    before = snapshot_all(ws)
+    capsys.readouterr()
+    rc = run_ravl(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    command = argv[0] if argv[0] != "bench" else "bench discovery"
+    assert_one_clear_line(err, command)
+    for needle in case.needles:
+        assert needle.replace("{ws}", str(ws)) in err, f"{needle!r} not in {err!r}"
+    assert snapshot_all(ws) == before  # nothing written, nothing replaced, no temporary left
+    assert not (ws / "EXECUTED").exists()  # no pickle was run
+
+
+# --------------------------------------------------------------------------- beyond the table
+
+def test_report_beside_earlier_results_writes_only_its_own_files(ws, tmp_path, capsys):
+    """The report written next to the results it reads leaves them as they
+    were, and the same command runs again (its twin is report.json)."""
+    results = tmp_path / "results"
+    shutil.copytree(ws / "results", results)
+    argv = ["report", "--findings", str(results / "findings.json"), "--metrics", f"ravl={results / 'metrics.json'}",
+            "--data", str(ws / "set" / "eval"), "--out", str(results / "audit.html")]
+    before = snapshot_all(results)
+    for _ in range(2):
+        assert run_ravl(argv) == 0, capsys.readouterr().err
+        after = snapshot_all(results)
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert set(after) - set(before) == {"audit.html", "audit.json"}
+    twin = json.loads((results / "audit.json").read_text())
+    assert twin["generator"] == "ravl_pipeline report"
+    assert twin["findings"] == json.loads((results / "findings.json").read_text())
+    assert twin["metrics"] == {"ravl": json.loads((results / "metrics.json").read_text())}
+    assert twin["reaudit"] is None
+
+
+def test_an_untrained_model_is_named_and_the_same_on_every_run(ws, tmp_path, capsys):
+    """``--model ravl-tiny-rn`` has no trained weights: the command says so,
+    and ``--seed`` fixes the random network, so two runs agree."""
+    out = []
+    for run in range(2):
+        path = tmp_path / f"f{run}.json"
+        argv = ["discover", "--model", "ravl-tiny-rn", "--data", str(ws / "set" / "eval"), "--split", "val",
+                "--no-evidence", "--seed", "3", "--out", str(path), "--quiet"]
+        assert run_ravl(argv) == 0
+        err = capsys.readouterr().err
+        assert "ravl discover: warning: --model ravl-tiny-rn without --pretrained has no trained weights" in err
+        assert "seeded with 3" in err
+        out.append({k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"})
+    assert out[0] == out[1]
+
+
+def test_an_internal_error_is_one_line_and_verbose_shows_the_traceback(monkeypatch, capsys):
+    from ravl_pipeline.cli import synth
+
+    def broken(args):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(synth, "run", broken)
+    assert run_ravl(["synth", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("ravl synth: internal error: RuntimeError: a bug (re-run with -v for the traceback)\n")
+    assert run_ravl(["-v", "synth", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith(
+        "ravl synth: internal error: RuntimeError: a bug")
+    assert run_ravl(["synth", "--out", "unused", "-v"]) == 1  # -v after the command works too
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_an_asset_fails_on_bad_input_with_one_line(ws, tmp_path, monkeypatch, capsys):
+    """In the Dagster graph a user error ends its step as a one-line
+    failure, printed by ``ravl materialize`` with exit status 2."""
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data" / "linked", data / "validation_sets" / "linked", symlinks=True)
+    monkeypatch.setenv("RAVL_DATA_DIR", str(data))
+    monkeypatch.setenv("RAVL_PARAMS", str(tmp_path / "params.yaml"))  # missing: the defaults
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    rc = run_ravl(["materialize", "--partition", "linked", "--select", "region_proposals"])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 2, out
+    assert "Traceback" not in captured.err and "Stack Trace" not in captured.err, captured.err
+    failed = [line for line in out.splitlines() if "step region_proposals failed:" in line]
+    assert len(failed) == 1 and "row 1 (image_id 'i1'), column 'path'" in failed[0], out
+    assert "symbolic link" in failed[0] and "Traceback" not in out
+    assert not (data / "outputs" / "linked" / "proposals").exists()
