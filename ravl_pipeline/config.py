@@ -30,7 +30,8 @@ DEFAULT_TAU = 0.07  # SPEC §1.4 and §3.3: zero-shot scores and the region-awar
 DEFAULT_TEMPLATE = "a photo of a {}."  # prompts, captions and names when nothing else is configured
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 EMBEDDING_MODES = ("auto", "roi", "roi-half", "crop")
-MASK_FILLS = ("mean", "black", "blur")
+MASK_FILLS = ("mean", "black", "blur", "border", "local")  # how the masking check hides a region
+MASK_FILL_CHOICES = ("auto",) + MASK_FILLS  # auto: the fill that disturbs a random-region control least
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1")  # or a count
@@ -84,7 +85,9 @@ class DiscoveryConfig:
     evidence: bool = _f(True, "significance, the masking check and names for every feature")
     permutations: int = _f(2000, "permutations for each cluster's p-value (smallest p = 1/(permutations+1))")
     alpha: float = _f(0.05, "Benjamini-Hochberg level deciding which features are 'called'")
-    mask_fill: str = _f("mean", "how the masking check hides a feature's regions: mean | black | blur")
+    mask_fill: str = _f("auto", "how the masking check hides a feature's regions: auto (the fill whose "
+                                "random-region control changes predictions least, chosen per audit) | mean | "
+                                "black | blur | border | local")
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     need(_is_int(disc.permutations) and disc.permutations >= 1, "discovery.permutations", "a positive integer",
          disc.permutations)
     need(_is_number(disc.alpha) and 0 < disc.alpha < 1, "discovery.alpha", "a number in (0, 1)", disc.alpha)
-    need(disc.mask_fill in MASK_FILLS, "discovery.mask_fill", f"one of {', '.join(MASK_FILLS)}", disc.mask_fill)
+    need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
+         disc.mask_fill)
     need(_is_number(params.scores.tau) and params.scores.tau > 0, "scores.tau", "a positive number",
          params.scores.tau)
     lam = params.mitigation.lam
