@@ -85,9 +85,9 @@ class DiscoveryConfig:
     evidence: bool = _f(True, "significance, the masking check and names for every feature")
     permutations: int = _f(2000, "permutations for each cluster's p-value (smallest p = 1/(permutations+1))")
     alpha: float = _f(0.05, "Benjamini-Hochberg level deciding which features are 'called'")
-    mask_fill: str = _f("auto", "how the masking check hides a feature's regions: auto (the fill whose "
-                                "random-region control changes predictions least, chosen per audit) | mean | "
-                                "black | blur | border | local")
+    mask_fill: str = _f("auto", "how the masking check hides a feature's regions: auto (of border, black, "
+                                "local and mean, the fill whose random-region control changes predictions "
+                                "least, chosen per audit) | mean | black | blur | border | local")
 
 
 @dataclass(frozen=True)

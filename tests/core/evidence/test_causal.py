@@ -214,8 +214,8 @@ def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval
                                  classes, templates, 0.07, fill="auto", max_features=1, seed=0, alpha=0.05)
     selection = auto.summary["fill_selection"]
     rates = selection["flip_rates"]
-    assert set(rates) == set(causal.FILLS) and all(0.0 <= r <= 1.0 for r in rates.values())
-    assert auto.summary["fill"] == selection["chosen"] == min(causal.FILLS, key=lambda f: rates[f])
+    assert set(rates) == set(causal.FILL_CANDIDATES) and all(0.0 <= r <= 1.0 for r in rates.values())
+    assert auto.summary["fill"] == selection["chosen"] == min(causal.FILL_CANDIDATES, key=lambda f: rates[f])
     assert auto.effects[0]["fill"] == selection["chosen"]
 
 
