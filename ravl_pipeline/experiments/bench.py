@@ -431,7 +431,8 @@ def evidence_summary(rows: Sequence[dict]) -> dict:
             sel = [c for c in checked if c["true"] == kind and (c["called"] or not called_only)]
             return {v: sum(c["verdict"] == v for c in sel) for v in VERDICTS}
 
-        fills = [r.get("fill") for r in mine if r.get("fill")]
+        # an audit with no feature to check never chooses a fill (it stays "auto")
+        fills = [r["fill"] for r in mine if r.get("fill") not in (None, "auto")]
         out[family] = {
             "n_settings": len(mine),
             "verdicts_true": verdicts(True, False), "verdicts_other": verdicts(False, False),
