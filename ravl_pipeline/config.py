@@ -43,7 +43,8 @@ DEFAULT_TAU = 0.07  # SPEC §1.4 and §3.3: zero-shot scores and the region-awar
 DEFAULT_TEMPLATE = "a photo of a {}."  # prompts, captions and names when nothing else is configured
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 EMBEDDING_MODES = ("auto", "roi", "roi-half", "crop")
-MASK_FILLS = ("mean", "black", "blur")
+MASK_FILLS = ("mean", "black", "blur", "border", "local")  # how the masking check hides a region
+MASK_FILL_CHOICES = ("auto",) + MASK_FILLS  # auto: the fill that disturbs a random-region control least
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1")  # or a count
@@ -230,7 +231,9 @@ class DiscoveryConfig:
     permutations: int = _f(2000, "permutations for each cluster's p-value (smallest p = 1/(permutations+1))",
                            COUNT)
     alpha: float = _f(0.05, "Benjamini-Hochberg level deciding which features are 'called'", OPEN_UNIT)
-    mask_fill: str = _f("mean", "how the masking check hides a feature's regions: mean | black | blur")
+    mask_fill: str = _f("auto", "how the masking check hides a feature's regions: auto (of border, black, "
+                                "local and mean, the fill whose random-region control changes predictions "
+                                "least, chosen per audit) | mean | black | blur | border | local")
 
 
 @dataclass(frozen=True)
@@ -374,7 +377,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     for name in SECTIONS:  # every number in its range (a negative max_accuracy_drop demands a gain)
         check_bounds(getattr(params, name), str(where), ParamsError, none_ok=name == "mitigation", prefix=f"{name}.")
     need(isinstance(disc.evidence, bool), "discovery.evidence", "true or false", disc.evidence)
-    need(disc.mask_fill in MASK_FILLS, "discovery.mask_fill", f"one of {', '.join(MASK_FILLS)}", disc.mask_fill)
+    need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
+         disc.mask_fill)
     for i, template in enumerate(params.scores.templates or []):
         problem = template_problem(template)
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)

@@ -44,9 +44,12 @@ open_clip.add_model_config(CONFIG_DIR)
 # is 0, the value convolutions pad with: with open_clip's default (CLIP)
 # normalisation black becomes about -1.8, the image border stands out from a
 # black background, and region features pick up where in the image a region
-# sits rather than what it shows.
+# sits rather than what it shows. ``ravl-tiny-rn-clip`` is the same ResNet with
+# CLIP's standard normalisation: the second model family every default is
+# checked on, as the models users bring are preprocessed that way.
+SCALED_TO_BLACK = {"image_mean": (0.0, 0.0, 0.0), "image_std": (0.5, 0.5, 0.5)}
 BUILTIN_PREPROCESS: dict[str, dict[str, Any]] = {
-    name: {"image_mean": (0.0, 0.0, 0.0), "image_std": (0.5, 0.5, 0.5)} for name in BUILTIN_MODELS
+    name: SCALED_TO_BLACK for name in BUILTIN_MODELS if not name.endswith("-clip")
 }
 
 

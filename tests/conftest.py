@@ -21,3 +21,15 @@ def tiny_setting(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_setting")
     return build_audited_model(root, DEFAULT_RECIPE.small())
+
+
+@pytest.fixture(scope="session")
+def clip_setting(tmp_path_factory):
+    """The reduced default setting with the second model family: the tiny
+    ResNet with CLIP's standard normalisation (``ravl-tiny-rn-clip``)."""
+    from dataclasses import replace
+
+    from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, build_audited_model
+
+    root = tmp_path_factory.mktemp("clip_setting")
+    return build_audited_model(root, replace(DEFAULT_RECIPE.small(), base_model="ravl-tiny-rn-clip"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import COUNT, EMBEDDING_MODES, DiscoveryConfig, RegionsConfig, flag_type, option
+from ..config import COUNT, EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, flag_type, option
 from ..experiments.bench import GRIDS, run_bench, significance_calibration
 from .errors import check_output_dir
 
@@ -16,7 +16,7 @@ def register(sub) -> None:
     b = bench.add_parser("discovery", help="RaVL vs image-level baselines over synthetic settings (SPEC §4)")
     b.add_argument("--grid", default="small", choices=list(GRIDS),
                    help="small (CI) | full (the 44-setting grid) | extra (null and two-feature settings "
-                        "on four more seeds)")
+                        "on four more seeds) | evidence (single and null settings on two model families)")
     b.add_argument("--out", default="runs/bench-discovery", help="output folder (resumes a partial run)")
     b.add_argument("--limit", type=flag_type(COUNT), default=None, help="run only the first N settings of the grid")
     b.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))
@@ -26,6 +26,7 @@ def register(sub) -> None:
     b.add_argument("--threads", type=flag_type(COUNT), default=None,
                    help="torch threads per worker (default: CPU count / workers)")
     b.add_argument("--mode", choices=list(EMBEDDING_MODES), **option(RegionsConfig, "mode"))
+    b.add_argument("--mask-fill", choices=list(MASK_FILL_CHOICES), **option(DiscoveryConfig, "mask_fill"))
     b.add_argument("--match", default=None, metavar="TEXT",
                    help="run only the settings whose name contains TEXT (e.g. red-square)")
     b.set_defaults(func=run_discovery)
@@ -38,7 +39,8 @@ def register(sub) -> None:
 def run_discovery(args) -> int:
     check_output_dir(args.out)
     summary = run_bench(args.grid, args.out, limit=args.limit, permutations=args.permutations, alpha=args.alpha,
-                        workers=args.workers, threads_per_worker=args.threads, mode=args.mode, match=args.match)
+                        workers=args.workers, threads_per_worker=args.threads, mode=args.mode, match=args.match,
+                        mask_fill=args.mask_fill)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 0 if summary["n_settings"] else 1
 

@@ -103,15 +103,19 @@ def print_findings(findings: Findings, path) -> None:
             control = (f.causal_control or {}).get("flip_rate")
             support = f.support
             verdict = "" if support is None else (
-                f"; errors fixed {support['errors_fixed']} vs made {support['errors_made']}, "
-                + ("supported" if support["supported"] else "not supported"))
+                f"; errors fixed {support['errors_fixed']} vs made {support['errors_made']}, {f.verdict}"
+                + (f" ({support['reason']})" if support.get("reason") else ""))
             print(f"      p={f.p_value:.3f} q={f.q_value:.3f} {'CALLED' if f.called else 'not called'}"
                   + (f", masking flips {flips:.0%} of its images" if flips is not None else "")
                   + (f" vs {control:.0%} for random regions" if control is not None else "") + verdict
                   + (f"; model-derived names: {names}" if names else ""))
     if findings.causal is not None:
+        selection = findings.causal.get("fill_selection")
+        if selection:
+            rates = ", ".join(f"{k} {v:.0%}" for k, v in selection["flip_rates"].items())
+            print(f"  masking fill: {findings.causal['fill']} (random regions flip {rates} of predictions)")
         lead = findings.lead_rank
-        print("  lead finding (highest-ranked called feature the masking check supports): "
+        print("  lead finding (highest-ranked called feature the masking check does not refute): "
               + ("none" if lead is None else f"#{lead}"))
     for name, gt in (findings.ground_truth or {}).items():
         v = gt["validity"]

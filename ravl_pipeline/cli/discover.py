@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import EMBEDDING_MODES, MASK_FILLS, DiscoveryConfig, RegionsConfig, ScoresConfig, option
+from ..config import EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, ScoresConfig, option
 from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--cluster-workers", **option(DiscoveryConfig, "cluster_workers"))
     p.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))
     p.add_argument("--alpha", **option(DiscoveryConfig, "alpha"))
-    p.add_argument("--mask-fill", choices=list(MASK_FILLS), **option(DiscoveryConfig, "mask_fill"))
+    p.add_argument("--mask-fill", choices=list(MASK_FILL_CHOICES), **option(DiscoveryConfig, "mask_fill"))
     p.add_argument("--vocab", action="append", default=None, metavar="FILE",
                    help="extra naming concepts, one per line (repeatable; added to the packaged list)")
     p.add_argument("--no-evidence", action="store_true", help="skip significance, the masking check and names")

@@ -93,15 +93,27 @@ class Feature:
         return support if isinstance(support, Mapping) and "supported" in support else None
 
     @property
+    def verdict(self) -> str | None:
+        """The masking verdict: ``supported``, ``inconclusive`` (the fill
+        changes predictions by itself about as much as hiding the feature),
+        ``not supported``, or None (unchecked)."""
+        support = self.support
+        if support is None:
+            return None
+        return support.get("verdict") or ("supported" if support["supported"] else "not supported")
+
+    @property
     def supported(self) -> bool | None:
         """True (supported), False (hiding its regions undoes none of the
-        errors it goes with) or None (unchecked)."""
-        return None if self.support is None else bool(self.support["supported"])
+        errors it goes with) or None (unchecked, or inconclusive)."""
+        verdict = self.verdict
+        return None if verdict in (None, "inconclusive") else verdict == "supported"
 
     @property
     def actionable(self) -> bool:
         """Called significant (or no significance computed) and not refuted
-        by the masking check: what the lead finding and Stage 2 consider."""
+        by the masking check (an inconclusive check refutes nothing): what
+        the lead finding and Stage 2 consider."""
         return self.called is not False and self.supported is not False
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..config import DiscoveryConfig, InputError, RegionsConfig
 from ..core.evidence import stats
+from ..core.evidence.causal import VERDICTS
 from ..core.findings import Feature, Findings
 from ..core.metrics import PRECISION_K as K
 from ..core.metrics import feature_presence, precision_at_k, region_label_map, validity
@@ -42,8 +43,8 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import load_model
 from ..pipeline import stages
 from . import baselines
-from .recipe import DEFAULT_RECIPE, Recipe, build_audited_model
-from .synth import FeatureSpec
+from .recipe import BASE_MODEL, DEFAULT_RECIPE, Recipe, build_audited_model
+from .synth import FeatureSpec, SynthConfig
 
 TRUE_FINDING_PRECISION = 0.5  # a finding "is" a feature when most of its top-10 regions show it
 FEATURES = {
@@ -52,7 +53,14 @@ FEATURES = {
     "green triangle": FeatureSpec("green triangle", (0, 255, 0), "triangle"),
     "yellow cross": FeatureSpec("yellow cross", (255, 255, 0), "cross"),
 }
-GRIDS = ("small", "full", "extra")
+GRIDS = ("small", "full", "extra", "evidence")
+# SPEC §4.2: in a null setting the planted feature appears in pre-training and
+# fine-tuning too, independent of the label, as often as in evaluation
+NULL_PRETRAIN_RATE = SynthConfig().eval_feature_rate
+# The model families every evidence default is checked on: the built-in tiny
+# ResNet (input scaled so that black is 0) and the same ResNet with CLIP's
+# standard normalisation, as the models users bring are preprocessed
+FAMILIES = ("ravl-tiny-rn", "ravl-tiny-rn-clip")
 
 __all__ = ["BenchSetting", "grid_settings", "setting_recipe", "run_setting", "evaluate_setting", "significance_calibration", "summarise",
            "summary_markdown", "run_bench"]
@@ -70,18 +78,22 @@ class BenchSetting:
     seed: int
     classes: list[str] = field(default_factory=list)
     data_scale: float = 1.0  # multiplies the base recipe's data sizes
+    base_model: str = BASE_MODEL  # the model family the audited model is built from
+    pretrain_feature_rate: float = 0.0  # the planted feature in pre-training, independent of the label
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "features": list(self.features),
                 "correlated_classes": list(self.correlated_classes), "strength": self.strength,
-                "seed": self.seed, "classes": list(self.classes), "data_scale": self.data_scale}
+                "seed": self.seed, "classes": list(self.classes), "data_scale": self.data_scale,
+                "base_model": self.base_model, "pretrain_feature_rate": self.pretrain_feature_rate}
 
 
-def _setting(kind, features, classes_for, strength, seed, classes, scale) -> BenchSetting:
+def _setting(kind, features, classes_for, strength, seed, classes, scale, base_model=BASE_MODEL) -> BenchSetting:
     slug = "+".join(f.replace(" ", "-") for f in features)
-    name = f"{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}"
+    family = "" if base_model == BASE_MODEL else f"_{base_model}"
+    name = f"{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}{family}"
     return BenchSetting(name, kind, list(features), list(classes_for), float(strength), int(seed),
-                        list(classes), float(scale))
+                        list(classes), float(scale), base_model, NULL_PRETRAIN_RATE if kind == "null" else 0.0)
 
 
 def grid_settings(grid: str = "small") -> list[BenchSetting]:
@@ -99,6 +111,13 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
     seeds (2–5), the kinds of which ``full`` has too few to pin down a
     false-finding rate or a two-feature recall; summarise it together with
     ``full``.
+    ``evidence``: for each model family of :data:`FAMILIES`, six strong
+    single-feature settings (two features × seeds 0–2) and twelve null
+    settings (three features × seeds 0–3): what the masking verdict and the
+    automatic fill say on true and on other clusters, and how often a null
+    setting calls anything.
+    In every grid a null setting's feature also appears in pre-training
+    (SPEC §4.2), so the model has seen it and has no reason to react to it.
     """
     if grid == "small":
         classes, scale = ["zero", "one", "nine"], 0.1
@@ -128,6 +147,16 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
                 out.append(_setting("null", [feat], ["nine"], 0.0, seed, classes, scale))
             out.append(_setting("two", ["red square", "blue circle"], ["nine", "three"], 0.99, seed,
                                 classes, scale))
+        return _run_order(out)
+    if grid == "evidence":
+        out = []
+        for family in FAMILIES:
+            for seed in (0, 1, 2):
+                for feat in ("red square", "blue circle"):
+                    out.append(_setting("single", [feat], ["nine"], 0.99, seed, [], 1.0, family))
+            for seed in (0, 1, 2, 3):
+                for feat in ("red square", "blue circle", "green triangle"):
+                    out.append(_setting("null", [feat], ["nine"], 0.0, seed, [], 1.0, family))
         return _run_order(out)
     raise InputError(f"unknown benchmark grid {grid!r}; expected one of {', '.join(GRIDS)}")
 
@@ -168,8 +197,9 @@ def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
              for key in ("n_pretrain", "n_finetune", "n_val", "n_test")}
     synth = replace(s, classes=list(setting.classes or s.classes), features=[FEATURES[f] for f in setting.features],
                     correlated_class=setting.correlated_classes[0],
-                    correlated_classes=list(setting.correlated_classes), strength=setting.strength, **sizes)
-    return replace(base, synth=synth).with_seed(setting.seed)
+                    correlated_classes=list(setting.correlated_classes), strength=setting.strength,
+                    pretrain_feature_rate=setting.pretrain_feature_rate, **sizes)
+    return replace(base, synth=synth, base_model=setting.base_model).with_seed(setting.seed)
 
 
 def _ravl_precision(findings: Findings, lookup: dict, feature: str) -> dict:
@@ -193,9 +223,19 @@ def _causal_summary(feat: Feature | None) -> dict | None:
     return {"finding": pick(feat.causal), "control": pick(feat.causal_control or {})}
 
 
+def _checked_row(feat: Feature, lookup: dict, planted: Sequence[str]) -> dict:
+    """What the masking check said of one checked feature, and whether the
+    feature is a planted one (most of its top-10 regions show it)."""
+    return {"rank": feat.rank, "called": feat.called, "verdict": feat.verdict,
+            "true": any(precision_at_k(feat, lookup, name, K) >= TRUE_FINDING_PRECISION for name in planted),
+            "flip_rate": feat.causal.get("flip_rate"),
+            "control_flip_rate": (feat.causal_control or {}).get("flip_rate")}
+
+
 def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | None = None,
                 permutations: int = DiscoveryConfig.permutations, alpha: float = DiscoveryConfig.alpha,
-                seed: int = DiscoveryConfig.seed, mode: str = RegionsConfig.mode) -> dict:
+                seed: int = DiscoveryConfig.seed, mode: str = RegionsConfig.mode,
+                mask_fill: str = DiscoveryConfig.mask_fill) -> dict:
     """Build, audit and score one setting; returns one results row."""
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -203,14 +243,15 @@ def run_setting(setting: BenchSetting, out_dir: str | Path, *, base: Recipe | No
     paths = build_audited_model(Path(out_dir) / setting.name, recipe)
     t_build = time.perf_counter() - t0
     row = evaluate_setting(setting, paths, list(recipe.synth.classes), permutations=permutations, alpha=alpha,
-                           seed=seed, mode=mode)
+                           seed=seed, mode=mode, mask_fill=mask_fill)
     row["seconds"] = {"total": time.perf_counter() - t0, "build": t_build, "cpu": time.process_time() - c0}
     return row
 
 
 def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str], *,
                      permutations: int = DiscoveryConfig.permutations, alpha: float = DiscoveryConfig.alpha,
-                     seed: int = DiscoveryConfig.seed, mode: str = RegionsConfig.mode) -> dict:
+                     seed: int = DiscoveryConfig.seed, mode: str = RegionsConfig.mode,
+                     mask_fill: str = DiscoveryConfig.mask_fill) -> dict:
     """Discovery with evidence, baselines and ground truth on the ``val``
     split of an already built setting (``paths`` as from
     :func:`recipe.build_audited_model`)."""
@@ -221,7 +262,8 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     lm = load_model(f"local-dir:{paths['audited']}")
     result = stages.stage1(lm, ds, classes, templates=stages.templates_for(eval_dir),
                            regions=RegionsConfig(mode=mode),
-                           discovery=DiscoveryConfig(seed=seed, evidence=True, permutations=permutations, alpha=alpha))
+                           discovery=DiscoveryConfig(seed=seed, evidence=True, permutations=permutations, alpha=alpha,
+                                                     mask_fill=mask_fill))
     findings, emb, sc = result.findings, result.embeddings, result.scores
     labels = label_indices(ds, classes)
     gt = region_labels_for(ds, emb.proposer)
@@ -255,6 +297,9 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
                                          "called": top.called, "attribute": top.attribute,
                                          "names": [t["term"] for t in (top.names or {}).get("terms", [])][:3]},
         "causal_top": _causal_summary(top),
+        "checked": [_checked_row(f, lookup, setting.features) for f in feats if f.causal is not None],
+        "fill": (findings.causal or {}).get("fill"),
+        "fill_rates": ((findings.causal or {}).get("fill_selection") or {}).get("flip_rates"),
         "image_accuracy": findings.image_accuracy,
         "embedding_mode": emb.mode,
         "seconds": {"total": time.perf_counter() - t0, "build": 0.0, "cpu": None},
@@ -364,9 +409,58 @@ def summarise(rows: Sequence[dict]) -> dict:
             "finding_attribute_gap_before": _mean(c["finding"]["attribute_gap_before"] for c in true_causal),
             "finding_attribute_gap_after": _mean(c["finding"]["attribute_gap_after"] for c in true_causal),
         },
+        "evidence": evidence_summary(rows),
         "seconds_per_setting": _mean(r["seconds"]["total"] for r in rows),
         "cpu_seconds_per_setting": _mean(r["seconds"]["cpu"] for r in rows),
     }
+
+
+def evidence_summary(rows: Sequence[dict]) -> dict:
+    """Per model family: the masking verdicts of checked features, true
+    (most of the top-10 regions show a planted feature) and other; the fill
+    each audit chose; and, on null settings, how often anything is called,
+    and whether the calls are the planted feature or other clusters."""
+    out = {}
+    for family in sorted({r["setting"].get("base_model", BASE_MODEL) for r in rows}):
+        mine = [r for r in rows if r["setting"].get("base_model", BASE_MODEL) == family]
+        checked = [c for r in mine for c in r.get("checked", [])]
+        nulls = [r for r in mine if r["setting"]["kind"] == "null"]
+        null_calls = [c for r in nulls for c in r.get("checked", []) if c["called"]]
+
+        def verdicts(kind: bool, called_only: bool) -> dict:
+            sel = [c for c in checked if c["true"] == kind and (c["called"] or not called_only)]
+            return {v: sum(c["verdict"] == v for c in sel) for v in VERDICTS}
+
+        # an audit with no feature to check never chooses a fill (it stays "auto")
+        fills = [r["fill"] for r in mine if r.get("fill") not in (None, "auto")]
+        out[family] = {
+            "n_settings": len(mine),
+            "verdicts_true": verdicts(True, False), "verdicts_other": verdicts(False, False),
+            "verdicts_true_called": verdicts(True, True), "verdicts_other_called": verdicts(False, True),
+            "fill_chosen": {f: fills.count(f) for f in sorted(set(fills))},
+            "control_flip_rate_true": _mean(c["control_flip_rate"] for c in checked if c["true"]),
+            "flip_rate_true": _mean(c["flip_rate"] for c in checked if c["true"]),
+            "n_null": len(nulls),
+            "null_with_call": sum(r["n_called"] > 0 for r in nulls),
+            "null_with_lead": sum(r.get("lead_rank") is not None for r in nulls),
+            "null_calls_planted": sum(c["true"] for c in null_calls),
+            "null_calls_other": sum(not c["true"] for c in null_calls),
+        }
+    return out
+
+
+def evidence_markdown(summary: dict) -> list[str]:
+    lines = ["", "| family | checked: true clusters (supported / inconclusive / not supported) | other clusters "
+                 "| fill chosen | null settings with a call (planted / other calls) | null settings with a lead "
+                 "finding |", "|---|---|---|---|---|---|"]
+    for family, e in summary.items():
+        def trio(v):
+            return " / ".join(str(v[k]) for k in VERDICTS)
+        fills = ", ".join(f"{k} {n}" for k, n in e["fill_chosen"].items()) or "n/a"
+        lines.append(f"| {family} | {trio(e['verdicts_true'])} | {trio(e['verdicts_other'])} | {fills} "
+                     f"| {e['null_with_call']} of {e['n_null']} ({e['null_calls_planted']} / {e['null_calls_other']}) "
+                     f"| {e['null_with_lead']} of {e['n_null']} |")
+    return lines
 
 
 def _fmt(x, pct=False) -> str:
@@ -406,6 +500,7 @@ def summary_markdown(summary: dict, grid: str, complete: bool, n_grid: int | Non
         f"{_fmt(c['finding_attribute_gap_before'])} -> {_fmt(c['finding_attribute_gap_after'])}",
         f"- time per setting: {_fmt(s['seconds_per_setting'])} s wall, {_fmt(s['cpu_seconds_per_setting'])} s CPU"
         " (this process)",
+        *evidence_markdown(s["evidence"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -439,15 +534,16 @@ def _worker_init(threads: int) -> None:
 
 
 def _run_one(args) -> dict:
-    setting, settings_dir, base, permutations, alpha, mode = args
-    return run_setting(setting, settings_dir, base=base, permutations=permutations, alpha=alpha, mode=mode)
+    setting, settings_dir, base, permutations, alpha, mode, mask_fill = args
+    return run_setting(setting, settings_dir, base=base, permutations=permutations, alpha=alpha, mode=mode,
+                       mask_fill=mask_fill)
 
 
 def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery", *, limit: int | None = None,
               permutations: int = DiscoveryConfig.permutations, alpha: float = DiscoveryConfig.alpha,
               base: Recipe | None = None, progress: bool = True, workers: int = 1,
               threads_per_worker: int | None = None, mode: str = RegionsConfig.mode,
-              match: str | None = None) -> dict:
+              match: str | None = None, mask_fill: str = DiscoveryConfig.mask_fill) -> dict:
     """Run (or resume) a grid; returns the summary.
 
     ``workers > 1`` runs that many settings at once in separate processes
@@ -485,7 +581,7 @@ def run_bench(grid: str = "small", out_dir: str | Path = "runs/bench-discovery",
                   f"P@10 ravl={f['ravl']['top']:.2f} called={row['n_called']}/{row['n_kept']} "
                   f"{row['seconds']['total']:.0f}s", flush=True)
 
-    jobs = [(s, out / "settings", base, permutations, alpha, mode) for s in todo]
+    jobs = [(s, out / "settings", base, permutations, alpha, mode, mask_fill) for s in todo]
     if int(workers) == 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs, start=1):
             if progress:

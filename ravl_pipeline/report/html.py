@@ -230,6 +230,10 @@ def _support(feat: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return support if isinstance(support, Mapping) and "supported" in support else None
 
 
+def _verdict(support: Mapping[str, Any]) -> str:
+    return support.get("verdict") or ("supported" if support["supported"] else "not supported")
+
+
 def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lead: bool = False,
                      where: str = "findings") -> str:
     rank = feat.get("rank")
@@ -244,10 +248,11 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lea
             facts.append((label, text))
     support = _support(feat)
     if support is not None:
-        facts.append(("masking verdict", f"{'supported' if support['supported'] else 'not supported'}: "
-                                         f"{support.get('errors_fixed')} errors fixed, "
-                                         f"{support.get('errors_made')} made in the classes it hurts "
-                                         f"(one-sided sign test p = {_num(support.get('p_value'), 4)})"))
+        text = (f"{_verdict(support)}: {support.get('errors_fixed')} errors fixed, {support.get('errors_made')} "
+                f"made in the classes it hurts (one-sided sign test p = {_num(support.get('p_value'), 4)})")
+        if support.get("reason"):
+            text += f"; {support['reason']}"
+        facts.append(("masking verdict", text))
     names = _names_text(feat.get("names"))
     if names:
         facts.append(("name (model-derived)", names))
@@ -256,12 +261,14 @@ def _feature_section(feat: Mapping[str, Any], images, top: int, prefix: str, lea
     if called is not None:
         badge = (' <span class="badge called">called</span>' if called
                  else ' <span class="badge not-called">not significant</span>')
-    if support is not None and not support["supported"]:
+    if support is not None and _verdict(support) == "not supported":
         badge += ' <span class="badge not-called">masking fixes no errors</span>'
+    if support is not None and _verdict(support) == "inconclusive":
+        badge += ' <span class="badge inconclusive">masking check inconclusive</span>'
     if lead:
         badge += ' <span class="badge called">lead finding</span>'
     lead_note = ("" if not lead else '<p class="note">Lead finding: the highest-ranked feature that is called '
-                 "significant and supported by the masking check.</p>")
+                 "significant and not refuted by the masking check.</p>")
     title = f"Feature {rank}: correlated with “{feat.get('attribute')}”"
     return (f'<section class="feature" id="{prefix}feature-{_e(rank)}">'
             f"<h3>{_e(title)}{badge}</h3>{lead_note}"
@@ -289,7 +296,14 @@ def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_
     if "lead_rank" in findings:
         lead = findings["lead_rank"]
         summary.append(("lead finding", "none: the masking check supports no called feature" if lead is None
-                        else f"feature {lead} (the highest-ranked called feature the masking check supports)"))
+                        else f"feature {lead} (the highest-ranked called feature the masking check does "
+                             "not refute)"))
+    causal = findings.get("causal")
+    if isinstance(causal, Mapping) and isinstance(causal.get("fill_selection"), Mapping):
+        rates = causal["fill_selection"].get("flip_rates") or {}
+        summary.append(("masking fill", f"{causal.get('fill')} (chosen: hiding the same random regions flips "
+                                        + ", ".join(f"{k} {_num(v, 2)}" for k, v in rates.items())
+                                        + " of their images' predictions)"))
     parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>', _kv_table(summary, "kv summary")]
     features = findings.get("features", [])
     if not features:
@@ -359,10 +373,10 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
     flags = [f.get("called") for f in findings.get("features", []) if "called" in f]
     if flags:  # significance was computed: say how many survive it
         verdict += f", {sum(bool(c) for c in flags)} called significant"
-    unsupported = sum(1 for f in findings.get("features", [])
-                      if f.get("called") and (_support(f) or {}).get("supported") is False)
-    if unsupported:
-        verdict += f" ({unsupported} of them not supported by the masking check)"
+    verdicts = [_verdict(_support(f)) for f in findings.get("features", []) if f.get("called") and _support(f)]
+    notes = [f"{verdicts.count(v)} {v}" for v in ("not supported", "inconclusive") if verdicts.count(v)]
+    if notes:
+        verdict += f" ({' and '.join(notes)} by the masking check)"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<header id="top"><h1>RaVL audit report</h1>'
             f'<p class="verdict">{_e(verdict)} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ravl_pipeline.config import ParamsError, load_params, section_version
+from ravl_pipeline.config import MASK_FILL_CHOICES, ParamsError, load_params, section_version
+from ravl_pipeline.core.evidence.fills import FILLS
 from ravl_pipeline.core.findings import Findings
 from ravl_pipeline.defs.resources import list_validation_sets
 from ravl_pipeline.io.files import atomic_dir
@@ -45,11 +46,12 @@ def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
     assert str(path) in str(err.value) and needle in str(err.value)
 
 
-def test_mask_fills_accepted_by_params_are_the_causal_check_fills():
-    from ravl_pipeline.config import MASK_FILLS
-    from ravl_pipeline.core.evidence.causal import FILLS
-
-    assert tuple(MASK_FILLS) == tuple(FILLS)
+@pytest.mark.parametrize("fill", MASK_FILL_CHOICES)
+def test_every_mask_fill_params_accept_is_one_the_masking_check_knows(tmp_path, fill):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"discovery:\n  mask_fill: {fill}\n")
+    assert load_params(path).discovery.mask_fill == fill
+    assert fill == "auto" or fill in FILLS
 
 
 def _tiny_set(root, n=3):

@@ -18,12 +18,12 @@ the model's errors while masking it changes nothing; and masking a
 cluster of class objects breaks its own class's predictions without
 repairing any other.
 
-Masking edits exactly the pixels of the masked boxes and nothing else:
-
-* ``mean``  — the model's normalisation mean colour (a zero input after
-  normalisation, so the fill carries no colour of the hidden region);
-* ``black`` — zeros;
-* ``blur``  — a Gaussian blur of the image, copied back only inside the boxes.
+The verdict is judged against its control: when hiding as many random
+regions with the same fill changes predictions about as much as hiding the
+feature, the fill itself is what the model reacts to, and the verdict is
+``inconclusive`` — never ``not supported``.  Which fill to use is measured
+per audit (:func:`choose_fill`): the candidate whose random-region control
+changes predictions least.  The fills themselves are in :mod:`.fills`.
 """
 from __future__ import annotations
 
@@ -33,76 +33,41 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
+from scipy.stats import binomtest, fisher_exact
 
-from scipy.stats import binomtest
-
-from ...config import MASK_FILLS as FILLS
 from ...config import DiscoveryConfig
 from ..findings import Feature, Findings
 from ..scores import class_text_embeddings, zero_shot_probs
+from .fills import FILLS, fill_colour, mask_regions
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-DEFAULT_BLUR_RADIUS = 4.0
+# Hiding a feature that changes fewer than this share of its images'
+# predictions is inert: its "not supported" rests on the feature, whatever the
+# fill does elsewhere.
+INERT_FLIP_RATE = 0.05
+# Random regions masked to measure each candidate fill (one draw per audit).
+FILL_SAMPLE_REGIONS = 200
+# The fills the automatic choice considers, preferred in this order on ties.
+# Blur is not among them: it keeps a region's colours, so a blurred solid
+# square is still a square of that colour and "disturbs least" by hiding
+# nothing (on the CLIP-normalised tiny ResNet, hiding the planted red square
+# with blur flipped 0% of its images' predictions, with black 85%).
+FILL_CANDIDATES = ("border", "black", "local", "mean")
+VERDICTS = ("supported", "inconclusive", "not supported")
 
 __all__ = [
     "FILLS",
-    "box_pixel_mask",
-    "fill_colour",
-    "mask_regions",
+    "VERDICTS",
     "predict_images",
     "predict_dataset",
     "causal_effect",
     "random_control_rows",
     "masking_support",
+    "choose_fill",
+    "FILL_CANDIDATES",
     "MaskingCheck",
     "check_features",
 ]
-
-
-def box_pixel_mask(height: int, width: int, boxes) -> np.ndarray:
-    """``[H, W]`` bool: pixels whose centre lies inside any box.
-
-    A pixel ``(row, col)`` covers ``[col, col+1) × [row, row+1)``; its centre
-    is inside ``[x1, x2) × [y1, y2)`` exactly for ``ceil(x1 - 0.5) <= col <
-    ceil(x2 - 0.5)``, so an integer box ``[0, 0, 28, 28]`` is the 28×28 block.
-    """
-    mask = np.zeros((int(height), int(width)), dtype=bool)
-    for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        x1, y1, x2, y2 = box
-        if not (x2 > x1 and y2 > y1):
-            raise ValueError(f"box {list(box)} is empty or inverted (need x1 < x2, y1 < y2)")
-        c1, c2 = (int(np.clip(np.ceil(v - 0.5), 0, width)) for v in (x1, x2))
-        r1, r2 = (int(np.clip(np.ceil(v - 0.5), 0, height)) for v in (y1, y2))
-        mask[r1:r2, c1:c2] = True
-    return mask
-
-
-def fill_colour(preprocess_cfg: dict | None = None) -> np.ndarray:
-    """RGB uint8 colour that normalises to zero under the model's transform."""
-    mean = (preprocess_cfg or {}).get("mean") or OPENAI_MEAN
-    return np.clip(np.rint(np.asarray(mean, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
-
-
-def mask_regions(image: np.ndarray, boxes, fill: str = DiscoveryConfig.mask_fill, mean_colour=None,
-                 blur_radius: float = DEFAULT_BLUR_RADIUS) -> np.ndarray:
-    """A copy of ``image`` ([H, W, 3] uint8) with the pixels of ``boxes``
-    replaced; every other pixel is returned unchanged."""
-    if fill not in FILLS:
-        raise ValueError(f"unknown mask fill {fill!r}; expected one of {', '.join(FILLS)}")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
-    mask = box_pixel_mask(image.shape[0], image.shape[1], boxes)
-    out = image.copy()
-    if fill == "black":
-        out[mask] = 0
-    elif fill == "mean":
-        out[mask] = fill_colour() if mean_colour is None else np.asarray(mean_colour, dtype=np.uint8)
-    else:
-        blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur_radius)))
-        out[mask] = blurred[mask]
-    return out
 
 
 def predict_images(lm, images: Sequence[np.ndarray], text_emb: np.ndarray, tau: float,
@@ -156,7 +121,7 @@ def _per_class_shift(labels_in, before_ok, after_ok, absent_labels, absent_ok, c
 
 def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.ndarray,
                   image_labels: np.ndarray, image_pred: np.ndarray, classes: Sequence[str],
-                  text_emb: np.ndarray, tau: float, fill: str = DiscoveryConfig.mask_fill,
+                  text_emb: np.ndarray, tau: float, *, fill: str,
                   attribute: str | None = None, batch_size: int = 64,
                   before_pred: np.ndarray | None = None) -> dict:
     """Mask the regions ``rows`` (region rows) in their images and compare
@@ -228,14 +193,16 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     return out
 
 
-def random_control_rows(n_rows: int, n_total: int, seed: int) -> np.ndarray:
-    """``n_rows`` region rows drawn uniformly without replacement (seeded)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+def random_control_rows(n_rows: int, n_total: int, seed: int, stream: int = 7919) -> np.ndarray:
+    """``n_rows`` region rows drawn uniformly without replacement (seeded;
+    ``stream`` keeps draws made for different purposes apart)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
     return np.sort(rng.choice(int(n_total), size=min(int(n_rows), int(n_total)), replace=False))
 
 
-def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha) -> dict | None:
-    """Does hiding the finding's regions undo errors they cause?
+def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control: dict | None = None) -> dict | None:
+    """Does hiding the finding's regions undo errors they cause — more than
+    hiding random regions does?
 
     RaVL's spurious features are those that cause zero-shot errors: images
     of the classes that do worse with the regions (negative gap) should get
@@ -243,24 +210,71 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha) -> dict 
     whose correctness the mask changes, ``fixed`` went from wrong to right
     and ``made`` from right to wrong; under "the mask acts at random" each
     goes either way with probability 1/2, so the one-sided sign test
-    P(X >= fixed), X ~ Binomial(fixed + made, 1/2), is the p-value and the
-    finding is ``supported`` when it is at most ``alpha``.  A mask that
-    fixes nothing (p = 1) does not support it: an empty quadrant that only
-    marks the feature's absence, or the class object itself (hiding a digit
-    breaks its own class's predictions, moving toward parity, but repairs
-    none).  ``toward_parity`` / ``away_from_parity`` count every class's
-    changes for the reader.  ``None`` for checks made before the counts
-    were recorded."""
+    P(X >= fixed), X ~ Binomial(fixed + made, 1/2), is the p-value.  A mask
+    that fixes nothing (p = 1) does not support the finding: an empty
+    quadrant that only marks the feature's absence, or the class object
+    itself (hiding a digit breaks its own class's predictions but repairs
+    none).
+
+    The ``control`` (as many random regions, same fill) says what the fill
+    does by itself.  When hiding the feature flips no more of its images'
+    predictions than hiding random regions flips of theirs (one-sided
+    Fisher exact test at ``alpha``) and the feature's mask is not inert
+    (it flips at least :data:`INERT_FLIP_RATE` of its images), the fill —
+    not the feature — explains what happened: the verdict is
+    ``inconclusive``, whatever the sign test says.  Otherwise it is
+    ``supported`` when the sign test's p-value is at most ``alpha`` and
+    ``not supported`` when not.  ``supported`` is true for the first
+    verdict only.  ``None`` for checks made before the counts were
+    recorded."""
     if "n_errors_fixed" not in effect:
         return None
     fixed, made = int(effect["n_errors_fixed"]), int(effect["n_errors_made"])
     p = float(binomtest(fixed, fixed + made, 0.5, alternative="greater").pvalue) if fixed + made else 1.0
-    return {"test": "one-sided sign test: errors fixed vs errors made by the mask, in the classes the "
-                    "regions hurt",
-            "errors_fixed": fixed, "errors_made": made,
-            "toward_parity": int(effect.get("n_toward_parity", 0)),
-            "away_from_parity": int(effect.get("n_away_from_parity", 0)),
-            "p_value": p, "alpha": float(alpha), "supported": bool(p <= alpha)}
+    verdict = "supported" if p <= alpha else "not supported"
+    out = {"test": "one-sided sign test: errors fixed vs errors made by the mask, in the classes the "
+                   "regions hurt",
+           "errors_fixed": fixed, "errors_made": made,
+           "toward_parity": int(effect.get("n_toward_parity", 0)),
+           "away_from_parity": int(effect.get("n_away_from_parity", 0)),
+           "p_value": p, "alpha": float(alpha)}
+    if control is not None and control.get("n_images"):
+        n_f, k_f = int(effect["n_images"]), int(effect["n_flipped"])
+        n_c, k_c = int(control["n_images"]), int(control["n_flipped"])
+        p_flip = float(fisher_exact([[k_f, n_f - k_f], [k_c, n_c - k_c]], alternative="greater").pvalue)
+        out["control"] = {"test": "one-sided Fisher exact: the feature's mask flips more predictions than "
+                                  "as many random regions' mask", "feature_flip_rate": k_f / max(n_f, 1),
+                          "control_flip_rate": k_c / max(n_c, 1), "p_value": p_flip}
+        if p_flip > alpha and k_f >= INERT_FLIP_RATE * n_f:
+            verdict = "inconclusive"
+            out["reason"] = (f"the fill changes predictions by itself: hiding as many random regions flips "
+                             f"{k_c / max(n_c, 1):.0%} of their images, hiding the feature {k_f / max(n_f, 1):.0%}")
+    out["verdict"] = verdict
+    out["supported"] = verdict == "supported"
+    return out
+
+
+def choose_fill(lm, ds, region_image: np.ndarray, boxes: np.ndarray, image_labels: np.ndarray,
+                image_pred: np.ndarray, classes: Sequence[str], text_emb: np.ndarray, tau: float, *,
+                before_pred: np.ndarray, candidates: Sequence[str] = FILL_CANDIDATES,
+                n_regions: int = FILL_SAMPLE_REGIONS,
+                seed: int = DiscoveryConfig.seed, batch_size: int = 64) -> dict:
+    """The fill that disturbs the model least: the same random regions
+    (``n_regions`` of them, seeded) are hidden with each candidate, and the
+    one whose mask flips the fewest predictions is chosen (the first of
+    ``candidates`` on ties). Random regions include class objects, so no
+    fill flips nothing; what differs between fills is what they add — a
+    grey box on a black background is a new object to a model that maps
+    black to a large negative input. Returns the choice and every
+    candidate's flip rate."""
+    rows = random_control_rows(n_regions, len(region_image), seed, stream=104729)
+    args = (region_image, boxes, image_labels, image_pred, classes, text_emb, tau)
+    rates = {fill: causal_effect(lm, ds, rows, *args, fill=fill, batch_size=batch_size,
+                                 before_pred=before_pred)["flip_rate"] for fill in candidates}
+    chosen = min(candidates, key=lambda f: rates[f])
+    return {"chosen": chosen, "flip_rates": rates, "n_regions": int(rows.size),
+            "n_images": int(np.unique(np.asarray(region_image)[rows]).size),
+            "rule": "the candidate whose mask of the same random regions flips the fewest predictions"}
 
 
 @dataclass
@@ -285,27 +299,33 @@ def check_features(findings: Findings, lm, ds, cluster_labels, region_image, box
                    batch_size: int = 64) -> MaskingCheck:
     """Mask the regions of the first ``max_features`` features and of every
     called one, and, with ``control``, as many random regions; the verdict of
-    each is :func:`masking_support`."""
-    if fill not in FILLS:
-        raise ValueError(f"unknown mask fill {fill!r}; expected one of {', '.join(FILLS)}")
+    each is :func:`masking_support`. ``fill="auto"`` chooses the fill first
+    (:func:`choose_fill`) and records how."""
+    if fill not in ("auto", *FILLS):
+        raise ValueError(f"unknown mask fill {fill!r}; expected one of auto, {', '.join(FILLS)}")
     text = class_text_embeddings(lm, classes, templates).cpu().numpy()
     cluster_labels = np.asarray(cluster_labels, dtype=np.int64)
     boxes = np.asarray(boxes, dtype=np.float64)
     feats = features_to_check(findings, max_features)
-    before = predict_dataset(lm, ds, text, tau, batch_size) if feats else None
+    summary = {"fill": fill, "control": "same number of regions drawn at random",
+               "features_checked": len(feats), "alpha": float(alpha),
+               "checked": "the top features and every called one"}
+    if not feats:
+        return MaskingCheck({}, {}, summary)
+    before = predict_dataset(lm, ds, text, tau, batch_size)
+    args = (region_image, boxes, image_labels, image_pred, classes, text, tau)
+    if fill == "auto":
+        summary["fill_selection"] = choose_fill(lm, ds, *args, before_pred=before, seed=seed, batch_size=batch_size)
+        fill = summary["fill"] = summary["fill_selection"]["chosen"]
     effects, controls = {}, {}
     for feat in feats:
         rows = np.flatnonzero(cluster_labels == int(feat.cluster_id))
-        args = (region_image, boxes, image_labels, image_pred, classes, text, tau)
         effect = causal_effect(lm, ds, rows, *args, fill=fill, attribute=feat.attribute,
                                batch_size=batch_size, before_pred=before)
-        effect["support"] = masking_support(effect, alpha)
-        effects[feat.cluster_id] = effect
         if control:
             ctrl = random_control_rows(rows.size, len(cluster_labels), seed + int(feat.cluster_id))
             controls[feat.cluster_id] = causal_effect(lm, ds, ctrl, *args, fill=fill, attribute=feat.attribute,
                                                       batch_size=batch_size, before_pred=before)
-    summary = {"fill": fill, "control": "same number of regions drawn at random",
-               "features_checked": len(feats), "alpha": float(alpha),
-               "checked": "the top features and every called one"}
+        effect["support"] = masking_support(effect, alpha, controls.get(feat.cluster_id))
+        effects[feat.cluster_id] = effect
     return MaskingCheck(effects, controls, summary)

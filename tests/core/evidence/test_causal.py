@@ -1,69 +1,8 @@
 """Causal masking check (core/evidence/causal.py)."""
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
-
 from ravl_pipeline.core.evidence import causal
 from ravl_pipeline.core.findings import Feature, Findings
-
-
-def test_box_pixel_mask_integer_and_fractional_boxes():
-    m = causal.box_pixel_mask(56, 56, [[28, 0, 56, 28]])
-    expected = np.zeros((56, 56), bool)
-    expected[0:28, 28:56] = True
-    np.testing.assert_array_equal(m, expected)
-    # pixel centres (c + .5, r + .5) inside [0.4, 2.5) x [0.6, 2.4): cols 0, 1 and row 1
-    m = causal.box_pixel_mask(4, 4, [[0.4, 0.6, 2.5, 2.4]])
-    assert np.argwhere(m).tolist() == [[1, 0], [1, 1]]
-    with pytest.raises(ValueError, match="empty or inverted"):
-        causal.box_pixel_mask(4, 4, [[2, 2, 2, 3]])
-
-
-def _image_without(colour, seed=0):
-    """Random RGB image in which no channel value equals ``colour``'s (so any
-    filled pixel visibly changes)."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(56, 56, 3)).astype(np.uint8)
-    for ch in range(3):
-        plane = img[:, :, ch]
-        plane[plane == colour[ch]] = np.uint8((int(colour[ch]) + 1) % 256)
-    return img
-
-
-@pytest.mark.parametrize("fill", ["mean", "black"])
-def test_masking_changes_exactly_the_masked_pixels(fill):
-    colour = causal.fill_colour() if fill == "mean" else np.zeros(3, np.uint8)
-    img = _image_without(colour)
-    boxes = [[0, 0, 28, 28], [28, 28, 56, 56]]
-    out = causal.mask_regions(img, boxes, fill)
-    changed = (out != img).any(axis=2)
-    np.testing.assert_array_equal(changed, causal.box_pixel_mask(56, 56, boxes))
-    assert (out[changed] == colour).all()
-    assert out.dtype == np.uint8 and img is not out
-
-
-def test_mean_fill_is_the_normalisation_mean():
-    # the OpenAI CLIP mean * 255, rounded: a zero tensor after normalisation
-    assert causal.fill_colour().tolist() == [123, 117, 104]
-    assert causal.fill_colour({"mean": [0.5, 0.5, 0.5]}).tolist() == [128, 128, 128]
-
-
-def test_blur_only_touches_the_box():
-    img = _image_without([0, 0, 0], seed=1)
-    out = causal.mask_regions(img, [[10, 10, 30, 40]], "blur", blur_radius=3)
-    inside = causal.box_pixel_mask(56, 56, [[10, 10, 30, 40]])
-    np.testing.assert_array_equal(out[~inside], img[~inside])
-    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(3)))
-    np.testing.assert_array_equal(out[inside], blurred[inside])
-    assert (out[inside] != img[inside]).any()
-
-
-def test_mask_regions_rejects_bad_input():
-    img = np.zeros((8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match="unknown mask fill 'grey'"):
-        causal.mask_regions(img, [[0, 0, 4, 4]], "grey")
-    with pytest.raises(ValueError, match="uint8"):
-        causal.mask_regions(img.astype(np.float32), [[0, 0, 4, 4]])
 
 
 def test_random_control_rows_are_seeded_and_distinct():
@@ -96,11 +35,47 @@ def test_masking_support_is_a_sign_test_on_errors_fixed():
     assert causal.masking_support(_effect(4, 0), alpha=0.1)["supported"]
     # checks recorded before the counts existed have no verdict
     assert causal.masking_support({"n_images": 40, "flip_rate": 0.75, "n_toward_parity": 3}) is None
+    # without a control the verdict is the sign test's
+    assert causal.masking_support(_effect(12, 1))["verdict"] == "supported"
+    assert causal.masking_support(_effect(0, 5))["verdict"] == "not supported"
 
 
-def _feature(rank, called=None, supported=None, cluster_id=None):
+def _flips(n_images, n_flipped, fixed=0, made=0):
+    return {"n_images": n_images, "n_flipped": n_flipped, "n_errors_fixed": fixed, "n_errors_made": made,
+            "n_toward_parity": 0, "n_away_from_parity": 0}
+
+
+def test_a_fill_that_breaks_predictions_by_itself_is_inconclusive_not_a_refutation():
+    # a model that reads the fill as an object: hiding the feature flips 92% of its images, hiding as many
+    # random regions flips 92% of theirs; the feature's mask "makes" 33 errors and fixes none
+    s = causal.masking_support(_flips(100, 92, fixed=0, made=33), 0.05, control=_flips(100, 92))
+    assert s["verdict"] == "inconclusive" and not s["supported"]
+    assert "92%" in s["reason"] and s["control"]["p_value"] > 0.05
+    # the same counts with a harmless fill (random regions flip 30%) refute the feature
+    refuted = causal.masking_support(_flips(100, 92, fixed=0, made=33), 0.05, control=_flips(100, 30))
+    assert refuted["verdict"] == "not supported" and refuted["control"]["p_value"] < 1e-6
+    # a supported feature whose mask flips no more than random masking does is not evidence either:
+    # a fill that turns every image into the hurt class "fixes" that class's errors
+    fake = causal.masking_support(_flips(100, 90, fixed=40, made=0), 0.05, control=_flips(100, 90))
+    assert fake["verdict"] == "inconclusive"
+    real = causal.masking_support(_flips(100, 87, fixed=85, made=0), 0.05, control=_flips(100, 33))
+    assert real["verdict"] == "supported" and real["supported"]
+
+
+def test_an_inert_mask_stays_not_supported_whatever_the_control():
+    # an "absence" cluster: hiding it flips nothing, while random regions (some of them the class
+    # objects) flip 29%: the regions do not drive predictions, and the fill is not the reason
+    s = causal.masking_support(_flips(80, 0), 0.05, control=_flips(80, 23))
+    assert s["verdict"] == "not supported"
+    # fewer flips than the inert rate are inert too, even when the control flips as few
+    assert causal.masking_support(_flips(100, 4), 0.05, control=_flips(100, 4))["verdict"] == "not supported"
+    assert causal.masking_support(_flips(100, 5), 0.05, control=_flips(100, 5))["verdict"] == "inconclusive"
+
+
+def _feature(rank, called=None, supported=None, cluster_id=None, verdict=None):
+    support = None if supported is None else {"supported": supported, **({"verdict": verdict} if verdict else {})}
     return Feature(rank=rank, cluster_id=rank if cluster_id is None else cluster_id, score=1.0, influence=1.0,
-                   called=called, causal=None if supported is None else {"support": {"supported": supported}})
+                   called=called, causal=None if support is None else {"support": support})
 
 
 def _findings(features):
@@ -117,6 +92,11 @@ def test_lead_finding_skips_uncalled_and_unsupported_features():
     assert _findings([]).lead() is None
     # without significance every kept feature may lead
     assert _findings([_feature(2), _feature(1)]).lead().rank == 1
+    # an inconclusive check refutes nothing: the feature may lead (and Stage 2 keeps it)
+    unsure = _feature(1, True, False, verdict="inconclusive")
+    assert unsure.verdict == "inconclusive" and unsure.supported is None and unsure.actionable
+    assert _findings([unsure, _feature(2, True, True)]).lead() is unsure
+    assert _feature(1, True, True).verdict == "supported" and _feature(1, True, False).verdict == "not supported"
     # a causal record without a verdict (an old check) neither supports nor refutes
     old = Feature(rank=1, cluster_id=0, score=1.0, influence=1.0, called=True, causal={"flip_rate": 0.5})
     assert old.supported is None and _findings([old]).lead() is old
@@ -220,14 +200,23 @@ def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval
         assert effect == causal.causal_effect(lm, ds, rows, emb.region_image, emb.boxes, labels, sc.image_pred,
                                               classes, text, 0.07, fill="black",
                                               attribute=findings.features[[0, 2][cid]].attribute)
-        assert support == causal.masking_support(effect, 0.05)
+        assert support == causal.masking_support(effect, 0.05, check.controls[cid])
         assert check.controls[cid]["n_regions"] == rows.size
     # black quadrants filled with black change nothing, which supports nothing
     assert check.effects[0]["n_flipped"] == 0 and check.effects[0]["support"]["supported"] is False
     assert check.summary["fill"] == "black" and check.summary["features_checked"] == 2
+    assert "fill_selection" not in check.summary  # a named fill is used as it is
     with pytest.raises(ValueError, match="unknown mask fill 'grey'"):
         causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
                               classes, templates, 0.07, fill="grey")
+    # auto: every candidate hides the same random regions, and the least disturbing one is used
+    auto = causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
+                                 classes, templates, 0.07, fill="auto", max_features=1, seed=0, alpha=0.05)
+    selection = auto.summary["fill_selection"]
+    rates = selection["flip_rates"]
+    assert set(rates) == set(causal.FILL_CANDIDATES) and all(0.0 <= r <= 1.0 for r in rates.values())
+    assert auto.summary["fill"] == selection["chosen"] == min(causal.FILL_CANDIDATES, key=lambda f: rates[f])
+    assert auto.effects[0]["fill"] == selection["chosen"]
 
 
 def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
