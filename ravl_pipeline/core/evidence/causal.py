@@ -217,15 +217,16 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
     none).
 
     The ``control`` (as many random regions, same fill) says what the fill
-    does by itself.  When hiding the feature flips no more of its images'
-    predictions than hiding random regions flips of theirs (one-sided
-    Fisher exact test at ``alpha``) and the feature's mask is not inert
-    (it flips at least :data:`INERT_FLIP_RATE` of its images), the fill —
-    not the feature — explains what happened: the verdict is
-    ``inconclusive``, whatever the sign test says.  Otherwise it is
-    ``supported`` when the sign test's p-value is at most ``alpha`` and
-    ``not supported`` when not.  ``supported`` is true for the first
-    verdict only.  ``None`` for checks made before the counts were
+    does by itself.  When hiding the feature flips about as many of its
+    images' predictions as hiding random regions flips of theirs — neither
+    more nor fewer by a one-sided Fisher exact test at ``alpha`` — and the
+    feature's mask is not inert (it flips at least :data:`INERT_FLIP_RATE`
+    of its images), the fill, not the feature, may explain what happened:
+    the verdict is ``inconclusive``, whatever the sign test says.  When it
+    flips significantly fewer, the feature's regions matter less than
+    random ones: ``not supported``.  Otherwise the verdict is ``supported``
+    when the sign test's p-value is at most ``alpha`` and ``not supported``
+    when not.  ``supported`` is true for the first verdict only.  ``None`` for checks made before the counts were
     recorded."""
     if "n_errors_fixed" not in effect:
         return None
@@ -241,11 +242,17 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
     if control is not None and control.get("n_images"):
         n_f, k_f = int(effect["n_images"]), int(effect["n_flipped"])
         n_c, k_c = int(control["n_images"]), int(control["n_flipped"])
-        p_flip = float(fisher_exact([[k_f, n_f - k_f], [k_c, n_c - k_c]], alternative="greater").pvalue)
-        out["control"] = {"test": "one-sided Fisher exact: the feature's mask flips more predictions than "
-                                  "as many random regions' mask", "feature_flip_rate": k_f / max(n_f, 1),
-                          "control_flip_rate": k_c / max(n_c, 1), "p_value": p_flip}
-        if p_flip > alpha and k_f >= INERT_FLIP_RATE * n_f:
+        table = [[k_f, n_f - k_f], [k_c, n_c - k_c]]
+        p_more = float(fisher_exact(table, alternative="greater").pvalue)
+        p_fewer = float(fisher_exact(table, alternative="less").pvalue)
+        out["control"] = {"test": "one-sided Fisher exact tests: does the feature's mask flip more (p_more) or "
+                                  "fewer (p_fewer) predictions than as many random regions' mask?",
+                          "feature_flip_rate": k_f / max(n_f, 1), "control_flip_rate": k_c / max(n_c, 1),
+                          "p_more": p_more, "p_fewer": p_fewer}
+        if p_fewer <= alpha:
+            # the feature's regions matter less than random ones: the fill is not what hides its effect
+            verdict = "not supported"
+        elif p_more > alpha and k_f >= INERT_FLIP_RATE * n_f:
             verdict = "inconclusive"
             out["reason"] = (f"the fill changes predictions by itself: hiding as many random regions flips "
                              f"{k_c / max(n_c, 1):.0%} of their images, hiding the feature {k_f / max(n_f, 1):.0%}")

@@ -50,10 +50,10 @@ def test_a_fill_that_breaks_predictions_by_itself_is_inconclusive_not_a_refutati
     # random regions flips 92% of theirs; the feature's mask "makes" 33 errors and fixes none
     s = causal.masking_support(_flips(100, 92, fixed=0, made=33), 0.05, control=_flips(100, 92))
     assert s["verdict"] == "inconclusive" and not s["supported"]
-    assert "92%" in s["reason"] and s["control"]["p_value"] > 0.05
+    assert "92%" in s["reason"] and s["control"]["p_more"] > 0.05 and s["control"]["p_fewer"] > 0.05
     # the same counts with a harmless fill (random regions flip 30%) refute the feature
     refuted = causal.masking_support(_flips(100, 92, fixed=0, made=33), 0.05, control=_flips(100, 30))
-    assert refuted["verdict"] == "not supported" and refuted["control"]["p_value"] < 1e-6
+    assert refuted["verdict"] == "not supported" and refuted["control"]["p_more"] < 1e-6
     # a supported feature whose mask flips no more than random masking does is not evidence either:
     # a fill that turns every image into the hurt class "fixes" that class's errors
     fake = causal.masking_support(_flips(100, 90, fixed=40, made=0), 0.05, control=_flips(100, 90))
@@ -70,6 +70,10 @@ def test_an_inert_mask_stays_not_supported_whatever_the_control():
     # fewer flips than the inert rate are inert too, even when the control flips as few
     assert causal.masking_support(_flips(100, 4), 0.05, control=_flips(100, 4))["verdict"] == "not supported"
     assert causal.masking_support(_flips(100, 5), 0.05, control=_flips(100, 5))["verdict"] == "inconclusive"
+    # a mask that flips clearly fewer predictions than random masking does: the feature's regions matter less
+    # than random ones (the planted feature of a null setting, which the model ignores)
+    fewer = causal.masking_support(_flips(100, 7, fixed=3, made=1), 0.05, control=_flips(100, 31))
+    assert fewer["verdict"] == "not supported" and fewer["control"]["p_fewer"] < 0.05
 
 
 def _feature(rank, called=None, supported=None, cluster_id=None, verdict=None):
