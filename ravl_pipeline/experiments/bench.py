@@ -416,30 +416,34 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 
 def evidence_summary(rows: Sequence[dict]) -> dict:
-    """Per model family: the masking verdicts of checked features, true
-    (most of the top-10 regions show a planted feature) and other; the fill
-    each audit chose; and, on null settings, how often anything is called,
-    and whether the calls are the planted feature or other clusters."""
+    """Per model family: the masking verdicts of checked features — the
+    planted feature where it is correlated (single settings), the planted
+    feature where it is not (null settings: the model has no reason to react
+    to it) and every other cluster; the fill each audit chose; and, on null
+    settings, how often anything is called, and whether the calls are the
+    planted feature or other clusters."""
     out = {}
     for family in sorted({r["setting"].get("base_model", BASE_MODEL) for r in rows}):
         mine = [r for r in rows if r["setting"].get("base_model", BASE_MODEL) == family]
-        checked = [c for r in mine for c in r.get("checked", [])]
         nulls = [r for r in mine if r["setting"]["kind"] == "null"]
         null_calls = [c for r in nulls for c in r.get("checked", []) if c["called"]]
 
-        def verdicts(kind: bool, called_only: bool) -> dict:
-            sel = [c for c in checked if c["true"] == kind and (c["called"] or not called_only)]
+        def verdicts(keep) -> dict:
+            sel = [c for r in mine for c in r.get("checked", []) if keep(r, c)]
             return {v: sum(c["verdict"] == v for c in sel) for v in VERDICTS}
 
         # an audit with no feature to check never chooses a fill (it stays "auto")
         fills = [r["fill"] for r in mine if r.get("fill") not in (None, "auto")]
         out[family] = {
             "n_settings": len(mine),
-            "verdicts_true": verdicts(True, False), "verdicts_other": verdicts(False, False),
-            "verdicts_true_called": verdicts(True, True), "verdicts_other_called": verdicts(False, True),
+            "verdicts_planted": verdicts(lambda r, c: c["true"] and r["setting"]["kind"] != "null"),
+            "verdicts_planted_null": verdicts(lambda r, c: c["true"] and r["setting"]["kind"] == "null"),
+            "verdicts_other": verdicts(lambda r, c: not c["true"]),
             "fill_chosen": {f: fills.count(f) for f in sorted(set(fills))},
-            "control_flip_rate_true": _mean(c["control_flip_rate"] for c in checked if c["true"]),
-            "flip_rate_true": _mean(c["flip_rate"] for c in checked if c["true"]),
+            "control_flip_rate_planted": _mean(c["control_flip_rate"] for r in mine for c in r.get("checked", [])
+                                               if c["true"] and r["setting"]["kind"] != "null"),
+            "flip_rate_planted": _mean(c["flip_rate"] for r in mine for c in r.get("checked", [])
+                                       if c["true"] and r["setting"]["kind"] != "null"),
             "n_null": len(nulls),
             "null_with_call": sum(r["n_called"] > 0 for r in nulls),
             "null_with_lead": sum(r.get("lead_rank") is not None for r in nulls),
@@ -450,14 +454,16 @@ def evidence_summary(rows: Sequence[dict]) -> dict:
 
 
 def evidence_markdown(summary: dict) -> list[str]:
-    lines = ["", "| family | checked: true clusters (supported / inconclusive / not supported) | other clusters "
-                 "| fill chosen | null settings with a call (planted / other calls) | null settings with a lead "
-                 "finding |", "|---|---|---|---|---|---|"]
+    lines = ["", "Masking verdicts (supported / inconclusive / not supported) of every checked feature:", "",
+             "| family | planted feature, correlated | planted feature, null setting | other clusters | fill chosen "
+             "| null settings with a call (planted / other calls) | null settings with a lead finding |",
+             "|---|---|---|---|---|---|---|"]
     for family, e in summary.items():
         def trio(v):
             return " / ".join(str(v[k]) for k in VERDICTS)
         fills = ", ".join(f"{k} {n}" for k, n in e["fill_chosen"].items()) or "n/a"
-        lines.append(f"| {family} | {trio(e['verdicts_true'])} | {trio(e['verdicts_other'])} | {fills} "
+        lines.append(f"| {family} | {trio(e['verdicts_planted'])} | {trio(e['verdicts_planted_null'])} "
+                     f"| {trio(e['verdicts_other'])} | {fills} "
                      f"| {e['null_with_call']} of {e['n_null']} ({e['null_calls_planted']} / {e['null_calls_other']}) "
                      f"| {e['null_with_lead']} of {e['n_null']} |")
     return lines
