@@ -7,9 +7,9 @@ import argparse
 import logging
 import sys
 
-from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth
+from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth, ui, worker
 
-COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo)
+COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo, worker, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

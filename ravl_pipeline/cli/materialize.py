@@ -6,12 +6,14 @@ import dagster as dg
 
 from ..definitions import build_definitions
 from . import dagster_runs
+from .progress import StepProgress
 
 
 def register(sub) -> None:
     p = sub.add_parser("materialize", help="materialize the Dagster asset graph in process", description=__doc__)
     p.add_argument("--partition", action="append", default=None,
-                   help="validation set (repeatable; default: every registered set); registered if new")
+                   help="validation set (repeatable; default: every registered set); registered if new. Only its "
+                        "assets run unless --select says otherwise (the audited model only when never built)")
     p.add_argument("--select", action="append", default=None,
                    help="Dagster asset selection, e.g. audited_model or 'key:region_*' (repeatable; default: all)")
     p.set_defaults(func=run)
@@ -33,9 +35,9 @@ def print_runs(runs) -> bool:
 
 def run(args) -> int:
     instance, defs = dagster_session()
-    with instance:
+    with instance, StepProgress(instance) as progress:
         runs = dagster_runs.materialize(defs, instance, partitions=args.partition or None, select=args.select,
-                                        log_level="INFO" if args.verbose else "WARNING")
+                                        log_level="INFO" if args.verbose else "WARNING", progress=progress)
     if not runs:
         print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
     return 0 if print_runs(runs) else 1

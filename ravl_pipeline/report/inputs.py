@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.findings import Findings, check_findings as _check_schema
+from ..core.metrics import METRIC_KEYS
 from ..io.dataset import load_dataset
 from ..io.hashing import file_sha256
 from ..io.manifest import MANIFEST_NAME
@@ -20,7 +21,6 @@ from ..io.manifest import MANIFEST_NAME
 __all__ = ["ReportError", "METRIC_KEYS", "check_findings", "load_findings", "load_metrics", "normalise_metrics",
            "metric_value", "row_intervals", "dataset_version", "default_provenance", "ImageSource", "json_safe"]
 
-METRIC_KEYS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
 class ReportError(ValueError):

@@ -108,7 +108,8 @@ def test_full_graph_materializes_with_checks(pipeline):
     assert set(runs[0].materialized) | set(runs[1].materialized) == ALL_ASSETS
     checks = {name.split(":")[1]: passed for name, passed, _ in runs[1].checks}
     assert set(checks) == {"embeddings_finite_and_normalised", "findings_well_formed", "audited_model_validity",
-                           "mitigated_accuracy_within_margin"}
+                           "no_new_called_finding", "mitigated_accuracy_within_margin"}
+    assert checks["no_new_called_finding"]  # a first audit has nothing to compare with
     assert checks["embeddings_finite_and_normalised"] and checks["findings_well_formed"]
 
     out = pipeline["data"] / "outputs" / "set-a"
@@ -260,10 +261,23 @@ def test_no_called_finding_keeps_the_audited_model(two_sets):
     s = two_sets
     # 50 permutations can never reach q <= 1e-6: every feature is kept but none is called
     write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "permutations": 50, "alpha": 1e-6})
+    out = s["data"] / "outputs" / "set-a"
+    before = (out / "findings.json").read_bytes()
     runs = runner.materialize(s["defs"], s["instance"], partitions=["set-a"],
                               select=["spurious_features", "mitigated_model"])
     assert runs[0].success, runs[0].lines()
-    out = s["data"] / "outputs" / "set-a"
+    # the re-audit keeps the findings it replaced and says what changed against them
+    assert (out / "previous" / "findings.json").read_bytes() == before
+    drift = s["project"].audit("set-a").drift()
+    previous = json.loads(before)
+    assert drift["previous"]["n_features"] == len(previous["features"])
+    # nothing is called now: every finding called before either lost its flag or is gone
+    was_called = {f["rank"] for f in previous["features"] if f.get("called")}
+    flipped = {c["previous_rank"] for c in drift["changed"] if "called" in c["changed"]}
+    gone = {f["rank"] for f in drift["disappeared"] if f["called"]}
+    assert flipped | gone == was_called and drift["new_called"] == []
+    meta = _latest_metadata(s["instance"], "spurious_features", "set-a")
+    assert "Since the previous audit" in meta["changes_since_last_audit"].value
     findings = read_findings(out / "findings.json")
     assert findings.significance["n_permutations"] == 50 and "warning" in findings.significance
     assert not any(f.called for f in findings.features)

@@ -149,7 +149,7 @@ def test_definitions_load_with_every_piece():
             "params_discovery"} <= keys
     assert {c.name for c in graph.asset_check_keys} == {
         "embeddings_finite_and_normalised", "findings_well_formed", "audited_model_validity",
-        "mitigated_accuracy_within_margin"}
+        "no_new_called_finding", "mitigated_accuracy_within_margin"}
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
         assert node.code_version, key
@@ -159,3 +159,34 @@ def test_definitions_load_with_every_piece():
     for name in ("region_embeddings", "mitigated_model", "zero_shot_scores"):
         assert set(graph.get(dg.AssetKey(name)).pools) == {"ravl_model"}
     assert not graph.get(dg.AssetKey("region_clusters")).pools
+
+
+def test_the_executor_is_chosen_by_the_environment(monkeypatch):
+    import pytest
+
+    from ravl_pipeline.definitions import build_definitions
+
+    monkeypatch.delenv("RAVL_EXECUTOR", raising=False)
+    assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "multiprocess"
+    monkeypatch.setenv("RAVL_EXECUTOR", "celery")
+    monkeypatch.setenv("RAVL_CELERY_BROKER", "redis://127.0.0.1:6399/0")
+    job = build_definitions().resolve_job_def("audit_validation_set")
+    assert job.executor_def.name == "celery"
+    monkeypatch.setenv("RAVL_EXECUTOR", "in_process")
+    assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "in_process"
+    monkeypatch.setenv("RAVL_EXECUTOR", "k8s")
+    with pytest.raises(ValueError, match="RAVL_EXECUTOR='k8s'"):
+        build_definitions()
+
+
+def test_the_reaudit_cadence_comes_from_the_environment(monkeypatch):
+    import importlib
+
+    from ravl_pipeline.defs import schedules
+
+    monkeypatch.setenv("RAVL_REAUDIT_CRON", "* * * * *")
+    try:
+        assert importlib.reload(schedules).weekly_reaudit.cron_schedule == "* * * * *"
+    finally:
+        monkeypatch.delenv("RAVL_REAUDIT_CRON")
+        importlib.reload(schedules)

@@ -291,3 +291,28 @@ def test_masking_verdict_and_lead_finding_are_shown(dataset, tmp_path):
     none = _findings([_feature(1, [("im0", 1)], called=True, causal=causal(0, 0, 1.0, False))], lead_rank=None)
     text = " ".join(_parse(write_report(tmp_path / "none" / "report.html", none, dataset_root=dataset)).text)
     assert "none: the masking check supports no called feature" in text
+
+
+def test_a_reaudit_opens_with_what_changed(dataset, tmp_path):  # noqa: F811
+    drift = {"matched_by": "medoid cosine", "previous": {"k": 4, "n_features": 2, "n_called": 1, "lead_rank": 1,
+                                                         "model": "m"},
+             "same_model": True, "unchanged": 1, "new_called": [2], "k_change": [4, 5], "lead_change": None,
+             "appeared": [{"rank": 2, "attribute": "three", "called": True, "score": 0.4, "q_value": 0.01,
+                           "verdict": "supported"}],
+             "disappeared": [{"rank": 2, "attribute": "nine", "called": False, "score": 0.2, "q_value": 0.6,
+                              "verdict": None}],
+             "changed": [],
+             "metrics": {"audited": {k: {"previous": 0.5, "current": 0.5, "change": 0.0}
+                                     for k in ("image_overall", "image_worst_group", "region_overall",
+                                               "region_worst_group")}}}
+    out = write_report(tmp_path / "report.html", _findings([_feature(1, [("im0", 1)])]), dataset_root=dataset,
+                       drift=drift)
+    page = out.read_text()
+    assert page.index('id="drift"') < page.index('id="provenance"')  # at the top
+    assert "1 appeared, 1 disappeared, 0 changed, 1 unchanged" in page
+    assert "New called finding(s): rank 2" in page and "K 4 → 5" in page
+    assert json.loads((tmp_path / "drift.json").read_text())["new_called"] == [2]
+    # a first audit has no drift section
+    first = write_report(tmp_path / "first" / "report.html", _findings([_feature(1, [("im0", 1)])]),
+                         dataset_root=dataset)
+    assert 'id="drift"' not in first.read_text()

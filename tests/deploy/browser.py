@@ -1,0 +1,87 @@
+"""Headless Chromium driven over the Chrome DevTools protocol (a websocket,
+no extra package): load a page, wait until its text shows what a reader
+should see, read the DOM, take a screenshot. The Dagster UI renders in the
+browser from GraphQL, so a static ``--dump-dom`` would race it."""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+from tests.deploy.services import background, free_port, wait_for_port
+
+CHROMIUM = os.environ.get("RAVL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+class Page:
+    def __init__(self, ws_url: str):
+        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, **params):
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=60))
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result.get("result", {}).get("value")
+
+    def goto(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def wait_for_text(self, *needles: str, timeout: float = 90.0) -> str:
+        """The page's visible text once it contains every needle."""
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.evaluate("document.body ? document.body.innerText : ''") or ""
+            if all(n in text for n in needles):
+                return text
+            time.sleep(0.5)
+        missing = [n for n in needles if n not in text]
+        raise AssertionError(f"page never showed {missing}; it shows:\n{text[:3000]}")
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+
+@contextmanager
+def chromium(tmp: Path, window=(1400, 1000)):
+    """A headless Chromium with a fresh profile; yields its first page."""
+    port = free_port()
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", f"--remote-debugging-port={port}",
+           "--remote-allow-origins=*", f"--window-size={window[0]},{window[1]}", "about:blank"]
+    with background(cmd, dict(os.environ), tmp / "chromium.log"):
+        wait_for_port(port)
+        deadline = time.monotonic() + 30
+        while True:
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+            pages = [t for t in targets if t.get("type") == "page"]
+            if pages or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        page = Page(pages[0]["webSocketDebuggerUrl"])
+        page.call("Page.enable")
+        page.call("Runtime.enable")
+        try:
+            yield page
+        finally:
+            page.ws.close()

@@ -1,0 +1,168 @@
+"""The deployment a team runs: ``ravl ui``'s ``dagster dev`` (webserver and
+``dagster-daemon``) against a temporary instance already holding one audited
+set. The daemon's sensor picks up a new validation-set folder and audits it
+alone; the schedule, on a test cadence, fires a re-audit of every set; then
+headless Chromium opens the asset graph and the ``spurious_features`` page
+and reads what a user sees there. Both share one instance and one server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from PIL import Image
+
+from ravl_pipeline.cli.ui import DagsterDev, session_pids, serve_reports
+from ravl_pipeline.defs.jobs import AUDIT_JOB, REAUDIT_JOB
+from tests.deploy.browser import CHROMIUM, chromium
+from tests.deploy.services import free_port, wait_for_port
+from tests.tiny_project import RAVL, REPO, make_tiny_project
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"headless Chromium not found at {CHROMIUM} (make setup-chromium)")
+
+DISCOVERY = {"region_proposals", "region_embeddings", "zero_shot_scores", "region_clusters", "spurious_features"}
+PARTITIONED = DISCOVERY | {"mitigated_model", "mitigation_metrics", "mitigated_findings", "evaluation_report"}
+# one run at a time, as on a small machine: the schedule's runs queue behind the sensor's
+RUN_QUEUE = "\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n"
+SCREENSHOT = os.environ.get("RAVL_UI_SCREENSHOT")  # e.g. docs/ui.png, to refresh the README's picture
+
+
+def _runs(instance: dg.DagsterInstance, **tags) -> list[dg.DagsterRun]:
+    return instance.get_runs(filters=dg.RunsFilter(tags=tags))
+
+
+def _wait(instance: dg.DagsterInstance, what: str, count: int, timeout: float, **tags) -> list[dg.DagsterRun]:
+    """``count`` finished runs with ``tags`` (the daemon launches them)."""
+    deadline = time.monotonic() + timeout
+    done = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    while time.monotonic() < deadline:
+        runs = _runs(instance, **tags)
+        if len(runs) >= count and all(r.status in done for r in runs[:count]):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"{what}: {[(r.run_id[:8], r.status) for r in _runs(instance, **tags)]} "
+                         f"after {timeout:.0f}s")
+
+
+def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[tuple[str, str | None]]:
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return {(r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition)
+            for r in records}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deployment")
+    root = tmp / "project"
+    env = make_tiny_project(root, validation_set="set-a")
+    import subprocess
+    first = subprocess.run([str(RAVL), "materialize"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    home = Path(env["DAGSTER_HOME"])
+    (home / "dagster.yaml").write_text((home / "dagster.yaml").read_text() + RUN_QUEUE)
+    # a new folder appears: the sensor's business
+    shutil.copytree(root / "data" / "validation_sets" / "set-a", root / "data" / "validation_sets" / "set-b")
+    ui_port, reports_port = free_port(), free_port()
+    reports_url = f"http://127.0.0.1:{reports_port}"
+    env = dict(env, RAVL_REAUDIT_CRON="* * * * *", RAVL_REPORTS_URL=reports_url)
+    dev = DagsterDev(port=ui_port, env=env, log=tmp / "dagster-dev.log", cwd=REPO)
+    reports = serve_reports(root / "data" / "outputs", "127.0.0.1", reports_port)
+    try:
+        with dev:
+            wait_for_port(ui_port, timeout=120)
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                sensor_runs = _wait(instance, "the sensor's audit of set-b", 1, 400,
+                                    **{"dagster/sensor_name": "new_validation_sets"})
+                schedule_runs = _wait(instance, "the scheduled re-audit", 2, 400,
+                                      **{"dagster/schedule_name": "weekly_reaudit"})
+                runs = {"sensor": sensor_runs, "schedule": schedule_runs[:2], "all": instance.get_runs(),
+                        "materialized": {r.run_id: _materialized(instance, r.run_id)
+                                         for r in sensor_runs + schedule_runs[:2]}}
+            with chromium(tmp) as page:
+                base = f"http://127.0.0.1:{ui_port}"
+                page.goto(f"{base}/asset-groups")
+                graph_text = page.wait_for_text("spurious_features", "region_embeddings", "evaluation_report")
+                page.goto(f"{base}/assets/spurious_features?partition=set-a")
+                asset_text = page.wait_for_text("changes_since_last_audit", "top_regions", "silhouette")
+                images = page.evaluate(
+                    "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+                    ".map(i => [i.naturalWidth, i.naturalHeight, i.alt])")
+                links = page.evaluate("Array.from(document.links).map(a => a.href)")
+                page.goto(f"{base}/assets/evaluation_report?partition=set-a")
+                report_text = page.wait_for_text("report_url")
+                report_links = page.evaluate("Array.from(document.links).map(a => a.href)")
+                page.goto(f"{base}/assets/spurious_features?partition=set-a")
+                page.wait_for_text("top_regions")
+                time.sleep(2)
+                shot = page.screenshot(tmp / "ui.png")
+                if SCREENSHOT:
+                    shutil.copy2(shot, REPO / SCREENSHOT)
+            session = dev.proc.pid
+    finally:
+        reports.shutdown()
+    yield {"root": root, "home": home, "runs": runs, "graph_text": graph_text, "asset_text": asset_text,
+           "images": images, "links": links, "report_text": report_text, "report_links": report_links,
+           "shot": shot, "session": session, "reports_url": reports_url}
+
+
+def test_the_sensor_audits_the_new_set_and_only_it(deployment):
+    runs = deployment["runs"]
+    (sensor_run,) = [r for r in runs["sensor"]]
+    assert sensor_run.status == dg.DagsterRunStatus.SUCCESS
+    assert sensor_run.job_name == AUDIT_JOB and sensor_run.tags["dagster/partition"] == "set-b"
+    assert runs["materialized"][sensor_run.run_id] == {(a, "set-b") for a in PARTITIONED}
+    # the sources are observed outside runs: the runs list holds audits only
+    assert {r.job_name for r in runs["all"]} <= {AUDIT_JOB, REAUDIT_JOB, "build_audited_model"}
+
+
+def test_the_schedule_fires_a_reaudit_of_every_set(deployment):
+    runs = deployment["runs"]["schedule"]
+    assert sorted(r.tags["dagster/partition"] for r in runs) == ["set-a", "set-b"]
+    assert {r.job_name for r in runs} == {REAUDIT_JOB}
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    for run in runs:
+        part = run.tags["dagster/partition"]
+        assert deployment["runs"]["materialized"][run.run_id] == {(a, part) for a in DISCOVERY}
+    # a re-audit says what changed since the previous audit of the set
+    drift = json.loads((deployment["root"] / "data" / "outputs" / "set-a" / "report" / "summary.json").read_text())
+    previous = deployment["root"] / "data" / "outputs" / "set-a" / "previous" / "findings.json"
+    assert previous.is_file()
+
+
+def test_the_asset_graph_lists_the_assets(deployment):
+    text = deployment["graph_text"]
+    for name in ("audited_model", "region_proposals", "region_clusters", "spurious_features",
+                 "mitigated_model", "evaluation_report"):
+        assert name in text
+
+
+def test_the_spurious_features_page_shows_the_latest_materialization(deployment):
+    text = deployment["asset_text"]
+    for key in ("k", "silhouette", "called", "lead_rank", "findings", "top_regions", "changes_since_last_audit"):
+        assert key in text, key
+    # the findings table with its evidence columns, and the drift of the re-audit
+    for header in ("rank", "attribute", "G_c", "H_c", "called", "masking", "largest gaps"):
+        assert header in text, header
+    assert "Since the previous audit" in text
+    # the region grid decoded: one row of thumbnails per finding
+    grids = [(w, h) for w, h, alt in deployment["images"] if alt == "top regions"]
+    assert grids and grids[0][0] > 300 and grids[0][1] >= 64
+    shot = np.asarray(Image.open(deployment["shot"]).convert("RGB"))
+    assert shot.shape[0] >= 900 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 50
+
+
+def test_the_report_page_links_the_report(deployment):
+    want = f"{deployment['reports_url']}/set-a/report/report.html"
+    assert want in deployment["report_links"]
+    assert "report_url" in deployment["report_text"]
+
+
+def test_stopping_leaves_no_process_behind(deployment):
+    assert session_pids(deployment["session"]) == []
