@@ -164,8 +164,15 @@ RUNNER_PID_TAG = "ravl/pid"
 RUNNER_HOST_TAG = "ravl/host"
 
 
+# A run launched by a DVC stage under `dvc exp run` carries the experiment's name.
+EXPERIMENT_TAG = "dvc/experiment"
+
+
 def _runner_tags() -> dict[str, str]:
-    return {RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
+    tags = {RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def _process_alive(pid: int) -> bool:
@@ -238,6 +245,19 @@ def execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, k
     return summarize_run(instance, result.run_id)
 
 
+def plan_keys(defs: dg.Definitions, partitions: Sequence[str] | None,
+              select: Sequence[str] | None) -> tuple[set[dg.AssetKey], set[dg.AssetKey]]:
+    """The unpartitioned and the per-set assets to run. Naming sets without a
+    selection means those sets' assets: the audited model only when it was
+    never built."""
+    graph = defs.resolve_asset_graph()
+    keys = _selected_keys(defs, select)
+    unpartitioned = {k for k in keys if not graph.get(k).is_partitioned}
+    if partitions is not None and select is None and _project(defs).audited_record_path.is_file():
+        unpartitioned = set()
+    return unpartitioned, keys - unpartitioned
+
+
 def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                 select: Sequence[str] | None = None, raise_on_error: bool = False,
                 log_level: str = "WARNING", progress: StepProgress | None = None) -> list[RunSummary]:
@@ -254,12 +274,7 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, partitions: 
     project.params()  # a bad params.yaml fails here, naming the file and key
     release_dead_runs(instance)
     observe_sources(defs, instance)
-    graph = defs.resolve_asset_graph()
-    keys = _selected_keys(defs, select)
-    unpartitioned = {k for k in keys if not graph.get(k).is_partitioned}
-    partitioned = keys - unpartitioned
-    if partitions is not None and select is None and project.audited_record_path.is_file():
-        unpartitioned = set()
+    unpartitioned, partitioned = plan_keys(defs, partitions, select)
     tags = {**_runner_tags(), **(progress.tags if progress else {})}
     runs = []
     if unpartitioned:

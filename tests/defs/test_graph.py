@@ -2,6 +2,7 @@
 sensor and schedule, on the tiny audited model and small validation sets."""
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -308,7 +309,10 @@ def test_materialize_command_uses_the_persistent_instance(pipeline, tmp_path, mo
     monkeypatch.setenv("RAVL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RAVL_PARAMS", str(write_params(tmp_path / "params.yaml", pipeline["tiny"])))
     assert main(["materialize", "--select", "audited_model"]) == 0
-    assert "materialized audited_model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "materialized audited_model" in out
+    # each step printed as it starts and as it ends, with its duration
+    assert "  audited_model ...\n" in out and re.search(r"  audited_model done in \d+\.\ds", out)
     assert (tmp_path / "home" / "dagster.yaml").is_file()
     record = json.loads((tmp_path / "data" / "outputs" / "audited_model.json").read_text())
     assert record["model"] == f"local-dir:{pipeline['tiny']['audited']}"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -19,10 +19,13 @@ import pytest
 from PIL import Image
 
 from ravl_pipeline.cli.ui import DagsterDev, session_pids, serve_reports
+from ravl_pipeline.core.drift import has_changes
+from ravl_pipeline.defs.resources import RavlProject
 from ravl_pipeline.defs.jobs import AUDIT_JOB, REAUDIT_JOB
 from tests.deploy.browser import CHROMIUM, chromium
 from tests.deploy.services import free_port, wait_for_port
-from tests.tiny_project import RAVL, REPO, make_tiny_project
+from tests.defs.test_graph import N_VAL, make_validation_set, write_params
+from tests.tiny_project import RAVL, REPO
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"headless Chromium not found at {CHROMIUM} (make setup-chromium)")
@@ -58,17 +61,24 @@ def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[tuple[str, s
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def deployment(tiny_setting, tmp_path_factory):
+    """The session's tiny audited model (it finds features, so the pages have
+    a findings table and a region grid), set A audited with ``ravl
+    materialize``, then set B dropped in while the daemon runs."""
     tmp = tmp_path_factory.mktemp("deployment")
     root = tmp / "project"
-    env = make_tiny_project(root, validation_set="set-a")
-    import subprocess
-    first = subprocess.run([str(RAVL), "materialize"], env=env, capture_output=True, text=True, timeout=600)
+    eval_dir = tiny_setting["setting"] / "eval"
+    make_validation_set(eval_dir, root / "data" / "validation_sets" / "set-a", offset=0)
+    params = write_params(root / "params.yaml", tiny_setting)
+    env = dict(os.environ, RAVL_DATA_DIR=str(root / "data"), RAVL_PARAMS=str(params),
+               DAGSTER_HOME=str(root / "dagster_home"), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    first = subprocess.run([str(RAVL), "materialize"], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first_findings = (root / "data" / "outputs" / "set-a" / "findings.json").read_bytes()
     home = Path(env["DAGSTER_HOME"])
     (home / "dagster.yaml").write_text((home / "dagster.yaml").read_text() + RUN_QUEUE)
     # a new folder appears: the sensor's business
-    shutil.copytree(root / "data" / "validation_sets" / "set-a", root / "data" / "validation_sets" / "set-b")
+    make_validation_set(eval_dir, root / "data" / "validation_sets" / "set-b", offset=N_VAL)
     ui_port, reports_port = free_port(), free_port()
     reports_url = f"http://127.0.0.1:{reports_port}"
     env = dict(env, RAVL_REAUDIT_CRON="* * * * *", RAVL_REPORTS_URL=reports_url)
@@ -107,7 +117,8 @@ def deployment(tmp_path_factory):
             session = dev.proc.pid
     finally:
         reports.shutdown()
-    yield {"root": root, "home": home, "runs": runs, "graph_text": graph_text, "asset_text": asset_text,
+    yield {"root": root, "home": home, "first_findings": first_findings,
+           "project": RavlProject(data_dir=str(root / "data"), params_path=str(params)), "runs": runs, "graph_text": graph_text, "asset_text": asset_text,
            "images": images, "links": links, "report_text": report_text, "report_links": report_links,
            "shot": shot, "session": session, "reports_url": reports_url}
 
@@ -130,10 +141,12 @@ def test_the_schedule_fires_a_reaudit_of_every_set(deployment):
     for run in runs:
         part = run.tags["dagster/partition"]
         assert deployment["runs"]["materialized"][run.run_id] == {(a, part) for a in DISCOVERY}
-    # a re-audit says what changed since the previous audit of the set
-    drift = json.loads((deployment["root"] / "data" / "outputs" / "set-a" / "report" / "summary.json").read_text())
-    previous = deployment["root"] / "data" / "outputs" / "set-a" / "previous" / "findings.json"
-    assert previous.is_file()
+    # the re-audit kept the findings it replaced, and on unchanged data and model nothing changed
+    out = deployment["root"] / "data" / "outputs" / "set-a"
+    assert (out / "previous" / "findings.json").read_bytes() == deployment["first_findings"]
+    drift = deployment["project"].audit("set-a").drift()
+    assert drift["previous"]["n_features"] == len(json.loads(deployment["first_findings"])["features"])
+    assert not has_changes(drift) and drift["new_called"] == []
 
 
 def test_the_asset_graph_lists_the_assets(deployment):
