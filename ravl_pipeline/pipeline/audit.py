@@ -166,7 +166,7 @@ def headline(findings: Findings, metrics: dict | None) -> dict:
     lead = findings.lead()
     out = {"k": findings.k, "silhouette": None if findings.silhouette is None else round(findings.silhouette, 4),
            "n_features": len(findings.features),
-           "n_called": len(findings.called) if findings.has_significance else None,
+           "n_called": len(findings.called),  # 0 when nothing is called (or significance was not computed)
            "lead_rank": lead.rank if lead else None, "lead_attribute": lead.attribute if lead else "none"}
     for model in ("audited", "mitigated"):
         out[model] = {k: (metrics or {}).get(model, {}).get(k) for k in METRIC_KEYS}

@@ -118,23 +118,6 @@ def _numeric_leaves(obj, prefix=()) -> dict[tuple, float]:
     return out
 
 
-@pytest.mark.slow
-def test_push_to_local_remote_and_restore(dvc_project, tmp_path):
-    root, env = dvc_project["root"], dvc_project["env"]
-    remote = tmp_path / "remote"
-    dvc(["remote", "add", "--local", "-d", "scratch", str(remote)], root, env)
-    pushed = dvc(["push"], root, env)
-    assert "pushed" in pushed.stdout.lower()
-    assert any(p.is_file() for p in remote.rglob("*"))
-    # lose an output and the local cache: it comes back from the remote
-    target = root / "data" / "outputs" / SET / "findings.json"
-    want = target.read_bytes()
-    target.unlink()
-    shutil.rmtree(root / ".dvc" / "cache")
-    dvc(["pull", f"audit@{SET}"], root, env)
-    assert target.read_bytes() == want
-
-
 def _exp_columns(shown: list, name: str) -> tuple[dict, dict]:
     """Params and metrics of experiment ``name`` in ``dvc exp show --json``."""
     for baseline in shown:
@@ -168,17 +151,36 @@ def test_experiments_run_through_dagster_and_compare_in_exp_show(dvc_project):
         p, m = _exp_columns(shown, name)
         params[name] = p
         assert {"k", "n_called", "lead_attribute", "audited", "mitigated"} <= set(m)
-        assert set(m["mitigated"]) == {"image_overall", "image_worst_group", "region_overall",
-                                       "region_worst_group"}
-        assert isinstance(m["k"], int) and isinstance(m["lead_attribute"], str)
+        # DVC leaves out null values (a worst group too small to count)
+        assert {"image_overall", "region_overall"} <= set(m["mitigated"]) <= {
+            "image_overall", "image_worst_group", "region_overall", "region_worst_group"}
+        assert isinstance(m["k"], int) and isinstance(m["n_called"], int) and isinstance(m["lead_attribute"], str)
     assert params["lam09"]["mitigation"]["lam"] == 0.9 and params["lam09"]["discovery"]["seed"] == 0
     assert params["seed1"]["discovery"]["seed"] == 1 and params["seed1"]["mitigation"]["lam"] == 0.8
     # the last experiment's numbers are the workspace's
     _, last = _exp_columns(shown, "seed1")
-    assert last == json.loads((root / "data" / "outputs" / SET / "audit_summary.json").read_text())
+    on_disk = json.loads((root / "data" / "outputs" / SET / "audit_summary.json").read_text())
+    assert _numeric_leaves(last) == _numeric_leaves(on_disk) and last["lead_attribute"] == on_disk["lead_attribute"]
     # each experiment's audit is recorded in Dagster, under its name
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         for name in ("lam09", "seed1"):
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dvc/experiment": name}))
             assert [r.tags["dagster/partition"] for r in runs] == [SET]
             assert runs[0].status == dg.DagsterRunStatus.SUCCESS
+
+
+@pytest.mark.slow
+def test_push_to_local_remote_and_restore(dvc_project, tmp_path):
+    root, env = dvc_project["root"], dvc_project["env"]
+    remote = tmp_path / "remote"
+    dvc(["remote", "add", "--local", "-d", "scratch", str(remote)], root, env)
+    pushed = dvc(["push"], root, env)
+    assert "pushed" in pushed.stdout.lower()
+    assert any(p.is_file() for p in remote.rglob("*"))
+    # lose an output and the local cache: it comes back from the remote
+    target = root / "data" / "outputs" / SET / "findings.json"
+    want = target.read_bytes()
+    target.unlink()
+    shutil.rmtree(root / ".dvc" / "cache")
+    dvc(["pull", f"audit@{SET}"], root, env)
+    assert target.read_bytes() == want

@@ -57,6 +57,14 @@ class Page:
         missing = [n for n in needles if n not in text]
         raise AssertionError(f"page never showed {missing}; it shows:\n{text[:3000]}")
 
+    def dismiss(self, label: str = "Skip") -> bool:
+        """Click the button labelled ``label`` if one shows (the UI's
+        first-visit newsletter dialog covers the page)."""
+        return bool(self.evaluate(
+            "(() => { const b = Array.from(document.querySelectorAll('button'))"
+            f".find(b => b.innerText.trim() === {json.dumps(label)}); if (b) {{ b.click(); return true; }}"
+            " return false; })()"))
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))

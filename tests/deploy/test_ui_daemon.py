@@ -109,8 +109,11 @@ def deployment(tiny_setting, tmp_path_factory):
                 report_text = page.wait_for_text("report_url")
                 report_links = page.evaluate("Array.from(document.links).map(a => a.href)")
                 page.goto(f"{base}/assets/spurious_features?partition=set-a")
-                page.wait_for_text("top_regions")
-                time.sleep(2)
+                page.wait_for_text("top_regions", "Metadata")
+                time.sleep(3)
+                page.dismiss("Skip")
+                page.evaluate("window.scrollTo(0, 0)")
+                time.sleep(1)
                 shot = page.screenshot(tmp / "ui.png")
                 if SCREENSHOT:
                     shutil.copy2(shot, REPO / SCREENSHOT)
