@@ -140,8 +140,9 @@ def test_experiments_run_through_dagster_and_compare_in_exp_show(dvc_project):
     import dagster as dg
 
     root, env = dvc_project["root"], dvc_project["env"]
-    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)  # the baseline's
     for name, setting in (("lam09", "mitigation.lam=0.9"), ("seed1", "discovery.seed=1")):
+        # each from the baseline's parameters (an experiment leaves its own in the workspace)
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
         run = dvc(["exp", "run", "-n", name, "-S", setting], root, env)
         assert f"Running stage 'audit@{SET}'" in run.stdout
         assert "Running stage 'audited_model'" not in run.stdout  # audited_model reads no changed param

@@ -21,6 +21,7 @@ from PIL import Image
 from ravl_pipeline.cli.ui import DagsterDev, session_pids, serve_reports
 from ravl_pipeline.core.drift import has_changes
 from ravl_pipeline.defs.resources import RavlProject
+from ravl_pipeline.defs.schedules import TICK_TAG
 from ravl_pipeline.defs.jobs import AUDIT_JOB, REAUDIT_JOB
 from tests.deploy.browser import CHROMIUM, chromium
 from tests.deploy.services import free_port, wait_for_port
@@ -42,16 +43,33 @@ def _runs(instance: dg.DagsterInstance, **tags) -> list[dg.DagsterRun]:
 
 
 def _wait(instance: dg.DagsterInstance, what: str, count: int, timeout: float, **tags) -> list[dg.DagsterRun]:
-    """``count`` finished runs with ``tags`` (the daemon launches them)."""
+    """The first ``count`` runs with ``tags`` (the daemon launches them), once
+    they have finished; a schedule firing every minute adds more meanwhile."""
     deadline = time.monotonic() + timeout
     done = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
     while time.monotonic() < deadline:
-        runs = _runs(instance, **tags)
-        if len(runs) >= count and all(r.status in done for r in runs[:count]):
+        runs = _runs(instance, **tags)[::-1][:count]  # oldest first
+        if len(runs) == count and all(r.status in done for r in runs):
             return runs
         time.sleep(2)
     raise AssertionError(f"{what}: {[(r.run_id[:8], r.status) for r in _runs(instance, **tags)]} "
                          f"after {timeout:.0f}s")
+
+
+def _first_tick(instance: dg.DagsterInstance, count: int, timeout: float) -> list[dg.DagsterRun]:
+    """The runs of the first schedule tick that requested ``count`` sets,
+    once finished (a cron of every minute fires more ticks meanwhile)."""
+    deadline = time.monotonic() + timeout
+    done = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    while time.monotonic() < deadline:
+        ticks: dict[str, list] = {}
+        for run in _runs(instance, **{"dagster/schedule_name": "weekly_reaudit"}):
+            ticks.setdefault(run.tags[TICK_TAG], []).append(run)
+        full = [ticks[t] for t in sorted(ticks) if len(ticks[t]) == count]
+        if full and all(r.status in done for r in full[0]):
+            return full[0]
+        time.sleep(2)
+    raise AssertionError(f"no finished schedule tick of {count} runs after {timeout:.0f}s")
 
 
 def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[tuple[str, str | None]]:
@@ -81,7 +99,9 @@ def deployment(tiny_setting, tmp_path_factory):
     make_validation_set(eval_dir, root / "data" / "validation_sets" / "set-b", offset=N_VAL)
     ui_port, reports_port = free_port(), free_port()
     reports_url = f"http://127.0.0.1:{reports_port}"
-    env = dict(env, RAVL_REAUDIT_CRON="* * * * *", RAVL_REPORTS_URL=reports_url)
+    # a cron that fires within a minute; each daemon-launched run executes its steps in its run
+    # worker (the executors are tested in test_celery.py), which keeps this test short
+    env = dict(env, RAVL_REAUDIT_CRON="* * * * *", RAVL_REPORTS_URL=reports_url, RAVL_EXECUTOR="in_process")
     dev = DagsterDev(port=ui_port, env=env, log=tmp / "dagster-dev.log", cwd=REPO)
     reports = serve_reports(root / "data" / "outputs", "127.0.0.1", reports_port)
     try:
@@ -90,11 +110,10 @@ def deployment(tiny_setting, tmp_path_factory):
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 sensor_runs = _wait(instance, "the sensor's audit of set-b", 1, 400,
                                     **{"dagster/sensor_name": "new_validation_sets"})
-                schedule_runs = _wait(instance, "the scheduled re-audit", 2, 400,
-                                      **{"dagster/schedule_name": "weekly_reaudit"})
-                runs = {"sensor": sensor_runs, "schedule": schedule_runs[:2], "all": instance.get_runs(),
+                schedule_runs = _first_tick(instance, 2, 400)
+                runs = {"sensor": sensor_runs, "schedule": schedule_runs, "all": instance.get_runs(),
                         "materialized": {r.run_id: _materialized(instance, r.run_id)
-                                         for r in sensor_runs + schedule_runs[:2]}}
+                                         for r in sensor_runs + schedule_runs}}
             with chromium(tmp) as page:
                 base = f"http://127.0.0.1:{ui_port}"
                 page.goto(f"{base}/asset-groups")
