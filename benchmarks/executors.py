@@ -3,7 +3,9 @@
 One project under ``--out`` (default ``runs/executors``): the audited model of
 the small synthetic recipe, four validation sets of ``--n-val`` discovery and
 ``--n-test`` test images cut from its evaluation split, and ``params.yaml``
-with Stage 2 shortened to ``--mitigation-steps`` optimiser steps. Then
+with Stage 2 shortened to ``--mitigation-steps`` optimiser steps (``--untrained``:
+untrained tiny models instead, so the steps are short and the executors'
+own costs dominate). Then
 ``ravl materialize --partition s1 … s4`` (the whole per-set graph, one run per
 set) is timed with each executor, alternating, ``--rounds`` times:
 
@@ -17,6 +19,7 @@ executor. Printed: the median wall time per executor and the ratio
 celery / multiprocess, as JSON lines and a Markdown table.
 
     .venv/bin/python benchmarks/executors.py --rounds 2
+    .venv/bin/python benchmarks/executors.py --untrained --out runs/executors-untrained
 """
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, build_audited_model
+from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.experiments.recipe import BASE_MODEL, DEFAULT_RECIPE, build_audited_model
+from ravl_pipeline.experiments.synth import make_setting
 from ravl_pipeline.io.manifest import read_manifest, write_manifest
+from ravl_pipeline.models import load_model, save_model
 
 BIN = Path(sys.executable).parent
 SETS = ("s1", "s2", "s3", "s4")
@@ -59,8 +65,24 @@ def cut_set(eval_dir: Path, target: Path, offset: int, n_val: int, n_test: int) 
     write_manifest(target, sub)
 
 
+def untrained_models(out: Path) -> dict:
+    """The recipe's setting with untrained tiny models in place of trained
+    ones: every step runs its real code, in seconds (nothing is found, so
+    Stage 2 keeps the audited model)."""
+    paths = {"setting": out / "setting", "pretrained": out / "models" / "pretrained",
+             "audited": out / "models" / "audited"}
+    if not paths["audited"].exists():
+        make_setting(paths["setting"], DEFAULT_RECIPE.small().synth)
+        save_model(load_model(BASE_MODEL, seed=0), paths["pretrained"])
+        save_model(load_model(BASE_MODEL, seed=1), paths["audited"],
+                   {"train": TrainConfig(batch_size=16, max_steps=2).to_dict(),
+                    "pretrained_from": str(paths["pretrained"])})
+    return paths
+
+
 def build_project(out: Path, args) -> dict:
-    tiny = build_audited_model(out / "model", DEFAULT_RECIPE.small())
+    tiny = (untrained_models(out / "untrained") if args.untrained
+            else build_audited_model(out / "model", DEFAULT_RECIPE.small()))
     for i, name in enumerate(SETS):
         cut_set(tiny["setting"] / "eval", out / "data" / "validation_sets" / name, i * args.n_val // 2,
                 args.n_val, args.n_test)
@@ -116,6 +138,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--mitigation-steps", type=int, default=8)
     ap.add_argument("--executors", nargs="+", default=["multiprocess", "celery", "in_process"])
+    ap.add_argument("--untrained", action="store_true",
+                    help="untrained tiny models instead of the small recipe's (orchestration cost, in minutes)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,27 @@ class Page:
             f".find(b => b.innerText.trim() === {json.dumps(label)}); if (b) {{ b.click(); return true; }}"
             " return false; })()"))
 
+    def click_in_row(self, row_text: str, label: str) -> bool:
+        """Click the element labelled ``label`` in the table row that mentions ``row_text``."""
+        return bool(self.evaluate(
+            "(() => { const row = Array.from(document.querySelectorAll('tr'))"
+            f".find(r => r.innerText.includes({json.dumps(row_text)})); if (!row) return false;"
+            " const el = Array.from(row.querySelectorAll('button, a, span, div'))"
+            f".find(e => e.innerText.trim().replace(/^\\[|\\]$/g, '') === {json.dumps(label)});"
+            " if (el) { el.click(); return true; } return false; })()"))
+
+    def wait_for_images(self, alt: str, timeout: float = 60.0) -> list:
+        """``[naturalWidth, naturalHeight]`` of the decoded images with ``alt``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sizes = self.evaluate(
+                f"Array.from(document.images).filter(i => i.alt === {json.dumps(alt)} && i.complete"
+                " && i.naturalWidth > 0).map(i => [i.naturalWidth, i.naturalHeight])")
+            if sizes:
+                return sizes
+            time.sleep(0.5)
+        return []
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
@@ -72,7 +93,7 @@ class Page:
 
 
 @contextmanager
-def chromium(tmp: Path, window=(1400, 1000)):
+def chromium(tmp: Path, window=(1600, 1400)):
     """A headless Chromium with a fresh profile; yields its first page."""
     port = free_port()
     cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", f"--remote-debugging-port={port}",

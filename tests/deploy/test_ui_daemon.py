@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -116,32 +118,34 @@ def deployment(tiny_setting, tmp_path_factory):
                                          for r in sensor_runs + schedule_runs}}
             with chromium(tmp) as page:
                 base = f"http://127.0.0.1:{ui_port}"
-                page.goto(f"{base}/asset-groups")
+                page.goto(f"{base}/locations/ravl_pipeline/asset-groups/audit/lineage")  # the asset graph
                 graph_text = page.wait_for_text("spurious_features", "region_embeddings", "evaluation_report")
                 page.goto(f"{base}/assets/spurious_features?partition=set-a")
-                asset_text = page.wait_for_text("changes_since_last_audit", "top_regions", "silhouette")
-                images = page.evaluate(
-                    "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
-                    ".map(i => [i.naturalWidth, i.naturalHeight, i.alt])")
-                links = page.evaluate("Array.from(document.links).map(a => a.href)")
-                page.goto(f"{base}/assets/evaluation_report?partition=set-a")
-                report_text = page.wait_for_text("report_url")
-                report_links = page.evaluate("Array.from(document.links).map(a => a.href)")
-                page.goto(f"{base}/assets/spurious_features?partition=set-a")
-                page.wait_for_text("top_regions", "Metadata")
-                time.sleep(3)
-                page.dismiss("Skip")
-                page.evaluate("window.scrollTo(0, 0)")
+                asset_text = page.wait_for_text("changes_since_last_audit", "top_regions", "silhouette",
+                                                "largest gaps", "Since the previous audit")
+                time.sleep(2)
+                page.dismiss("Skip")  # the first visit's newsletter dialog
+                page.dismiss("Hide navigation")
+                page.evaluate("Array.from(document.querySelectorAll('*')).find(e => e.children.length === 0"
+                              " && e.innerText === 'Metadata').scrollIntoView()")
                 time.sleep(1)
                 shot = page.screenshot(tmp / "ui.png")
                 if SCREENSHOT:
                     shutil.copy2(shot, REPO / SCREENSHOT)
+                # the region grid is long Markdown (a PNG): the UI shows it on request
+                opened = page.click_in_row("top_regions", "Show Markdown")
+                images = page.wait_for_images("top regions")
+                page.goto(f"{base}/assets/evaluation_report?partition=set-b")
+                report_text = page.wait_for_text("report_url", "changes_since_last_audit")
+                report_links = page.evaluate("Array.from(document.links).map(a => a.href)")
+            # what that link opens, from the reports server `ravl ui` runs beside the UI
+            served = urllib.request.urlopen(f"{reports_url}/set-b/report/report.html", timeout=60).read().decode()
             session = dev.proc.pid
     finally:
         reports.shutdown()
-    yield {"root": root, "home": home, "first_findings": first_findings,
+    yield {"opened": opened, "root": root, "home": home, "first_findings": first_findings,
            "project": RavlProject(data_dir=str(root / "data"), params_path=str(params)), "runs": runs, "graph_text": graph_text, "asset_text": asset_text,
-           "images": images, "links": links, "report_text": report_text, "report_links": report_links,
+           "images": images, "report_text": report_text, "report_links": report_links, "served": served,
            "shot": shot, "session": session, "reports_url": reports_url}
 
 
@@ -186,16 +190,21 @@ def test_the_spurious_features_page_shows_the_latest_materialization(deployment)
     for header in ("rank", "attribute", "G_c", "H_c", "called", "masking", "largest gaps"):
         assert header in text, header
     assert "Since the previous audit" in text
-    # the region grid decoded: one row of thumbnails per finding
-    grids = [(w, h) for w, h, alt in deployment["images"] if alt == "top regions"]
-    assert grids and grids[0][0] > 300 and grids[0][1] >= 64
+    # the region grid decoded in the browser: one row of image thumbnails per finding
+    assert deployment["opened"]
+    assert deployment["images"], "the region grid did not decode"
+    width, height = deployment["images"][0]
+    n_features = int(re.search(r"Row count\s+(\d+)", text).group(1))
+    rows = min(n_features, 8)  # the first eight findings, the rest counted
+    assert rows and width > 300 and height == rows * 68
     shot = np.asarray(Image.open(deployment["shot"]).convert("RGB"))
     assert shot.shape[0] >= 900 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 50
 
 
 def test_the_report_page_links_the_report(deployment):
-    want = f"{deployment['reports_url']}/set-a/report/report.html"
+    want = f"{deployment['reports_url']}/set-b/report/report.html"
     assert want in deployment["report_links"]
+    assert "RaVL audit report" in deployment["served"] and 'id="findings"' in deployment["served"]
     assert "report_url" in deployment["report_text"]
 
 
