@@ -209,14 +209,17 @@ def _silhouette(x) -> float:
     return -1.0 if x is None or np.isnan(x) else round(float(x), 3)
 
 
-def findings(audit: Audit, found: Findings, file: Path, drift: Mapping | None = None) -> dict:
+def findings(audit: Audit, found: Findings, file: Path, drift: Mapping | None = None,
+             compared: bool = True) -> dict:
+    """``compared``: the findings of a set's audit, with what changed since
+    the previous one (``drift``, None for a first audit)."""
     lead = found.feature(found.lead_rank) if found.lead_rank is not None else None
     out = {"dagster/row_count": len(found.features), "k": found.k, "silhouette": _silhouette(found.silhouette),
            "called": len(found.called) if found.has_significance else -1,
            "lead_rank": found.lead_rank or -1, "lead_attribute": lead.attribute if lead else "none",
            "findings": md(findings_table(found)),
            "top_regions": md(region_grid_markdown(audit.dataset_dir, found)), "path": path(file)}
-    if drift is not False:
+    if compared:
         out["changes_since_last_audit"] = md(drift_markdown(drift))
         out["new_called_findings"] = len(drift["new_called"]) if drift else 0
     return out

@@ -43,7 +43,7 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
     found = audit.reaudit()
     version = set_data_version(audit.dataset_dir, json_sha256(audit.params.as_dict()), audit.mitigated.model)
     return dg.MaterializeResult(data_version=version,
-                                metadata=meta.findings(audit, found, audit.paths.findings_mitigated, drift=False))
+                                metadata=meta.findings(audit, found, audit.paths.findings_mitigated, compared=False))
 
 
 @audit_asset(deps=[spurious_features, mitigated_findings, mitigation_metrics], kinds={"html", "json"},
