@@ -33,8 +33,10 @@ def ravl(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    # the report names its run; everything else is a function of the inputs
-    return {k: v for k, v in snapshot(root / "data" / "outputs" / SET).items() if not k.startswith("report/")}
+    # the report names its run, and previous/ holds what the run replaced;
+    # everything else is a function of the inputs
+    return {k: v for k, v in snapshot(root / "data" / "outputs" / SET).items()
+            if not k.startswith(("report/", "previous/"))}
 
 
 def step_spans(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float, int]]:
@@ -73,7 +75,8 @@ def celery_run(tmp_path_factory):
                 # the worker processes are alive: read who ran each step now
                 lineage = {step: ancestors(pid) for step, (_, _, pid) in spans.items()}
             workers = {w1.pid, w2.pid}
-    return {"in_process": in_process, "celery": outputs(project), "out": out, "run": run,
+    previous = (project / "data" / "outputs" / SET / "previous" / "findings.json").read_bytes()
+    return {"in_process": in_process, "celery": outputs(project), "previous": previous, "out": out, "run": run,
             "spans": spans, "lineage": lineage, "launcher": launcher.pid, "workers": workers}
 
 
@@ -105,3 +108,5 @@ def test_outputs_equal_the_in_process_executor(celery_run):
     assert {"findings.json", "metrics.json", "findings_mitigated.json"} <= set(a)
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+    # the Celery run kept the in-process run's findings as the previous audit
+    assert celery_run["previous"] == a["findings.json"]
