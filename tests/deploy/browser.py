@@ -66,12 +66,13 @@ class Page:
             " return false; })()"))
 
     def click_in_row(self, row_text: str, label: str) -> bool:
-        """Click the element labelled ``label`` in the table row that mentions ``row_text``."""
+        """Click the innermost element labelled ``label`` in the table row that
+        mentions ``row_text`` (a click on a wrapper would not reach the button)."""
         return bool(self.evaluate(
             "(() => { const row = Array.from(document.querySelectorAll('tr'))"
             f".find(r => r.innerText.includes({json.dumps(row_text)})); if (!row) return false;"
             " const el = Array.from(row.querySelectorAll('button, a, span, div'))"
-            f".find(e => e.innerText.trim().replace(/^\\[|\\]$/g, '') === {json.dumps(label)});"
+            f".filter(e => e.innerText.trim().replace(/^\\[|\\]$/g, '') === {json.dumps(label)}).pop();"
             " if (el) { el.click(); return true; } return false; })()"))
 
     def wait_for_images(self, alt: str, timeout: float = 60.0) -> list:
