@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DVC_VENV := .venv-dvc
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup setup-dvc setup-chromium repro demo test test-fast ui bench clean
+.PHONY: setup setup-dvc setup-chromium setup-redis repro demo test test-fast ui worker bench clean
 
 setup: $(VENV)/.stamp-setup
 
@@ -39,21 +39,38 @@ CHROMIUM ?= /usr/bin/chromium
 setup-chromium:
 	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
+# The Celery executor's broker (Debian's redis-server; the tests start their
+# own on a free loopback port). Needs root for apt-get, as in CI.
+REDIS_SERVER ?= /usr/bin/redis-server
+setup-redis:
+	@test -x $(REDIS_SERVER) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
 # The whole Dagster asset graph on the built-in synthetic default; the runs
 # are recorded in $(DAGSTER_HOME), so `make ui` shows them afterwards.
 demo: setup
 	$(BIN)/ravl demo
 
-test: setup setup-dvc setup-chromium
+test: setup setup-dvc setup-chromium setup-redis
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Dagster UI + daemon (sensor, schedule) on the same instance as `ravl`.
+# Dagster UI + daemon (sensor, schedule) on the same instance as `ravl`, and
+# the reports the asset pages link to (port 3001); Ctrl-C stops everything.
 ui: setup
-	$(BIN)/python -c "from ravl_pipeline.cli.dagster_runs import ensure_dagster_home; ensure_dagster_home()"
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(BIN)/ravl ui --port 3000 --reports-port 3001
+
+# Scale-out on one machine: a Redis broker on the loopback and two Celery
+# workers; then `RAVL_EXECUTOR=celery .venv/bin/ravl materialize ...` (or runs
+# from `make ui` started with RAVL_EXECUTOR=celery) execute their steps there.
+REDIS_PORT ?= 6379
+worker: setup setup-redis
+	@trap 'kill 0' INT TERM EXIT; \
+	$(REDIS_SERVER) --port $(REDIS_PORT) --bind 127.0.0.1 --save '' --appendonly no & \
+	RAVL_CELERY_BROKER=redis://127.0.0.1:$(REDIS_PORT)/0 $(BIN)/ravl worker --name w1 & \
+	RAVL_CELERY_BROKER=redis://127.0.0.1:$(REDIS_PORT)/0 $(BIN)/ravl worker --name w2 & \
+	wait
 
 clean:
 	rm -rf runs build

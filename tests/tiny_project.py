@@ -8,7 +8,6 @@ DVC and crash-safety tests (they test plumbing, not the method).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ravl_pipeline.config import TrainConfig
-from ravl_pipeline.experiments.recipe import BASE_MODEL, DEFAULT_RECIPE
+from ravl_pipeline.experiments.recipe import BASE_MODEL, DEFAULT_RECIPE, recipe_stamp
 from ravl_pipeline.experiments.synth import SynthConfig, make_setting
 from ravl_pipeline.models import load_model, save_model
 
@@ -38,7 +37,7 @@ def make_tiny_project(root: Path, n_val: int = 40, n_test: int = 24, validation_
     save_model(load_model(BASE_MODEL, seed=1), default / "models" / "audited",
                {"train": train, "pretrained_from": str(default / "models" / "pretrained")})
     recipe = DEFAULT_RECIPE.small()
-    (default / "recipe.json").write_text(json.dumps(recipe.to_dict(), sort_keys=True))
+    (default / "recipe.json").write_text(recipe_stamp(recipe))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["audited_model"].update(source="synthetic-default", recipe="small")
     params["mitigation"].update(max_steps=2, batch_size=16)

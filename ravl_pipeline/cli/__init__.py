@@ -7,10 +7,10 @@ import argparse
 import logging
 import sys
 
-from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth
+from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth, ui, worker
 from .errors import Parser, run_guarded
 
-COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo)
+COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo, worker, ui)
 VERBOSE_HELP = "on an error, print its traceback; show progress logs"
 
 

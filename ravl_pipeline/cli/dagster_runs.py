@@ -8,18 +8,24 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG, extract_data_version_from_entry
 
+from ..config import SECTIONS, first_line
+from ..definitions import EXECUTOR_ENV, executor_name
 from ..defs.jobs import AUDIT_JOB, MODEL_JOB
-from ..config import first_line
-from ..defs.partitions import INPUT_ERROR, validation_sets
+from ..defs.partitions import INPUT_ERROR, SET_VERSION_TAG, validation_sets
 from ..defs.resources import RavlProject, project_root
+from ..defs.sensors import SENSOR_TAG
+from ..defs.sources import params_observation, set_versions
 from ..io.files import copy_dir_atomic, process_alive
 from ..io.hashing import dataset_fingerprint
+from .progress import StepProgress
 
 DAGSTER_YAML = """\
 # The pipeline's Dagster instance: run history, event log and schedules are
@@ -75,24 +81,37 @@ def _project(defs: dg.Definitions) -> RavlProject:
     return defs.resources["ravl"]
 
 
-def source_assets(defs: dg.Definitions) -> list:
-    graph = defs.resolve_asset_graph()
-    return [graph.assets_def_for_key(k) for k in graph.observable_asset_keys]
+def _report_version(instance: dg.DagsterInstance, key: dg.AssetKey, version: str, partition: str | None = None,
+                    metadata: dict | None = None) -> bool:
+    """Record an observation of ``key`` with data ``version`` outside any run,
+    unless it is already the latest one recorded. Returns whether it recorded."""
+    latest = instance.get_latest_data_version_record(key, is_source=True, partition_key=partition)
+    if latest is not None and extract_data_version_from_entry(latest.event_log_entry) == dg.DataVersion(version):
+        return False
+    instance.report_runless_asset_event(dg.AssetObservation(
+        asset_key=key, partition=partition, tags={DATA_VERSION_TAG: version}, metadata=metadata or {}))
+    return True
 
 
-def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
     """Record fresh data versions of params.yaml's sections and of every
-    registered validation set, so staleness reflects the files as they are."""
-    sources = source_assets(defs)
-    # one run for the unpartitioned params sections, one for the partitioned
-    # validation sets (a run cannot mix them); each resolved source already
-    # carries the `ravl` resource
-    for group in ([a for a in sources if not a.partitions_def], [a for a in sources if a.partitions_def]):
-        if not group:
-            continue
-        job = dg.define_asset_job("observe_sources", selection=dg.AssetSelection.all(include_sources=True))
-        dg.Definitions(assets=group, jobs=[job]).resolve_job_def("observe_sources").execute_in_process(
-            instance=instance, run_config=_run_config("WARNING"))
+    registered validation set, so staleness reflects the files as they are.
+
+    They are recorded as observations outside any run, and only when a
+    version changed: an observation run per ``ravl`` call would bury the
+    audits in the runs list. (The UI's "Observe sources" runs the source
+    assets themselves, with the same versions.) Returns what changed."""
+    project = _project(defs)
+    changed = []
+    for section in SECTIONS:
+        version, metadata = params_observation(project, section)
+        if _report_version(instance, dg.AssetKey(f"params_{section}"), version, metadata=metadata):
+            changed.append(f"params_{section}")
+    known = set(instance.get_dynamic_partitions(validation_sets.name))
+    for name, version in set_versions(project, known).items():
+        if _report_version(instance, dg.AssetKey("validation_set"), version, partition=name):
+            changed.append(f"validation_set[{name}]")
+    return changed
 
 
 def register_validation_sets(defs: dg.Definitions, instance: dg.DagsterInstance,
@@ -123,21 +142,36 @@ def _selected_keys(defs: dg.Definitions, select: Sequence[str] | None) -> set[dg
     return set(selection.resolve(graph)) & set(graph.materializable_asset_keys)
 
 
-def _summary(result, partition: str | None) -> RunSummary:
-    mats = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    checks = [(f"{ev.asset_key.to_user_string()}:{ev.check_name}", bool(ev.passed), ev.severity.value)
-              for ev in result.get_asset_check_evaluations()]
-    failures = []
-    for event in result.get_step_failure_events():
-        data = event.step_failure_data
-        user = data.user_failure_data
-        if user is not None and user.metadata.get(INPUT_ERROR) is not None:
-            failures.append((event.step_key, user.description, True))
+def _failure(event) -> tuple[str, str, bool]:
+    """A failed step in one line: the asset's own message for bad input, else the error's first line."""
+    data = event.step_failure_data
+    user = data.user_failure_data
+    if user is not None and user.metadata.get(INPUT_ERROR) is not None:
+        return event.step_key, user.description, True
+    error = data.error
+    what = f"{error.cls_name}: {first_line(error.message)}" if error is not None else "unknown"
+    return event.step_key, f"internal error: {what} (re-run with -v for the traceback)", False
+
+
+def summarize_run(instance: dg.DagsterInstance, run_id: str) -> RunSummary:
+    """What a finished run materialized, checked and failed, read from the event
+    log (the same for every executor, and for runs this process did not launch)."""
+    run = instance.get_run_by_id(run_id)
+    records = instance.get_records_for_run(run_id, of_type={dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                            dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+                                                            dg.DagsterEventType.STEP_FAILURE}).records
+    mats, checks, failures = [], [], []
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            mats.append(event.asset_key.to_user_string())
+        elif event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            failures.append(_failure(event))
         else:
-            error = data.error
-            what = f"{error.cls_name}: {first_line(error.message)}" if error is not None else "unknown"
-            failures.append((event.step_key, f"internal error: {what} (re-run with -v for the traceback)", False))
-    return RunSummary(result.run_id, partition, result.success, mats, checks, failures)
+            ev = event.event_specific_data
+            checks.append((f"{ev.asset_key.to_user_string()}:{ev.check_name}", bool(ev.passed), ev.severity.value))
+    return RunSummary(run_id, run.tags.get("dagster/partition"), run.status == dg.DagsterRunStatus.SUCCESS,
+                      mats, checks, failures)
 
 
 def _run_config(log_level: str) -> dict:
@@ -150,8 +184,15 @@ RUNNER_PID_TAG = "ravl/pid"
 RUNNER_HOST_TAG = "ravl/host"
 
 
+# A run launched by a DVC stage under `dvc exp run` carries the experiment's name.
+EXPERIMENT_TAG = "dvc/experiment"
+
+
 def _runner_tags() -> dict[str, str]:
-    return {RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
+    tags = {RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -171,40 +212,103 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     return released
 
 
-def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
-                select: Sequence[str] | None = None, raise_on_error: bool = False,
-                log_level: str = "WARNING") -> list[RunSummary]:
-    """Observe the sources, then materialize the selection: the audited model
-    (unpartitioned) first, then the per-set assets for each partition
-    (default: every set under ``validation_sets/``, registered if new)."""
-    _project(defs).params()  # a bad params.yaml fails here, naming the file and key
-    release_dead_runs(instance)
-    observe_sources(defs, instance)
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def sensor_audit_of(instance: dg.DagsterInstance, partition: str, version: str) -> dg.DagsterRun | None:
+    """The run the ``new_validation_sets`` sensor launched for this content of
+    the set, unless it failed: the CLI reports it instead of auditing the same
+    new folder a second time."""
+    runs = instance.get_runs(filters=dg.RunsFilter(
+        job_name=AUDIT_JOB, statuses=[*IN_FLIGHT, dg.DagsterRunStatus.SUCCESS],
+        tags={"dagster/partition": partition, SET_VERSION_TAG: version, SENSOR_TAG: "new_validation_sets"}), limit=1)
+    return runs[0] if runs else None
+
+
+def wait_for_run(instance: dg.DagsterInstance, run_id: str, poll: float = 1.0) -> dg.DagsterRun:
+    while (run := instance.get_run_by_id(run_id)).status in IN_FLIGHT:
+        time.sleep(poll)
+    return run
+
+
+def cli_executor() -> str:
+    """``ravl`` runs steps in its own process unless ``RAVL_EXECUTOR`` says otherwise."""
+    return executor_name() if os.environ.get(EXECUTOR_ENV) else "in_process"
+
+
+def execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, keys: Sequence[dg.AssetKey],
+            partition: str | None, tags: dict, raise_on_error: bool, log_level: str) -> RunSummary:
+    """One run of ``job_name`` over ``keys``: in this process by default, else
+    with the executor ``RAVL_EXECUTOR`` names (multiprocess, Celery), the job
+    rebuilt from the environment by the processes that run its steps."""
+    if cli_executor() == "in_process":
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance, partition_key=partition, asset_selection=sorted(keys), tags=tags,
+            raise_on_error=raise_on_error, run_config=_run_config(log_level))
+    else:
+        tags = {**tags, **({"dagster/partition": partition} if partition else {})}
+        job = dg.build_reconstructable_job("ravl_pipeline.definitions", "job_named",
+                                           reconstructable_args=(job_name,))
+        result = dg.execute_job(job, instance=instance, run_config=_run_config(log_level), tags=tags,
+                                asset_selection=sorted(keys), raise_on_error=raise_on_error)
+    return summarize_run(instance, result.run_id)
+
+
+def plan_keys(defs: dg.Definitions, partitions: Sequence[str] | None,
+              select: Sequence[str] | None) -> tuple[set[dg.AssetKey], set[dg.AssetKey]]:
+    """The unpartitioned and the per-set assets to run. Naming sets without a
+    selection means those sets' assets: the audited model only when it was
+    never built."""
     graph = defs.resolve_asset_graph()
     keys = _selected_keys(defs, select)
     unpartitioned = {k for k in keys if not graph.get(k).is_partitioned}
-    partitioned = keys - unpartitioned
+    if partitions is not None and select is None and _project(defs).audited_record_path.is_file():
+        unpartitioned = set()
+    return unpartitioned, keys - unpartitioned
+
+
+def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
+                select: Sequence[str] | None = None, raise_on_error: bool = False,
+                log_level: str = "WARNING", progress: StepProgress | None = None) -> list[RunSummary]:
+    """Observe the sources, then materialize the selection: the audited model
+    (unpartitioned) first, then the per-set assets for each partition
+    (default: every set under ``validation_sets/``, registered if new).
+
+    With ``partitions`` and no ``select``, only those sets' assets run (the
+    audited model too only when it was never built). A new set the sensor is
+    already auditing, or has audited with the same content, is not audited
+    again: its run is followed and reported. Each step is printed as it
+    starts and ends when ``progress`` is given."""
+    project = _project(defs)
+    project.params()  # a bad params.yaml fails here, naming the file and key
+    release_dead_runs(instance)
+    observe_sources(defs, instance)
+    unpartitioned, partitioned = plan_keys(defs, partitions, select)
+    tags = {**_runner_tags(), **(progress.tags if progress else {})}
     runs = []
     if unpartitioned:
-        job = defs.resolve_job_def(MODEL_JOB)
-        result = job.execute_in_process(instance=instance, asset_selection=sorted(unpartitioned),
-                                        raise_on_error=raise_on_error, run_config=_run_config(log_level),
-                                        tags=_runner_tags())
-        runs.append(_summary(result, None))
-        if not result.success:
+        runs.append(execute(defs, instance, MODEL_JOB, sorted(unpartitioned), None, tags, raise_on_error, log_level))
+        if not runs[-1].success:
             return runs
     if partitioned:
         if partitions is None:
             # every set on disk, as the sensor would register them
-            partitions = _project(defs).validation_set_names()
+            partitions = project.validation_set_names()
         if register_validation_sets(defs, instance, partitions):
             observe_sources(defs, instance)
-        job = defs.resolve_job_def(AUDIT_JOB)
         for name in partitions:
-            result = job.execute_in_process(instance=instance, partition_key=name, run_config=_run_config(log_level),
-                                            asset_selection=sorted(partitioned), raise_on_error=raise_on_error,
-                                            tags=_runner_tags())
-            runs.append(_summary(result, name))
+            version = dataset_fingerprint(project.validation_set_dir(name))
+            earlier = sensor_audit_of(instance, name, version) if select is None else None
+            if earlier is not None:
+                print(f"[{name}] audited by the new_validation_sets sensor (run {earlier.run_id[:8]}): "
+                      "following that run instead of starting another")
+                if progress:
+                    progress.follow(earlier.run_id)
+                runs.append(summarize_run(instance, wait_for_run(instance, earlier.run_id).run_id))
+                continue
+            runs.append(execute(defs, instance, AUDIT_JOB, sorted(partitioned), name,
+                                {**tags, SET_VERSION_TAG: version}, raise_on_error, log_level))
     return runs
 
 
@@ -231,12 +335,13 @@ def register_default_setting(defs: dg.Definitions) -> Path:
     return target
 
 
-def run_demo(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[RunSummary]:
+def run_demo(defs: dg.Definitions, instance: dg.DagsterInstance,
+             progress: StepProgress | None = None) -> list[RunSummary]:
     """The whole graph on the built-in synthetic default (``ravl demo``)."""
-    runs = materialize(defs, instance, select=["audited_model"])
+    runs = materialize(defs, instance, select=["audited_model"], progress=progress)
     if not all(r.success for r in runs):
         return runs
     register_default_setting(defs)
     graph = defs.resolve_asset_graph()
     partitioned = [k.to_user_string() for k in graph.materializable_asset_keys if graph.get(k).is_partitioned]
-    return runs + materialize(defs, instance, partitions=[DEMO_SET], select=partitioned)
+    return runs + materialize(defs, instance, partitions=[DEMO_SET], select=partitioned, progress=progress)

@@ -9,6 +9,7 @@ from ..core.findings import read_findings
 from . import dagster_runs
 from .common import metrics_line, print_findings
 from .materialize import dagster_session, print_runs
+from .progress import StepProgress
 
 MITIGATION_CHECK = "mitigated_accuracy_within_margin"
 
@@ -31,8 +32,8 @@ def only_mitigation_check_failed(runs) -> bool:
 def run(args) -> int:
     t0 = time.perf_counter()
     instance, defs = dagster_session()
-    with instance:
-        runs = dagster_runs.run_demo(defs, instance)
+    with instance, StepProgress(instance) as progress:
+        runs = dagster_runs.run_demo(defs, instance, progress)
     ok = print_runs(runs)
     ravl = defs.resources["ravl"]
     audit = ravl.audit(dagster_runs.DEMO_SET) if (ravl.validation_root / dagster_runs.DEMO_SET).is_dir() else None

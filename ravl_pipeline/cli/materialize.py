@@ -7,12 +7,14 @@ import dagster as dg
 from ..definitions import build_definitions
 from . import dagster_runs
 from .errors import EXIT_INPUT, EXIT_INTERNAL
+from .progress import StepProgress
 
 
 def register(sub) -> None:
     p = sub.add_parser("materialize", help="materialize the Dagster asset graph in process", description=__doc__)
     p.add_argument("--partition", action="append", default=None,
-                   help="validation set (repeatable; default: every registered set); registered if new")
+                   help="validation set (repeatable; default: every registered set); registered if new. Only its "
+                        "assets run unless --select says otherwise (the audited model only when never built)")
     p.add_argument("--select", action="append", default=None,
                    help="Dagster asset selection, e.g. audited_model or 'key:region_*' (repeatable; default: all)")
     p.set_defaults(func=run)
@@ -34,10 +36,10 @@ def print_runs(runs) -> bool:
 
 def run(args) -> int:
     instance, defs = dagster_session()
-    with instance:
+    with instance, StepProgress(instance) as progress:
         runs = dagster_runs.materialize(defs, instance, partitions=args.partition or None, select=args.select,
                                         # the summary names every failure in one line; -v: Dagster's full log
-                                        log_level="INFO" if args.verbose else "CRITICAL")
+                                        log_level="INFO" if args.verbose else "CRITICAL", progress=progress)
     if not runs:
         print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
     if print_runs(runs):

@@ -15,6 +15,8 @@ from .findings import Feature
 PRECISION_K = 10  # SPEC §4.2: Precision@10
 
 VALIDITY_MARGIN = 0.10
+# SPEC §4.2: the four mitigation metrics of metrics.json
+METRIC_KEYS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
 def feature_presence(region_labels: Sequence[Sequence[str]], feature: str) -> np.ndarray:

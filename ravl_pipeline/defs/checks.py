@@ -8,6 +8,7 @@ import numpy as np
 from ..core.embed import Embeddings
 from ..core.findings import FindingsError, read_findings
 from .discovery import region_embeddings, spurious_features
+from .metadata import drift_markdown
 from .mitigation import mitigation_metrics
 from .resources import RavlProject
 from .sources import params_evaluation
@@ -75,6 +76,18 @@ def audited_model_validity(context: dg.AssetCheckExecutionContext, ravl: RavlPro
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
+
+
+@dg.asset_check(asset=spurious_features,
+                description="No called finding appeared since the set's previous audit (findings matched by "
+                            "medoid similarity); a warning, with the whole drift as metadata.")
+def no_new_called_finding(context: dg.AssetCheckExecutionContext, ravl: RavlProject) -> dg.AssetCheckResult:
+    drift = ravl.audit(_partition(context)).drift()
+    new = drift["new_called"] if drift else []
+    return dg.AssetCheckResult(passed=not new, severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"new_called_ranks": ", ".join(map(str, new)) or "none",
+                                         "first_audit": drift is None,
+                                         "changes_since_last_audit": dg.MetadataValue.md(drift_markdown(drift))})
 
 
 @dg.asset_check(asset=mitigation_metrics, blocking=True, additional_deps=[params_evaluation],

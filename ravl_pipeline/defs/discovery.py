@@ -51,10 +51,11 @@ def region_clusters(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
              code_version="3", pool=MODEL_POOL,
              description="Ranked spurious region features with their evidence (permutation p- and "
                          "BH q-values, the masking check, model-derived names): findings.json "
-                         "(SPEC §2.2–2.6, §5).")
+                         "(SPEC §2.2–2.6, §5), with what changed since the set's previous audit.")
 def spurious_features(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)
-    return dg.MaterializeResult(metadata=meta.findings(audit, audit.find(), audit.paths.findings))
+    found = audit.find()
+    return dg.MaterializeResult(metadata=meta.findings(audit, found, audit.paths.findings, audit.drift()))
 
 
 DISCOVERY_ASSETS = [region_proposals, region_embeddings, zero_shot_scores, region_clusters, spurious_features]

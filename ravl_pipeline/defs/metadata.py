@@ -14,16 +14,22 @@ from typing import Any, Mapping, Sequence
 
 import dagster as dg
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..core.cluster import Clustering
 from ..core.embed import Embeddings
 from ..core.findings import Feature, Findings
+from ..core.metrics import METRIC_KEYS
 from ..core.scores import Scores
 from ..io.dataset import load_dataset
 from ..pipeline import Audit, ModelRecord
+from ..report.html import region_image
+from .resources import report_url
 
-THUMB = 40  # pixels per region thumbnail in the grid
+THUMB = 64  # pixels per region thumbnail in the grid (the whole image, its box outlined)
+GRID_FINDINGS = 8  # findings shown in the grid; the rest are counted
+GRID_REGIONS = 6  # regions per finding
+LABEL_WIDTH = 84
 
 
 def _num(x: Any, fmt: str = "{:+.3f}") -> str:
@@ -40,21 +46,74 @@ def path(p: Path) -> dg.MetadataValue:
 
 # --------------------------------------------------------------------------- tables
 
-def findings_table(findings: Findings, top: int = 5) -> str:
-    """Top findings with their per-class gaps (SPEC §2.2, §2.5), as Markdown."""
+def _verdict(f: Feature) -> str:
+    support = f.support
+    return "–" if support is None else str(support.get("verdict") or
+                                          ("supported" if support.get("supported") else "not supported"))
+
+
+def _gaps(f: Feature, n: int = 2) -> str:
+    """The ``n`` largest per-class gaps, e.g. ``nine +0.92, three −0.40``."""
+    rows = sorted(f.per_class, key=lambda r: -abs(r["gap"]))[:n]
+    return ", ".join(f"{r['label']} {_num(r['gap'], '{:+.2f}')}" for r in rows)
+
+
+def findings_table(findings: Findings, top: int = 10) -> str:
+    """The findings with their evidence (SPEC §2.2–2.5, §5): rank (★ the lead
+    finding), attribute, G_c, H_c, q-value, called, the masking verdict and
+    the two largest per-class gaps, as a compact Markdown table."""
     feats = findings.features
-    head = (f"K = {findings.k}, silhouette {_num(findings.silhouette, '{:.3f}')}, "
-            f"{len(feats)} spurious feature(s)\n\n")
+    lead = findings.lead_rank
+    head = (f"K = {findings.k}, silhouette {_num(findings.silhouette, '{:.3f}')}, {len(feats)} spurious "
+            f"feature(s)" + (f", {len(findings.called)} called" if findings.has_significance else "")
+            + (f"; lead finding: rank {lead} (★)" if lead is not None else "; no lead finding") + "\n\n")
     if not feats:
         return head + "_No cluster meets the spurious criterion (SPEC §2.4)._"
-    rows = ["| rank | cluster | score G_c | influence H_c | attribute | per-class gap (n present / n absent) |",
-            "|---:|---:|---:|---:|---|---|"]
+    rows = ["| rank | attribute | G_c | H_c | q | called | masking | largest gaps |",
+            "|---:|---|---:|---:|---:|:---:|---|---|"]
     for f in feats[:top]:
-        gaps = "; ".join(f"{r['label']} {_num(r['gap'])} ({r['n_present']}/{r['n_absent']})"
-                         for r in sorted(f.per_class, key=lambda r: -abs(r["gap"]))[:4])
-        rows.append(f"| {f.rank} | {f.cluster_id} | {f.score:.3f} | {_num(f.influence, '{:.2f}')} "
-                    f"| {f.attribute} | {gaps} |")
-    return head + "\n".join(rows)
+        called = "–" if f.called is None else ("yes" if f.called else "no")
+        rows.append(f"| {'★ ' if f.rank == lead else ''}{f.rank} | {f.attribute} | {f.score:.2f} "
+                    f"| {_num(f.influence, '{:.2f}')} | {_num(f.q_value, '{:.3g}')} | {called} | {_verdict(f)} "
+                    f"| {_gaps(f)} |")
+    more = f"\n\n_… and {len(feats) - top} more in findings.json._" if len(feats) > top else ""
+    return head + "\n".join(rows) + more
+
+
+def drift_markdown(drift: Mapping | None) -> str:
+    """The re-audit drift (core.drift) as Markdown: counts, new called
+    findings, and one row per finding that appeared, disappeared or changed."""
+    if drift is None:
+        return "_First audit of this set: nothing to compare with._"
+    prev = drift["previous"]
+    text = (f"Since the previous audit ({prev['n_features']} findings, K = {prev['k']}): "
+            f"**{len(drift['appeared'])} appeared, {len(drift['disappeared'])} disappeared, "
+            f"{len(drift['changed'])} changed**, {drift['unchanged']} unchanged (matched by {drift['matched_by']}).")
+    if drift["new_called"]:
+        text += f" **New called finding(s): rank {', '.join(map(str, drift['new_called']))}.**"
+    if drift["k_change"]:
+        text += f" K {drift['k_change'][0]} → {drift['k_change'][1]}."
+    if drift["lead_change"]:
+        text += f" Lead finding: rank {drift['lead_change'][0]} → {drift['lead_change'][1]}."
+    rows = ["| change | rank before | rank now | attribute | called |", "|---|---:|---:|---|---|"]
+    rows += [f"| appeared | – | {f['rank']} | {f['attribute']} | {f['called']} |" for f in drift["appeared"]]
+    rows += [f"| {', '.join(f['changed'])} | {f['previous_rank']} | {f['rank']} | "
+             f"{f['previous_attribute']} → {f['attribute']} | {f['previously_called']} → {f['called']} |"
+             for f in drift["changed"]]
+    rows += [f"| disappeared | {f['rank']} | – | {f['attribute']} | {f['called']} |" for f in drift["disappeared"]]
+    table = "\n\n" + "\n".join(rows) if len(rows) > 2 else ""
+    if drift.get("metrics"):
+        table += "\n\n" + metrics_delta_table(drift["metrics"])
+    return text + table
+
+
+def metrics_delta_table(deltas: Mapping[str, Mapping]) -> str:
+    rows = ["| model | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---:|" * len(METRIC_KEYS)]
+    for model, by_key in deltas.items():
+        rows.append(f"| {model} | " + " | ".join(
+            f"{_num(by_key[k]['previous'], '{:.3f}')} → {_num(by_key[k]['current'], '{:.3f}')} "
+            f"({_num(by_key[k]['change'])})" for k in METRIC_KEYS) + " |")
+    return "\n".join(rows)
 
 
 def k_sweep_table(sweep: Sequence[Mapping]) -> str:
@@ -65,41 +124,51 @@ def k_sweep_table(sweep: Sequence[Mapping]) -> str:
 
 def metrics_table(metrics_by_model: Mapping[str, Mapping]) -> str:
     """One row per model: the four SPEC §4.2 metrics."""
-    keys = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
-    rows = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    rows = ["| model | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---:|" * len(METRIC_KEYS)]
     for name, m in metrics_by_model.items():
-        rows.append(f"| {name} | " + " | ".join(_num(m.get(k), "{:.3f}") for k in keys) + " |")
+        rows.append(f"| {name} | " + " | ".join(_num(m.get(k), "{:.3f}") for k in METRIC_KEYS) + " |")
     return "\n".join(rows)
 
 
-def region_grid_png(dataset_dir: Path, features: Sequence[Feature], n_features: int = 3,
-                    n_regions: int = 8) -> bytes | None:
-    """A PNG with one row per finding: its top regions, cropped from the images."""
-    feats = [f for f in features[:n_features] if f.regions]
+def region_grid_png(dataset_dir: Path, findings: Findings, n_features: int = GRID_FINDINGS,
+                    n_regions: int = GRID_REGIONS) -> bytes | None:
+    """A PNG with one row per kept finding (the first ``n_features``): its
+    rank and attribute, then its top regions, each drawn inside its image
+    thumbnail with the box outlined (as in the report); ★ marks the lead."""
+    feats = [f for f in findings.features[:n_features] if f.regions]
     if not feats:
         return None
     ds = load_dataset(dataset_dir, check_images=False)
     row_of = {image_id: i for i, image_id in enumerate(ds.image_ids)}
-    grid = Image.new("RGB", (n_regions * THUMB, len(feats) * THUMB), "white")
+    cell = THUMB + 4
+    grid = Image.new("RGB", (LABEL_WIDTH + n_regions * cell, len(feats) * cell), "white")
+    draw = ImageDraw.Draw(grid)
     for r, feature in enumerate(feats):
+        star = "* " if feature.rank == findings.lead_rank else ""
+        draw.text((4, r * cell + 4), f"{star}#{feature.rank}", fill="black")
+        draw.text((4, r * cell + 18), str(feature.attribute)[:12], fill="black")
+        draw.text((4, r * cell + 32), "called" if feature.called else "", fill=(0, 110, 0))
         for c, region in enumerate(feature.regions[:n_regions]):
             i = row_of.get(region["image_id"])
-            if i is None or region.get("box") is None:
+            if i is None:
                 continue
-            crop = ds.load_image(i).crop(tuple(float(v) for v in region["box"]))
-            grid.paste(crop.resize((THUMB, THUMB), Image.NEAREST), (c * THUMB, r * THUMB))
+            thumb = region_image(ds.load_image(i), region.get("box"), THUMB)
+            x = LABEL_WIDTH + c * cell + (THUMB - thumb.width) // 2
+            grid.paste(thumb, (x, r * cell + 2 + (THUMB - thumb.height) // 2))
     buf = io.BytesIO()
     grid.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
 def region_grid_markdown(dataset_dir: Path, findings: Findings) -> str:
-    png = region_grid_png(dataset_dir, findings.features)
+    png = region_grid_png(dataset_dir, findings)
     if png is None:
         return "_No spurious feature, no regions to show._"
     data = base64.b64encode(png).decode()
-    return ("One row per finding (rank 1 first), its regions most similar to the medoid first.\n\n"
-            f"![top regions](data:image/png;base64,{data})")
+    rest = len(findings.features) - GRID_FINDINGS
+    more = f" The first {GRID_FINDINGS} of {len(findings.features)} findings are shown." if rest > 0 else ""
+    return ("One row per finding (rank, attribute; * the lead finding), its regions most similar to the medoid "
+            f"first, each box outlined in its image.{more}\n\n![top regions](data:image/png;base64,{data})")
 
 
 # --------------------------------------------------------------------------- one per asset
@@ -132,20 +201,28 @@ def scores(audit: Audit, sc: Scores, labels: np.ndarray) -> dict:
 
 
 def clusters(audit: Audit, cl: Clustering) -> dict:
-    silhouette = None if np.isnan(cl.silhouette) else float(cl.silhouette)
-    return {"dagster/row_count": int(len(cl.labels)), "k": cl.k,
-            "silhouette": silhouette if silhouette is not None else -1.0, "sampled": cl.sampled,
-            "k_sweep": md(k_sweep_table(cl.sweep)), "path": path(audit.paths.clusters)}
+    return {"dagster/row_count": int(len(cl.labels)), "k": cl.k, "silhouette": _silhouette(cl.silhouette),
+            "sampled": cl.sampled, "k_sweep": md(k_sweep_table(cl.sweep)), "path": path(audit.paths.clusters)}
 
 
-def findings(audit: Audit, found: Findings, file: Path) -> dict:
-    return {"dagster/row_count": len(found.features), "k": found.k,
-            "silhouette": found.silhouette if found.silhouette is not None else -1.0,
-            "top_attribute": found.features[0].attribute if found.features else "none",
-            "called": len(found.called) if found.has_significance else -1,
-            "lead_rank": found.lead_rank or -1,
-            "findings": md(findings_table(found)),
-            "top_regions": md(region_grid_markdown(audit.dataset_dir, found)), "path": path(file)}
+def _silhouette(x) -> float:
+    return -1.0 if x is None or np.isnan(x) else round(float(x), 3)
+
+
+def findings(audit: Audit, found: Findings, file: Path, drift: Mapping | None = None,
+             compared: bool = True) -> dict:
+    """``compared``: the findings of a set's audit, with what changed since
+    the previous one (``drift``, None for a first audit)."""
+    lead = found.feature(found.lead_rank) if found.lead_rank is not None else None
+    out = {"dagster/row_count": len(found.features), "k": found.k, "silhouette": _silhouette(found.silhouette),
+           "called": len(found.called) if found.has_significance else -1,
+           "lead_rank": found.lead_rank or -1, "lead_attribute": lead.attribute if lead else "none",
+           "findings": md(findings_table(found)),
+           "top_regions": md(region_grid_markdown(audit.dataset_dir, found)), "path": path(file)}
+    if compared:
+        out["changes_since_last_audit"] = md(drift_markdown(drift))
+        out["new_called_findings"] = len(drift["new_called"]) if drift else 0
+    return out
 
 
 def mitigated_model(audit: Audit, record: ModelRecord, history: dict) -> dict:
@@ -161,17 +238,23 @@ def mitigated_model(audit: Audit, record: ModelRecord, history: dict) -> dict:
             "train_config": dg.MetadataValue.json(history.get("config")), "path": path(audit.paths.mitigated_model)}
 
 
-def metrics(audit: Audit, m: dict) -> dict:
-    return {"image_overall_change": m["image_overall_change"],
-            "metrics": md(metrics_table({"audited": m["audited"], "mitigated": m["mitigated"]})),
-            "path": path(audit.paths.metrics)}
+def metrics(audit: Audit, m: dict, drift: Mapping | None) -> dict:
+    out = {"image_overall_change": m["image_overall_change"],
+           "metrics": md(metrics_table({"audited": m["audited"], "mitigated": m["mitigated"]})),
+           "path": path(audit.paths.metrics)}
+    if drift and drift.get("metrics"):
+        out["change_since_last_audit"] = md(metrics_delta_table(drift["metrics"]))
+    return out
 
 
 def report(audit: Audit, summary: dict) -> dict:
     rows = ["| | before | after |", "|---|---:|---:|"]
-    for key in ("n_features", "top_score", "image_accuracy"):
+    for key in ("n_features", "n_called", "top_score", "image_accuracy"):
         rows.append(f"| {key} | {summary['before'][key]} | {summary['after'][key]} |")
     m = summary["metrics"]
-    return {"before_after": md("\n".join(rows)),
+    html = audit.paths.report / "report.html"
+    return {"report_url": dg.MetadataValue.url(report_url(audit.name)),
+            "before_after": md("\n".join(rows)),
+            "changes_since_last_audit": md(drift_markdown(summary.get("drift"))),
             "metrics": md(metrics_table({"audited": m["audited"], "mitigated": m["mitigated"]})),
-            "summary": path(audit.paths.report / "summary.json"), "report": path(audit.paths.report / "report.html")}
+            "summary": path(audit.paths.report / "summary.json"), "report": path(html)}

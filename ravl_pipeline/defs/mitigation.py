@@ -30,7 +30,8 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
                          "model on the set's test rows (SPEC §4.2).")
 def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)
-    return dg.MaterializeResult(metadata=meta.metrics(audit, audit.measure()))
+    measured = audit.measure()
+    return dg.MaterializeResult(metadata=meta.metrics(audit, measured, audit.drift()))
 
 
 @audit_asset(deps=[mitigated_model, validation_set, params_regions, params_scores, params_labels,
@@ -42,7 +43,7 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
     found = audit.reaudit()
     version = set_data_version(audit.dataset_dir, json_sha256(audit.params.as_dict()), audit.mitigated.model)
     return dg.MaterializeResult(data_version=version,
-                                metadata=meta.findings(audit, found, audit.paths.findings_mitigated))
+                                metadata=meta.findings(audit, found, audit.paths.findings_mitigated, compared=False))
 
 
 @audit_asset(deps=[spurious_features, mitigated_findings, mitigation_metrics], kinds={"html", "json"},

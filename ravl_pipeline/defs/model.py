@@ -1,6 +1,7 @@
 """The audited model: shared by every validation set, so unpartitioned."""
 import hashlib
 import json
+import sys
 
 import dagster as dg
 
@@ -25,7 +26,8 @@ def _recipe_version() -> str:
 def audited_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     cfg = ravl.params().audited_model
     recipe = DEFAULT_RECIPE.small() if cfg.recipe == "small" else DEFAULT_RECIPE
-    built = build_audited_model(ravl.default_setting_dir, recipe) if cfg.source == "synthetic-default" else None
+    built = (build_audited_model(ravl.default_setting_dir, recipe, progress=sys.stderr.isatty())
+             if cfg.source == "synthetic-default" else None)
     record = describe_audited_model(cfg, built)
     record.write(ravl.audited_record_path)
     context.log.info(f"audited model: {record.model}")

@@ -16,6 +16,9 @@ VALIDATION_SETS = "validation_sets"
 # multiprocess run never trains and embeds at once on a small machine.
 MODEL_POOL = "ravl_model"
 AUDIT_GROUP = "audit"
+# The content version of the set a run audits (its fingerprint), on the runs
+# of the sensor and of `ravl materialize`, so neither audits a new folder twice.
+SET_VERSION_TAG = "ravl/set_version"
 MITIGATION_GROUP = "mitigation"
 INPUT_ERROR = "ravl/input_error"  # metadata key of a failure caused by bad input
 

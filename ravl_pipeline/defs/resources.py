@@ -22,6 +22,15 @@ from ..io.manifest import MANIFEST_NAME
 from ..pipeline import Audit
 
 PARTITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Where `ravl ui` serves the reports (data/outputs/<set>/report/) to the browser.
+REPORTS_URL_ENV = "RAVL_REPORTS_URL"
+DEFAULT_REPORTS_URL = "http://127.0.0.1:3001"
+
+
+def report_url(partition: str) -> str:
+    """The address of a set's report.html, as the asset page links it."""
+    base = (os.environ.get(REPORTS_URL_ENV) or DEFAULT_REPORTS_URL).rstrip("/")
+    return f"{base}/{partition}/report/report.html"
 
 
 def project_root() -> Path:

@@ -22,25 +22,32 @@ from .resources import RavlProject
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
+def set_versions(ravl: RavlProject, known: set[str]) -> dict[str, str]:
+    """Content version of every registered validation set on disk."""
+    return {name: dataset_fingerprint(ravl.validation_root / name)
+            for name in ravl.validation_set_names() if name in known}
+
+
+def params_observation(ravl: RavlProject, section: str) -> tuple[str, dict]:
+    """Data version and metadata of one ``params.yaml`` section."""
+    params = ravl.params()
+    return section_version(params, section), {"values": dg.MetadataValue.json(params.as_dict()[section]),
+                                              "path": dg.MetadataValue.path(ravl.params_path)}
+
+
 @dg.observable_source_asset(partitions_def=validation_sets, group_name="sources",
                             description="A labelled validation set (dataset directory, SPEC §5).")
 def validation_set(context, ravl: RavlProject) -> dg.DataVersionsByPartition:
-    known = set(context.instance.get_dynamic_partitions(validation_sets.name))
-    versions = {}
-    for name in ravl.validation_set_names():
-        if name in known:
-            versions[name] = dataset_fingerprint(ravl.validation_root / name)
-    return dg.DataVersionsByPartition(versions)
+    return dg.DataVersionsByPartition(
+        set_versions(ravl, set(context.instance.get_dynamic_partitions(validation_sets.name))))
 
 
 def _params_source(section: str) -> dg.SourceAsset:
     @dg.observable_source_asset(name=f"params_{section}", group_name="params",
                                 description=f"The `{section}` section of params.yaml.")
     def _observe(ravl: RavlProject) -> dg.ObserveResult:
-        params = ravl.params()
-        return dg.ObserveResult(data_version=dg.DataVersion(section_version(params, section)),
-                                metadata={"values": dg.MetadataValue.json(params.as_dict()[section]),
-                                          "path": dg.MetadataValue.path(ravl.params_path)})
+        version, metadata = params_observation(ravl, section)
+        return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
 
     return _observe
 

@@ -56,6 +56,13 @@ def _builtin_cfg(name: str) -> dict | None:
     return {"model_cfg": json.loads(path.read_text()), "preprocess": BUILTIN_PREPROCESS.get(name)}
 
 
+def recipe_stamp(recipe: Recipe) -> str:
+    """What ``recipe.json`` holds for models built by ``recipe``. The built-in
+    configuration is part of what was trained: a changed config must not
+    reuse models trained under the old one."""
+    return json.dumps({**recipe.to_dict(), "base_model_cfg": _builtin_cfg(recipe.base_model)}, sort_keys=True)
+
+
 def build_audited_model(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, progress: bool = False,
                         reuse: bool = True) -> dict[str, Path]:
     """Write ``out_dir/setting``, ``out_dir/models/pretrained`` and
@@ -64,9 +71,7 @@ def build_audited_model(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, pr
     paths = {"setting": out / "setting", "pretrained": out / "models" / "pretrained",
              "audited": out / "models" / "audited"}
     stamp = out / "recipe.json"
-    # the built-in configuration is part of what was trained: a changed
-    # config must not reuse models trained under the old one
-    want = json.dumps({**recipe.to_dict(), "base_model_cfg": _builtin_cfg(recipe.base_model)}, sort_keys=True)
+    want = recipe_stamp(recipe)
     fresh = reuse and stamp.is_file() and stamp.read_text() == want and all(p.exists() for p in paths.values())
     if fresh:
         return paths

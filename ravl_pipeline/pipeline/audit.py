@@ -15,6 +15,9 @@ demo`` reads the same layout, so the folder layout is defined here once::
     <outputs>/<set>/metrics.json        audited and mitigated model, SPEC §4.2
     <outputs>/<set>/findings_mitigated.json   Stage 1 again on the mitigated model
     <outputs>/<set>/report/             report.html and summary.json
+    <outputs>/<set>/audit_summary.json  the headline numbers (DVC metrics: K, called, lead, metrics)
+    <outputs>/<set>/previous/           findings.json and metrics.json as they were before the
+                                        last materialization replaced them (re-audit drift)
 
 Every output is written to a temporary path and renamed, so a killed step
 leaves the previous version intact.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,12 +39,14 @@ import pyarrow.parquet as pq
 
 from ..config import AuditedModelConfig, InputError, Params, train_config
 from ..core.cluster import Clustering
+from ..core.drift import findings_drift, metrics_drift
 from ..core.embed import Embeddings
+from ..core.metrics import METRIC_KEYS
 from ..core.findings import Findings, read_findings, write_findings
 from ..core.regions import propose_dataset
 from ..core.scores import Scores, label_indices
 from ..io.dataset import Dataset, induced_pairs, load_dataset
-from ..io.files import atomic_dir, read_json, write_json_atomic
+from ..io.files import atomic_dir, read_json, write_bytes_atomic, write_json_atomic
 from ..io.manifest import read_manifest
 from ..io.tables import fixed_list
 from ..mitigate.assign import select_features
@@ -50,7 +56,8 @@ from ..models import LoadedModel, load_model
 from ..report.html import write_report
 from . import stages
 
-__all__ = ["AuditError", "AuditPaths", "ModelRecord", "Audit", "describe_audited_model", "findings_summary"]
+__all__ = ["AuditError", "AuditPaths", "ModelRecord", "Audit", "describe_audited_model", "findings_summary",
+           "headline"]
 
 
 class AuditError(InputError):
@@ -73,6 +80,8 @@ class AuditPaths:
     metrics = property(lambda self: self.root / "metrics.json")
     findings_mitigated = property(lambda self: self.root / "findings_mitigated.json")
     report = property(lambda self: self.root / "report")
+    headline = property(lambda self: self.root / "audit_summary.json")
+    previous = property(lambda self: self.root / "previous")
     assignment_cache = property(lambda self: self.root / "spurious-regions-cache")
 
 
@@ -150,6 +159,20 @@ def findings_summary(findings: Findings) -> dict:
             "precision_at_10_lead": {name: g.get("precision_at_10_lead") for name, g in gt.items()}}
 
 
+def headline(findings: Findings, metrics: dict | None) -> dict:
+    """The numbers an experiment is compared by (``audit_summary.json``, DVC
+    metrics): K, silhouette, findings, called findings, the lead finding and
+    the four SPEC §4.2 metrics of the audited and the mitigated model."""
+    lead = findings.lead()
+    out = {"k": findings.k, "silhouette": None if findings.silhouette is None else round(findings.silhouette, 4),
+           "n_features": len(findings.features),
+           "n_called": len(findings.called),  # 0 when nothing is called (or significance was not computed)
+           "lead_rank": lead.rank if lead else None, "lead_attribute": lead.attribute if lead else "none"}
+    for model in ("audited", "mitigated"):
+        out[model] = {k: (metrics or {}).get(model, {}).get(k) for k in METRIC_KEYS}
+    return out
+
+
 @dataclass
 class Audit:
     """The audit of validation set ``name`` (a dataset directory) with
@@ -160,6 +183,8 @@ class Audit:
     out: Path
     params: Params
     record_path: Path
+    # tqdm bars of embedding and training, live in a terminal (not in logs)
+    progress: bool = field(default_factory=lambda: sys.stderr.isatty())
 
     @cached_property
     def paths(self) -> AuditPaths:
@@ -206,7 +231,7 @@ class Audit:
     def embed(self) -> tuple[Embeddings, float]:
         """Image and region embeddings (SPEC §1.2) and the seconds they took."""
         t0 = time.perf_counter()
-        emb = stages.embed(self.audited.load(), self.data, self.params.regions)
+        emb = stages.embed(self.audited.load(), self.data, self.params.regions, progress=self.progress)
         seconds = time.perf_counter() - t0
         n_proposals = pq.read_metadata(self.paths.proposals / "proposals.parquet").num_rows
         if n_proposals != emb.n_regions:
@@ -244,8 +269,29 @@ class Audit:
         induced = induced_pairs(self.dataset_dir)
         if induced:
             findings.ground_truth = stages.ground_truth(findings, self.data, emb, sc, induced)
+        self._keep_previous(self.paths.findings)
         write_findings(findings, self.paths.findings)
         return findings
+
+    def _keep_previous(self, path: Path) -> None:
+        """Copy the output about to be replaced to ``previous/`` (what the next
+        drift compares against)."""
+        if path.is_file():
+            write_bytes_atomic(self.paths.previous / path.name, path.read_bytes())
+
+    def drift(self) -> dict | None:
+        """What changed since the previous materialization of this set: findings
+        matched by medoid similarity, and metric deltas once the metrics of
+        both are known (None when there is no previous audit)."""
+        prev = self.paths.previous / self.paths.findings.name
+        if not prev.is_file() or not self.paths.findings.is_file():
+            return None
+        drift = findings_drift(read_findings(prev), read_findings(self.paths.findings))
+        prev_metrics = self.paths.previous / self.paths.metrics.name
+        if prev_metrics.is_file() and self.paths.metrics.is_file():
+            drift["metrics"] = metrics_drift(json.loads(prev_metrics.read_text()),
+                                             json.loads(self.paths.metrics.read_text()))
+        return drift
 
     # ------------------------------------------------------------------ Stage 2 and the closed loop
 
@@ -272,7 +318,8 @@ class Audit:
                 return kept, {}
         history = stages.train(record.init_model, record.train_data, self.paths.mitigated_model, cfg,
                                findings=findings, findings_path=self.paths.findings, audited_model=record.model,
-                               audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache)
+                               audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache,
+                               progress=self.progress)
         mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
                                 extra={"trained": True, "method": cfg.method,
                                        "feature_ranks": [int(f.rank) for f in chosen]})
@@ -288,11 +335,12 @@ class Audit:
         def metrics_of(record: ModelRecord) -> dict:
             return stages.evaluate(record.model, self.dataset_dir, split=self.evaluation_split,
                                    classes=self.params.labels.classes, pretrained=record.pretrained,
-                                   min_group_size=self.params.evaluation.min_group_size)
+                                   min_group_size=self.params.evaluation.min_group_size, progress=self.progress)
 
         metrics = {"split": self.evaluation_split, "audited": metrics_of(self.audited),
                    "mitigated": metrics_of(self.mitigated)}
         metrics["image_overall_change"] = metrics["mitigated"]["image_overall"] - metrics["audited"]["image_overall"]
+        self._keep_previous(self.paths.metrics)
         write_json_atomic(self.paths.metrics, metrics)
         return metrics
 
@@ -301,7 +349,8 @@ class Audit:
         p = self.params
         findings = stages.stage1(self.mitigated.load(), self.data, self.classes,
                                  templates=stages.templates_for(self.dataset_dir, p.scores), regions=p.regions,
-                                 scores=p.scores, discovery=p.discovery, dataset_name=self.name).findings
+                                 scores=p.scores, discovery=p.discovery, dataset_name=self.name,
+                                 progress=self.progress).findings
         write_findings(findings, self.paths.findings_mitigated)
         return findings
 
@@ -317,13 +366,15 @@ class Audit:
                       "mitigation_method": train_config(self.audited.train,
                                                         **dataclasses.asdict(self.params.mitigation)).method,
                       **({"note": note} if note else {})}
+        drift = self.drift()
         summary = {"validation_set": self.name, "before": findings_summary(before),
                    "after": findings_summary(after) if after is not None else None, "metrics": metrics,
-                   "provenance": {**provenance, "params": self.params.as_dict()}}
+                   "drift": drift, "provenance": {**provenance, "params": self.params.as_dict()}}
         per_method = ({"audited": metrics["audited"], provenance["mitigation_method"]: metrics["mitigated"]}
                       if metrics else None)
         with atomic_dir(self.paths.report) as tmp:
             write_json_atomic(tmp / "summary.json", summary)
             write_report(tmp / "report.html", before, dataset_root=self.dataset_dir, metrics=per_method,
-                         reaudit=after, provenance=provenance)
+                         reaudit=after, provenance=provenance, drift=drift)
+        write_json_atomic(self.paths.headline, headline(before, metrics))
         return summary

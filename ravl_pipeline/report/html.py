@@ -15,6 +15,7 @@ when given.  Both files carry a generator mark, and an existing file at
 either path is replaced only when it bears that mark (it is an earlier
 report); anything else there is refused before any work.  Every file is
 written to a temporary name and renamed.
+A re-audit opens with what changed since the previous audit of the same set.
 
 One concept — the page and how each part of it is drawn — which is why this
 module is longer than most.
@@ -38,7 +39,8 @@ from .inputs import (METRIC_KEYS, ImageSource, checked_box, default_provenance, 
                      metric_value, normalise_metrics, row_intervals)
 from .outputs import GENERATOR, HTML_MARK, check_report_outputs, twin_path
 
-__all__ = ["METRIC_KEYS", "write_report", "render_report", "region_thumbnail", "twin_path", "check_report_outputs"]
+__all__ = ["METRIC_KEYS", "write_report", "render_report", "region_image", "region_thumbnail", "twin_path",
+           "check_report_outputs"]
 
 
 METRIC_TITLES = {
@@ -60,8 +62,8 @@ ASSET_DIR = Path(__file__).parent / "assets"
 
 # --------------------------------------------------------------------------- images
 
-def region_thumbnail(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> bytes:
-    """PNG bytes of ``image`` scaled to fit ``size`` with ``box`` outlined.
+def region_image(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> Image.Image:
+    """``image`` scaled to fit ``size`` with ``box`` outlined.
 
     Small images are enlarged with nearest-neighbour so their pixels stay
     sharp; the outline is drawn after scaling so it has the same width on
@@ -77,8 +79,13 @@ def region_thumbnail(image, box: Sequence[float] | None, size: int = THUMB_SIZE)
         draw = ImageDraw.Draw(out)
         draw.rectangle([x1, y1, x2, y2], outline=BOX_HALO, width=4)
         draw.rectangle([x1 + 1, y1 + 1, max(x1 + 1, x2 - 1), max(y1 + 1, y2 - 1)], outline=BOX_COLOUR, width=2)
+    return out
+
+
+def region_thumbnail(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> bytes:
+    """PNG bytes of :func:`region_image`."""
     buf = io.BytesIO()
-    out.save(buf, format="PNG", optimize=True)
+    region_image(image, box, size).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
@@ -367,6 +374,67 @@ def _metrics_section(metrics: Mapping[str, Mapping]) -> str:
             f'<div class="charts">{charts}</div></section>')
 
 
+def _drift_rows(drift: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for f in drift.get("appeared", []):
+        rows.append(f"<tr><td>appeared</td><td>–</td><td>{_e(f['rank'])}</td><td>{_e(f['attribute'])}</td>"
+                    f"<td>{_e(_flag(f.get('called')))}</td><td>{_e(f.get('verdict') or '–')}</td></tr>")
+    for f in drift.get("changed", []):
+        attr = (f"{_e(f['previous_attribute'])} → {_e(f['attribute'])}" if f["previous_attribute"] != f["attribute"]
+                else _e(f["attribute"]))
+        called = (f"{_flag(f['previously_called'])} → {_flag(f['called'])}"
+                  if f["previously_called"] != f["called"] else _flag(f["called"]))
+        rows.append(f"<tr><td>changed ({_e(', '.join(f['changed']))})</td><td>{_e(f['previous_rank'])}</td>"
+                    f"<td>{_e(f['rank'])}</td><td>{attr}</td><td>{_e(called)}</td>"
+                    f"<td>similarity {_num(f['similarity'], 2)}</td></tr>")
+    for f in drift.get("disappeared", []):
+        rows.append(f"<tr><td>disappeared</td><td>{_e(f['rank'])}</td><td>–</td><td>{_e(f['attribute'])}</td>"
+                    f"<td>{_e(_flag(f.get('called')))}</td><td>{_e(f.get('verdict') or '–')}</td></tr>")
+    return rows
+
+
+def _delta(x: Any) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
+def _flag(x: Any) -> str:
+    return "–" if x is None else ("called" if x else "not called")
+
+
+def _drift_section(drift: Mapping[str, Any]) -> str:
+    """What changed since the previous audit of the same set (core.drift)."""
+    prev = drift.get("previous") or {}
+    parts = [f"{len(drift.get('appeared', []))} appeared", f"{len(drift.get('disappeared', []))} disappeared",
+             f"{len(drift.get('changed', []))} changed", f"{drift.get('unchanged', 0)} unchanged"]
+    lines = [f"<p class=\"verdict\">Since the previous audit ({_e(prev.get('n_features'))} findings, "
+             f"K = {_e(prev.get('k'))}): {_e(', '.join(parts))}; findings matched by {_e(drift.get('matched_by'))}."]
+    if drift.get("new_called"):
+        lines.append(f' <b class="warn">New called finding(s): rank {_e(", ".join(map(str, drift["new_called"])))}.'
+                     "</b>")
+    if drift.get("k_change"):
+        lines.append(f" K {_e(drift['k_change'][0])} → {_e(drift['k_change'][1])}.")
+    if drift.get("lead_change"):
+        a, b = drift["lead_change"]
+        lines.append(f" Lead finding: rank {_e(a if a is not None else 'none')} → {_e(b if b is not None else 'none')}.")
+    if not drift.get("same_model", True):
+        lines.append(f" The audited model changed (was {_e(prev.get('model'))}).")
+    html_parts = ['<section id="drift"><h2>What changed since the last audit</h2>', "".join(lines), "</p>"]
+    rows = _drift_rows(drift)
+    if rows:
+        html_parts.append('<table class="per-class drift"><tr><th>change</th><th>rank before</th><th>rank now</th>'
+                          "<th>attribute</th><th>called</th><th>note</th></tr>" + "".join(rows) + "</table>")
+    if drift.get("metrics"):
+        head = "".join(f"<th>{_e(METRIC_TITLES[k])}</th>" for k in METRIC_KEYS)
+        body = []
+        for model, rows_ in drift["metrics"].items():
+            cells = "".join(f"<td>{_num(r['previous'])} → {_num(r['current'])} ({_delta(r['change'])})</td>"
+                            for r in rows_.values())
+            body.append(f"<tr><td>{_e(model)}</td>{cells}</tr>")
+        html_parts.append(f'<table class="metrics drift"><tr><th>model</th>{head}</tr>{"".join(body)}</table>')
+    html_parts.append("</section>")
+    return "".join(html_parts)
+
+
 def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
     n = len(findings.get("features", []))
     verdict = (f"{n} spurious feature{'s' if n != 1 else ''} found" if n else "No spurious feature found")
@@ -386,7 +454,7 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
 
 def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=None, reaudit=None,
                   provenance=None, top_regions: int = DEFAULT_TOP_REGIONS,
-                  sources: tuple[str, str] = ("findings", "reaudit")) -> str:
+                  sources: tuple[str, str] = ("findings", "reaudit"), drift=None) -> str:
     """The report as an HTML string (see :func:`write_report`); ``sources``
     name the findings and the re-audit in error messages."""
     images = ImageSource(dataset_root) if dataset_root is not None else None
@@ -395,6 +463,7 @@ def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=Non
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
              f"<title>RaVL audit report — {_e(prov.get('model') or findings.get('model'))}</title>",
              f"<style>{_style()}</style></head><body>", _header(findings, prov), "<main>",
+             _drift_section(drift) if drift else "",
              f'<section id="provenance"><h2>Model, data and parameters</h2>{_kv_table(prov.items())}</section>',
              _findings_section(findings, images, top_regions, section_id="findings",
                                title="Discovered spurious features", where=sources[0])]
@@ -411,18 +480,20 @@ def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=Non
 # --------------------------------------------------------------------------- writing
 
 def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit=None,
-                 provenance=None, top_regions: int = DEFAULT_TOP_REGIONS) -> Path:
+                 provenance=None, top_regions: int = DEFAULT_TOP_REGIONS, drift=None) -> Path:
     """Write the HTML report to ``out_path`` and its JSON twin beside it.
 
     ``findings`` and ``reaudit`` are findings dicts or ``findings.json``
     paths (SPEC §5); ``metrics`` maps a method name to a ``metrics.json``
     dict or path (SPEC §5); ``provenance`` adds or overrides entries of the
-    model/data/parameters table (e.g. ``data_version``, ``code_version``).
+    model/data/parameters table (e.g. ``data_version``, ``code_version``);
+    ``drift`` (``core.drift``: what changed since the previous audit of the
+    same set) opens the page and is kept in the twin under ``drift``.
     ``dataset_root`` is the dataset the findings were computed on; its
     manifest maps each region's ``image_id`` to the image drawn.
 
     The twin (:func:`twin_path`: ``report.html`` → ``report.json``) holds
-    ``findings``, ``metrics`` (method → metrics) and ``reaudit``. An
+    ``findings``, ``metrics`` (method → metrics), ``reaudit`` and ``drift``. An
     existing page or twin that is not an earlier report is refused
     (:func:`check_report_outputs`) before anything else; everything is
     rendered before anything is written, and each file is renamed into
@@ -435,10 +506,11 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
     reaudit = load_findings(reaudit, "reaudit") if reaudit is not None else None
     metrics = normalise_metrics(metrics)
     page = render_report(findings, dataset_root=dataset_root, metrics=metrics, reaudit=reaudit,
-                         provenance=provenance, top_regions=top_regions, sources=sources)
+                         provenance=provenance, top_regions=top_regions, sources=sources, drift=drift)
     record = {"generator": GENERATOR, "report": out.name, "findings": json_safe(findings),
               "metrics": json_safe(metrics) if metrics else None,
-              "reaudit": json_safe(reaudit) if reaudit is not None else None}
+              "reaudit": json_safe(reaudit) if reaudit is not None else None,
+              "drift": json_safe(drift) if drift else None}
     write_bytes_atomic(twin, json_bytes(record))
     write_bytes_atomic(out, page.encode("utf-8"))
     return out

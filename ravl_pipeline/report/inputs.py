@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from ..config import InputError
 from ..core.findings import Findings, check_findings as _check_schema
+from ..core.metrics import METRIC_KEYS
 from ..io.dataset import load_dataset
 from ..io.files import read_json
 from ..io.hashing import file_sha256
@@ -21,7 +22,6 @@ from ..io.manifest import BOX_TOLERANCE, MANIFEST_NAME
 __all__ = ["ReportError", "METRIC_KEYS", "check_findings", "checked_box", "load_findings", "load_metrics", "normalise_metrics",
            "metric_value", "row_intervals", "dataset_version", "default_provenance", "ImageSource", "json_safe"]
 
-METRIC_KEYS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
 class ReportError(InputError):

@@ -35,7 +35,7 @@ def test_dvc_yaml_declares_stages_params_and_metrics():
     assert "materialize --partition ${item}" in audit["cmd"]
     # every params.yaml section the per-set assets read is a DVC param
     assert set(audit["params"]) == {"regions", "labels", "scores", "discovery", "mitigation", "evaluation"}
-    assert audit["metrics"] == [{"data/outputs/${item}/metrics.json": {"cache": False, "persist": True}}]
+    assert audit["metrics"] == [{"data/outputs/${item}/audit_summary.json": {"cache": False, "persist": True}}]
     for stage in (stages["audited_model"], stages["synthetic_default_set"], audit):
         assert all(next(iter(o.values()))["persist"] for o in stage["outs"])
 
@@ -51,7 +51,13 @@ def dvc_project(tmp_path_factory):
     shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     (root / ".venv").symlink_to(REPO / ".venv")
+    (root / ".gitignore").write_text("/.venv\n/dagster_home/\n")
     first = dvc(["repro", "--no-run-cache"], root, env)
+    # the baseline of `dvc exp run`: the reproduced pipeline, committed
+    subprocess.run(["git", "config", "user.name", "ravl"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.email", "ravl@localhost"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=root, check=True)
     return {"root": root, "env": env, "first": first}
 
 
@@ -84,14 +90,15 @@ def test_params_section_change_reruns_only_its_stages(dvc_project):
 
 
 @pytest.mark.slow
-def test_metrics_show_reads_metrics_json(dvc_project):
+def test_metrics_show_reads_the_audit_summary(dvc_project):
     root, env = dvc_project["root"], dvc_project["env"]
     shown = json.loads(dvc(["metrics", "show", "--json"], root, env).stdout)
-    path = f"data/outputs/{SET}/metrics.json"
+    path = f"data/outputs/{SET}/audit_summary.json"
     data = next(iter(shown.values()))["data"][path]["data"]
     on_disk = json.loads((root / path).read_text())
     numbers = _numeric_leaves(on_disk)
     assert ("audited", "image_overall") in numbers and ("mitigated", "region_overall") in numbers
+    assert ("k",) in numbers and ("n_features",) in numbers
     for keys, value in numbers.items():
         shown_value = data
         for key in keys:
@@ -109,6 +116,58 @@ def _numeric_leaves(obj, prefix=()) -> dict[tuple, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[prefix + (key,)] = value
     return out
+
+
+def _exp_columns(shown: list, name: str) -> tuple[dict, dict]:
+    """Params and metrics of experiment ``name`` in ``dvc exp show --json``."""
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    data = rev["data"]
+                    params = data["params"]["params.yaml"]["data"]
+                    metrics = data["metrics"][f"data/outputs/{SET}/audit_summary.json"]["data"]
+                    return params, metrics
+    raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")
+
+
+@pytest.mark.slow
+def test_experiments_run_through_dagster_and_compare_in_exp_show(dvc_project):
+    """`dvc exp run -S` on the Dagster-backed stages: each experiment's audit is
+    a Dagster run tagged with its name; `dvc exp show` lists the changed
+    parameter beside K, the called findings, the lead attribute and the four
+    metrics of each experiment."""
+    import dagster as dg
+
+    root, env = dvc_project["root"], dvc_project["env"]
+    for name, setting in (("lam09", "mitigation.lam=0.9"), ("seed1", "discovery.seed=1")):
+        # each from the baseline's parameters (an experiment leaves its own in the workspace)
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+        run = dvc(["exp", "run", "-n", name, "-S", setting], root, env)
+        assert f"Running stage 'audit@{SET}'" in run.stdout
+        assert "Running stage 'audited_model'" not in run.stdout  # audited_model reads no changed param
+    shown = json.loads(dvc(["exp", "show", "--json"], root, env).stdout)
+    params = {}
+    for name in ("lam09", "seed1"):
+        p, m = _exp_columns(shown, name)
+        params[name] = p
+        assert {"k", "n_called", "lead_attribute", "audited", "mitigated"} <= set(m)
+        # DVC leaves out null values (a worst group too small to count)
+        assert {"image_overall", "region_overall"} <= set(m["mitigated"]) <= {
+            "image_overall", "image_worst_group", "region_overall", "region_worst_group"}
+        assert isinstance(m["k"], int) and isinstance(m["n_called"], int) and isinstance(m["lead_attribute"], str)
+    assert params["lam09"]["mitigation"]["lam"] == 0.9 and params["lam09"]["discovery"]["seed"] == 0
+    assert params["seed1"]["discovery"]["seed"] == 1 and params["seed1"]["mitigation"]["lam"] == 0.8
+    # the last experiment's numbers are the workspace's
+    _, last = _exp_columns(shown, "seed1")
+    on_disk = json.loads((root / "data" / "outputs" / SET / "audit_summary.json").read_text())
+    assert _numeric_leaves(last) == _numeric_leaves(on_disk) and last["lead_attribute"] == on_disk["lead_attribute"]
+    # each experiment's audit is recorded in Dagster, under its name
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for name in ("lam09", "seed1"):
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dvc/experiment": name}))
+            assert [r.tags["dagster/partition"] for r in runs] == [SET]
+            assert runs[0].status == dg.DagsterRunStatus.SUCCESS
 
 
 @pytest.mark.slow

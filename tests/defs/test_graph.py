@@ -2,6 +2,7 @@
 sensor and schedule, on the tiny audited model and small validation sets."""
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def test_full_graph_materializes_with_checks(pipeline):
     assert set(runs[0].materialized) | set(runs[1].materialized) == ALL_ASSETS
     checks = {name.split(":")[1]: passed for name, passed, _ in runs[1].checks}
     assert set(checks) == {"embeddings_finite_and_normalised", "findings_well_formed", "audited_model_validity",
-                           "mitigated_accuracy_within_margin"}
+                           "no_new_called_finding", "mitigated_accuracy_within_margin"}
+    assert checks["no_new_called_finding"]  # a first audit has nothing to compare with
     assert checks["embeddings_finite_and_normalised"] and checks["findings_well_formed"]
 
     out = pipeline["data"] / "outputs" / "set-a"
@@ -260,10 +262,23 @@ def test_no_called_finding_keeps_the_audited_model(two_sets):
     s = two_sets
     # 50 permutations can never reach q <= 1e-6: every feature is kept but none is called
     write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "permutations": 50, "alpha": 1e-6})
+    out = s["data"] / "outputs" / "set-a"
+    before = (out / "findings.json").read_bytes()
     runs = runner.materialize(s["defs"], s["instance"], partitions=["set-a"],
                               select=["spurious_features", "mitigated_model"])
     assert runs[0].success, runs[0].lines()
-    out = s["data"] / "outputs" / "set-a"
+    # the re-audit keeps the findings it replaced and says what changed against them
+    assert (out / "previous" / "findings.json").read_bytes() == before
+    drift = s["project"].audit("set-a").drift()
+    previous = json.loads(before)
+    assert drift["previous"]["n_features"] == len(previous["features"])
+    # nothing is called now: every finding called before either lost its flag or is gone
+    was_called = {f["rank"] for f in previous["features"] if f.get("called")}
+    flipped = {c["previous_rank"] for c in drift["changed"] if "called" in c["changed"]}
+    gone = {f["rank"] for f in drift["disappeared"] if f["called"]}
+    assert flipped | gone == was_called and drift["new_called"] == []
+    meta = _latest_metadata(s["instance"], "spurious_features", "set-a")
+    assert "Since the previous audit" in meta["changes_since_last_audit"].value
     findings = read_findings(out / "findings.json")
     assert findings.significance["n_permutations"] == 50 and "warning" in findings.significance
     assert not any(f.called for f in findings.features)
@@ -294,7 +309,10 @@ def test_materialize_command_uses_the_persistent_instance(pipeline, tmp_path, mo
     monkeypatch.setenv("RAVL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RAVL_PARAMS", str(write_params(tmp_path / "params.yaml", pipeline["tiny"])))
     assert main(["materialize", "--select", "audited_model"]) == 0
-    assert "materialized audited_model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "materialized audited_model" in out
+    # each step printed as it starts and as it ends, with its duration
+    assert "  audited_model ...\n" in out and re.search(r"  audited_model done in \d+\.\ds", out)
     assert (tmp_path / "home" / "dagster.yaml").is_file()
     record = json.loads((tmp_path / "data" / "outputs" / "audited_model.json").read_text())
     assert record["model"] == f"local-dir:{pipeline['tiny']['audited']}"

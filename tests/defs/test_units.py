@@ -151,7 +151,7 @@ def test_definitions_load_with_every_piece():
             "params_discovery"} <= keys
     assert {c.name for c in graph.asset_check_keys} == {
         "embeddings_finite_and_normalised", "findings_well_formed", "audited_model_validity",
-        "mitigated_accuracy_within_margin"}
+        "no_new_called_finding", "mitigated_accuracy_within_margin"}
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
         assert node.code_version, key
@@ -161,3 +161,90 @@ def test_definitions_load_with_every_piece():
     for name in ("region_embeddings", "mitigated_model", "zero_shot_scores"):
         assert set(graph.get(dg.AssetKey(name)).pools) == {"ravl_model"}
     assert not graph.get(dg.AssetKey("region_clusters")).pools
+
+
+def test_the_executor_is_chosen_by_the_environment(monkeypatch):
+    import pytest
+
+    from ravl_pipeline.definitions import build_definitions
+
+    monkeypatch.delenv("RAVL_EXECUTOR", raising=False)
+    assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "multiprocess"
+    monkeypatch.setenv("RAVL_EXECUTOR", "celery")
+    monkeypatch.setenv("RAVL_CELERY_BROKER", "redis://127.0.0.1:6399/0")
+    job = build_definitions().resolve_job_def("audit_validation_set")
+    assert job.executor_def.name == "celery"
+    monkeypatch.setenv("RAVL_EXECUTOR", "in_process")
+    assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "in_process"
+    monkeypatch.setenv("RAVL_EXECUTOR", "k8s")
+    with pytest.raises(ValueError, match="RAVL_EXECUTOR='k8s'"):
+        build_definitions()
+
+
+def test_the_reaudit_cadence_comes_from_the_environment(monkeypatch):
+    import importlib
+
+    from ravl_pipeline.defs import schedules
+
+    monkeypatch.setenv("RAVL_REAUDIT_CRON", "* * * * *")
+    try:
+        assert importlib.reload(schedules).weekly_reaudit.cron_schedule == "* * * * *"
+    finally:
+        monkeypatch.delenv("RAVL_REAUDIT_CRON")
+        importlib.reload(schedules)
+
+
+def test_a_partition_alone_does_not_rebuild_the_audited_model(tmp_path):
+    import dagster as dg
+
+    from ravl_pipeline.cli.dagster_runs import plan_keys
+    from ravl_pipeline.definitions import build_definitions
+    from ravl_pipeline.defs.resources import RavlProject
+
+    project = RavlProject(data_dir=str(tmp_path / "data"), params_path=str(tmp_path / "params.yaml"))
+    defs = build_definitions(project)
+    model = dg.AssetKey("audited_model")
+    # never built: the partition's run needs it
+    assert model in plan_keys(defs, ["set-a"], None)[0]
+    project.audited_record_path.parent.mkdir(parents=True)
+    project.audited_record_path.write_text("{}")
+    unpartitioned, partitioned = plan_keys(defs, ["set-a"], None)
+    assert unpartitioned == set() and dg.AssetKey("spurious_features") in partitioned
+    assert plan_keys(defs, ["set-a"], ["audited_model"])[0] == {model}  # asked for
+    assert model in plan_keys(defs, None, None)[0]  # everything
+
+
+def test_the_sensor_and_the_cli_never_audit_a_new_folder_twice(tmp_path):
+    import shutil
+    import uuid
+
+    import dagster as dg
+
+    from ravl_pipeline.cli.dagster_runs import sensor_audit_of
+    from ravl_pipeline.defs.jobs import AUDIT_JOB
+    from ravl_pipeline.defs.partitions import SET_VERSION_TAG
+    from ravl_pipeline.defs.resources import RavlProject
+    from ravl_pipeline.defs.sensors import new_validation_sets
+    from ravl_pipeline.io.hashing import dataset_fingerprint
+    from tests.tiny_project import make_tiny_project
+
+    env = make_tiny_project(tmp_path, n_val=10, n_test=10, validation_set="new")
+    project = RavlProject(data_dir=env["RAVL_DATA_DIR"], params_path=env["RAVL_PARAMS"])
+    version = dataset_fingerprint(project.validation_root / "new")
+    with dg.instance_for_test() as instance:
+        (request,) = new_validation_sets(dg.build_sensor_context(instance=instance,
+                                                                 resources={"ravl": project})).run_requests
+        assert request.partition_key == "new" and request.tags[SET_VERSION_TAG] == version
+        # the daemon launches it: `ravl materialize --partition new` follows that run instead
+        run = dg.DagsterRun(job_name=AUDIT_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED,
+                            tags={**request.tags, "dagster/partition": "new",
+                                  "dagster/sensor_name": "new_validation_sets"})
+        instance.add_run(run)
+        assert sensor_audit_of(instance, "new", version).run_id == run.run_id
+        assert sensor_audit_of(instance, "new", "another content") is None
+        # a folder the CLI already launched a run for is not the sensor's to audit
+        shutil.copytree(project.validation_root / "new", project.validation_root / "cli-set")
+        instance.add_run(dg.DagsterRun(job_name=AUDIT_JOB, run_id=str(uuid.uuid4()),
+                                       status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": "cli-set"}))
+        again = new_validation_sets(dg.build_sensor_context(instance=instance, resources={"ravl": project}))
+        assert not again.run_requests

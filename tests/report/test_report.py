@@ -282,13 +282,38 @@ def test_masking_verdict_and_lead_finding_are_shown(dataset, tmp_path):
                          lead_rank=2)
     page = _parse(write_report(tmp_path / "report.html", findings, dataset_root=dataset))
     text = " ".join(page.text)
-    assert "2 spurious features found, 2 called significant (1 of them not supported by the masking check)" in text
+    assert "2 spurious features found, 2 called significant (1 not supported by the masking check)" in text
     assert "not supported: 0 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 1.0000)" in text
     assert "supported: 3 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 0.1250)" in text
-    assert "feature 2 (the highest-ranked called feature the masking check supports)" in text
+    assert "feature 2 (the highest-ranked called feature the masking check does not refute)" in text
     first, second = (h for h in page.headings if h.startswith("Feature"))
     assert "masking fixes no errors" in first and "lead finding" not in first
     assert "lead finding" in second and "masking:" not in second
     none = _findings([_feature(1, [("im0", 1)], called=True, causal=causal(0, 0, 1.0, False))], lead_rank=None)
     text = " ".join(_parse(write_report(tmp_path / "none" / "report.html", none, dataset_root=dataset)).text)
     assert "none: the masking check supports no called feature" in text
+
+
+def test_a_reaudit_opens_with_what_changed(dataset, tmp_path):  # noqa: F811
+    drift = {"matched_by": "medoid cosine", "previous": {"k": 4, "n_features": 2, "n_called": 1, "lead_rank": 1,
+                                                         "model": "m"},
+             "same_model": True, "unchanged": 1, "new_called": [2], "k_change": [4, 5], "lead_change": None,
+             "appeared": [{"rank": 2, "attribute": "three", "called": True, "score": 0.4, "q_value": 0.01,
+                           "verdict": "supported"}],
+             "disappeared": [{"rank": 2, "attribute": "nine", "called": False, "score": 0.2, "q_value": 0.6,
+                              "verdict": None}],
+             "changed": [],
+             "metrics": {"audited": {k: {"previous": 0.5, "current": 0.5, "change": 0.0}
+                                     for k in ("image_overall", "image_worst_group", "region_overall",
+                                               "region_worst_group")}}}
+    out = write_report(tmp_path / "report.html", _findings([_feature(1, [("im0", 1)])]), dataset_root=dataset,
+                       drift=drift)
+    page = out.read_text()
+    assert page.index('id="drift"') < page.index('id="provenance"')  # at the top
+    assert "1 appeared, 1 disappeared, 0 changed, 1 unchanged" in page
+    assert "New called finding(s): rank 2" in page and "K 4 → 5" in page
+    assert json.loads((tmp_path / "report.json").read_text())["drift"]["new_called"] == [2]
+    # a first audit has no drift section
+    first = write_report(tmp_path / "first" / "report.html", _findings([_feature(1, [("im0", 1)])]),
+                         dataset_root=dataset)
+    assert 'id="drift"' not in first.read_text()
