@@ -228,7 +228,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     if method.needs_findings:
         cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "spurious-regions-cache"
         assignment = cached_assignment(audited, ds, findings, cache, features, progress)
-        attach_region_extras(data, base, ds, assignment)
+        attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
     if world.world_size > 1:
