@@ -64,7 +64,7 @@ QUADRANT_NAMES = ("TL", "TR", "BL", "BR")
 QUADRANT_BOXES = ((0, 0, 28, 28), (28, 0, 56, 28), (0, 28, 28, 56), (28, 28, 56, 56))
 """``[x1, y1, x2, y2]`` of each quadrant; every row's ``boxes`` is this list."""
 
-SHAPES = ("square", "circle", "triangle", "cross", "stripes")
+SHAPES = ("square", "circle", "triangle", "cross", "stripes", "checker", "ring")
 DIGIT_JITTER = 2
 EVAL_DIGIT_FRACTION = 0.3
 """Share of each class's digit instances kept for ``eval`` only, so that
@@ -98,6 +98,11 @@ def shape_mask(shape: str) -> np.ndarray:
         mask = inside & ((np.abs(x - c) <= 3.5) | (np.abs(y - c) <= 3.5))
     elif shape == "stripes":
         mask = np.broadcast_to((np.arange(n) // 4) % 2 == 0, (n, n)).T.copy()
+    elif shape == "checker":
+        mask = ((x.astype(int) // 7) + (y.astype(int) // 7)) % 2 == 0
+    elif shape == "ring":
+        r2 = (x - c) ** 2 + (y - c) ** 2
+        mask = (r2 <= 12.5**2) & (r2 >= 7.5**2)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
     mask.setflags(write=False)
@@ -109,8 +114,8 @@ class FeatureSpec:
     """A feature drawn into one quadrant; ``name`` is its region label.
 
     Shapes: ``square`` (the solid quadrant, the reference's feature),
-    ``circle`` (filled disc), ``triangle``, ``cross`` (plus sign) and
-    ``stripes`` (horizontal, 4 px).
+    ``circle`` (filled disc), ``triangle``, ``cross`` (plus sign),
+    ``stripes`` (horizontal, 4 px), ``checker`` (7 px checks) and ``ring``.
     """
 
     name: str = "red square"
