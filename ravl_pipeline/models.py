@@ -61,6 +61,7 @@ class LoadedModel:
     model_cfg: dict[str, Any]
     preprocess_cfg: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None  # the tag or weights file the model was loaded with
 
     @property
     def image_size(self) -> int:
@@ -136,7 +137,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     model_cfg = _model_cfg(model_name)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
-    return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta)
+    return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta, pretrained)
 
 
 @contextlib.contextmanager

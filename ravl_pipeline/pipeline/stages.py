@@ -97,6 +97,7 @@ def find(lm: LoadedModel, ds: Dataset, emb: Embeddings, sc: Scores, clustering: 
         influence_threshold=discovery.influence_threshold, top_regions=discovery.top_regions, model=lm.name,
         dataset=dataset_name or str(ds.root))
     findings.embedding_mode, findings.proposer = emb.mode, emb.proposer
+    findings.pretrained = lm.pretrained
     findings.templates = list(sc.templates)
     findings.image_accuracy = float((sc.image_pred == labels).mean())
     if discovery.evidence:
@@ -216,7 +217,8 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     base = load_model(base_model, pretrained, seed=cfg.seed)
     audited = None
     if method.needs_findings:
-        audited_model = audited_model or findings.model
+        if not audited_model:  # the model the findings came from, with the weights it was loaded with
+            audited_model, audited_pretrained = findings.model, audited_pretrained or findings.pretrained
         if not audited_model:
             raise MitigationError("the audited model is needed to find spurious regions; findings name none")
         audited = load_model(audited_model, audited_pretrained)
