@@ -12,6 +12,12 @@ Settings come in three kinds:
 * ``null``   — the same feature at V = 0 (any called finding is false);
 * ``two``    — two features induced at once, each with its own class.
 
+The ``small``, ``full`` and ``extra`` grids use the 2×2-quadrant images
+(SPEC §4.1, regions = quadrants); the ``scenes`` grid uses COCO-style scenes
+(SPEC §4.3: non-square photos with several objects, imported through the
+COCO importer; regions = the COCO boxes) built by
+:data:`recipe.SCENES_RECIPE`.
+
 One JSON line per finished setting is appended to ``results.jsonl`` (so a
 long grid can be stopped and resumed); ``summary.json`` and ``summary.md``
 are rewritten atomically after every setting.
@@ -42,7 +48,7 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import load_model
 from ..pipeline import stages
 from . import baselines
-from .recipe import DEFAULT_RECIPE, Recipe, build_audited_model
+from .recipe import DEFAULT_RECIPE, SCENES_RECIPE, Recipe, build_audited_model
 from .synth import FeatureSpec
 
 TRUE_FINDING_PRECISION = 0.5  # a finding "is" a feature when most of its top-10 regions show it
@@ -52,7 +58,8 @@ FEATURES = {
     "green triangle": FeatureSpec("green triangle", (0, 255, 0), "triangle"),
     "yellow cross": FeatureSpec("yellow cross", (255, 255, 0), "cross"),
 }
-GRIDS = ("small", "full", "extra")
+GRIDS = ("small", "full", "extra", "scenes")
+SCENES_FEATURES = ("red square", "blue circle", "green triangle")  # one per seed of the scenes grid
 
 __all__ = ["BenchSetting", "grid_settings", "setting_recipe", "run_setting", "evaluate_setting", "significance_calibration", "summarise",
            "summary_markdown", "run_bench"]
@@ -70,18 +77,25 @@ class BenchSetting:
     seed: int
     classes: list[str] = field(default_factory=list)
     data_scale: float = 1.0  # multiplies the base recipe's data sizes
+    data: str = "quadrants"  # quadrants (SPEC §4.1) | scenes (SPEC §4.3)
+
+    @property
+    def proposer(self) -> str:
+        return "boxes" if self.data == "scenes" else RegionsConfig.proposer
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "features": list(self.features),
                 "correlated_classes": list(self.correlated_classes), "strength": self.strength,
-                "seed": self.seed, "classes": list(self.classes), "data_scale": self.data_scale}
+                "seed": self.seed, "classes": list(self.classes), "data_scale": self.data_scale,
+                "data": self.data}
 
 
-def _setting(kind, features, classes_for, strength, seed, classes, scale) -> BenchSetting:
+def _setting(kind, features, classes_for, strength, seed, classes, scale, data="quadrants") -> BenchSetting:
     slug = "+".join(f.replace(" ", "-") for f in features)
-    name = f"{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}"
+    prefix = "scenes-" if data == "scenes" else ""
+    name = f"{prefix}{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}"
     return BenchSetting(name, kind, list(features), list(classes_for), float(strength), int(seed),
-                        list(classes), float(scale))
+                        list(classes), float(scale), data)
 
 
 def grid_settings(grid: str = "small") -> list[BenchSetting]:
@@ -99,7 +113,19 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
     seeds (2–5), the kinds of which ``full`` has too few to pin down a
     false-finding rate or a two-feature recall; summarise it together with
     ``full``.
+    ``scenes`` (SPEC §4.3): 3 seeds × V {0.8, 0.9, 0.99}, a different planted
+    object per seed (:data:`SCENES_FEATURES`, tied to "nine"); 6 null
+    settings (V = 0, two objects × 3 seeds); 3 two-feature settings.
     """
+    if grid == "scenes":
+        out = []
+        for seed, feat in enumerate(SCENES_FEATURES):
+            out += [_setting("single", [feat], ["nine"], v, seed, [], 1.0, "scenes") for v in (0.99, 0.9, 0.8)]
+            out += [_setting("null", [f], ["nine"], 0.0, seed, [], 1.0, "scenes")
+                    for f in (feat, SCENES_FEATURES[(seed + 1) % 3])]
+            out.append(_setting("two", ["red square", "blue circle"], ["nine", "three"], 0.99, seed, [], 1.0,
+                                "scenes"))
+        return _run_order(out)
     if grid == "small":
         classes, scale = ["zero", "one", "nine"], 0.1
         return [
@@ -159,10 +185,12 @@ def _run_order(settings: list[BenchSetting]) -> list[BenchSetting]:
 
 
 def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
-    """The base recipe (default: ``DEFAULT_RECIPE.small()``) with the
-    setting's features, classes, strength and seed, and its data sizes
-    multiplied by ``data_scale``."""
-    base = base if base is not None else DEFAULT_RECIPE.small()
+    """The base recipe (default: ``DEFAULT_RECIPE.small()``, or
+    ``SCENES_RECIPE.small()`` for scenes) with the setting's features,
+    classes, strength and seed, and its data sizes multiplied by
+    ``data_scale``."""
+    if base is None:
+        base = SCENES_RECIPE.small() if setting.data == "scenes" else DEFAULT_RECIPE.small()
     s = base.synth
     sizes = {key: max(len(setting.classes or s.classes) * 4, int(round(getattr(s, key) * setting.data_scale)))
              for key in ("n_pretrain", "n_finetune", "n_val", "n_test")}
@@ -220,7 +248,7 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     classes = list(classes)
     lm = load_model(f"local-dir:{paths['audited']}")
     result = stages.stage1(lm, ds, classes, templates=stages.templates_for(eval_dir),
-                           regions=RegionsConfig(mode=mode),
+                           regions=RegionsConfig(proposer=setting.proposer, mode=mode),
                            discovery=DiscoveryConfig(seed=seed, evidence=True, permutations=permutations, alpha=alpha))
     findings, emb, sc = result.findings, result.embeddings, result.scores
     labels = label_indices(ds, classes)

@@ -12,7 +12,7 @@ objects of varied size and position, overlaps allowed:
   largest box);
 * the **planted object(s)** (``features``): a coloured shape tied to one
   class at Cramér's V ``strength`` in ``finetune``, independent of the label
-  elsewhere; 15–35% of the short side, anywhere on the canvas, edges
+  elsewhere; 25–40% of the short side, anywhere on the canvas, edges
   included (where rulers and watermarks sit);
 * 1–4 **distractors** drawn from ``vocabulary`` (coloured shapes and
   textured patches), independent of the label, 10–35% of the short side,
@@ -38,7 +38,7 @@ from PIL import Image
 
 from ..io.files import atomic_dir, write_json_atomic
 from ..io.importers import import_coco
-from .synth import (CAPTION_TEMPLATE, DIGIT_CLASSES, FeatureSpec, _as_feature, _balanced_labels,
+from .synth import (CAPTION_TEMPLATE, DIGIT_CLASSES, FeatureSpec, PlantedFeatures, SynthConfig, _as_feature, _balanced_labels,
                     _correlated_presence, _digit_bank, _digit_pools, _independent_presence, cramers_v,
                     phi_coefficient, shape_mask)
 
@@ -46,7 +46,7 @@ __all__ = ["ScenesConfig", "DEFAULT_VOCABULARY", "ASPECTS", "write_scenes", "mak
 
 ASPECTS = (5 / 4, 4 / 3, 3 / 2)
 MAIN_SIZE = (0.45, 0.60)  # of the short side
-PLANTED_SIZE = (0.15, 0.35)
+PLANTED_SIZE = (0.25, 0.40)
 DISTRACTOR_SIZE = (0.10, 0.35)
 MAX_OVERLAP = 0.3  # of the smaller box: objects may overlap, but none hides another
 PLACEMENT_TRIES = 30
@@ -64,41 +64,35 @@ SPLIT_FILES = {"pretrain": ("train",), "finetune": ("train",), "eval": ("val", "
 
 
 @dataclass
-class ScenesConfig:
+class ScenesConfig(PlantedFeatures):
     """One scenes setting (SPEC §4.3); the fields shared with
     :class:`~.synth.SynthConfig` mean the same. Distractors are drawn from
     ``vocabulary``, less any planted feature's name; each image has 1 to
     ``MAX_OBJECTS − 1 − len(features)`` of them."""
 
     classes: list[str] = field(default_factory=lambda: list(DIGIT_CLASSES))
-    correlated_class: str = "nine"
-    features: list[FeatureSpec] = field(default_factory=lambda: [FeatureSpec("red square", (255, 0, 0), "square")])
+    correlated_class: str = SynthConfig.correlated_class
+    features: list[FeatureSpec] = field(default_factory=lambda: [FeatureSpec()])
     correlated_classes: list[str] | None = None
-    strength: float = 0.9
+    strength: float = SynthConfig.strength
     vocabulary: list[FeatureSpec] = field(default_factory=lambda: list(DEFAULT_VOCABULARY))
-    eval_feature_rate: float = 0.5
-    pretrain_feature_rate: float = 0.0
-    n_pretrain: int = 4000
-    n_finetune: int = 2000
-    n_val: int = 500
-    n_test: int = 500
+    eval_feature_rate: float = SynthConfig.eval_feature_rate
+    pretrain_feature_rate: float = SynthConfig.pretrain_feature_rate
+    n_pretrain: int = SynthConfig.n_pretrain
+    n_finetune: int = SynthConfig.n_finetune
+    n_val: int = SynthConfig.n_val
+    n_test: int = SynthConfig.n_test
     short_side: int = 128
-    background: int = 48  # backgrounds are a random colour below this level ...
-    noise: float = 6.0  # ... plus Gaussian pixel noise of this standard deviation
+    background: int = 16  # backgrounds are a random colour below this level ...
+    noise: float = 3.0  # ... plus Gaussian pixel noise of this standard deviation
     main_jitter: float | None = None  # main object's centre within ± this fraction of the short side of the
     # canvas centre (None: anywhere in the centre square)
-    seed: int = 0
+    seed: int = SynthConfig.seed
 
     def __post_init__(self) -> None:
-        self.classes = list(self.classes)
-        self.features = [_as_feature(f) for f in self.features]
+        self._coerce()
         self.vocabulary = [_as_feature(f) for f in self.vocabulary]
-        if self.correlated_classes is not None:
-            self.correlated_classes = list(self.correlated_classes)
         self.check()
-
-    def resolved_correlated_classes(self) -> list[str]:
-        return list(self.correlated_classes or [self.correlated_class] * len(self.features))
 
     def distractors(self) -> list[FeatureSpec]:
         planted = {f.name for f in self.features}

@@ -151,8 +151,24 @@ def _as_feature(f: FeatureSpec | dict) -> FeatureSpec:
 # --------------------------------------------------------------------------
 
 
+class PlantedFeatures:
+    """What every synthetic setting says about its planted features
+    (``classes``, ``correlated_class``, ``features``, ``correlated_classes``)."""
+
+    def _coerce(self) -> None:
+        self.classes = list(self.classes)
+        self.features = [_as_feature(f) for f in self.features]
+        if self.correlated_classes is not None:
+            self.correlated_classes = list(self.correlated_classes)
+
+    def resolved_correlated_classes(self) -> list[str]:
+        if self.correlated_classes is None:
+            return [self.correlated_class] * len(self.features)
+        return list(self.correlated_classes)
+
+
 @dataclass
-class SynthConfig:
+class SynthConfig(PlantedFeatures):
     """One synthetic setting (SPEC §4.1).
 
     ``strength`` is the target Cramér's V between the presence of each
@@ -182,17 +198,9 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.classes = list(self.classes)
-        self.features = [_as_feature(f) for f in self.features]
+        self._coerce()
         self.distractors = [_as_feature(f) for f in self.distractors]
-        if self.correlated_classes is not None:
-            self.correlated_classes = list(self.correlated_classes)
         self.check()
-
-    def resolved_correlated_classes(self) -> list[str]:
-        if self.correlated_classes is None:
-            return [self.correlated_class] * len(self.features)
-        return list(self.correlated_classes)
 
     def check(self) -> None:
         """Raise ``ValueError`` on an unusable configuration."""
