@@ -186,14 +186,18 @@ def _run_order(settings: list[BenchSetting]) -> list[BenchSetting]:
 
 def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
     """The base recipe (default: ``DEFAULT_RECIPE.small()``, or
-    ``SCENES_RECIPE.small()`` for scenes) with the setting's features,
-    classes, strength and seed, and its data sizes multiplied by
-    ``data_scale``."""
+    ``SCENES_RECIPE`` for scenes, whose reduced sizes leave the tiny model at
+    chance) with the setting's features, classes, strength and seed, and its
+    data sizes multiplied by ``data_scale``. A scenes null setting also
+    shows the planted object in pre-training, independent of the label
+    (SPEC §4.2)."""
     if base is None:
-        base = SCENES_RECIPE.small() if setting.data == "scenes" else DEFAULT_RECIPE.small()
+        base = SCENES_RECIPE if setting.data == "scenes" else DEFAULT_RECIPE.small()
     s = base.synth
     sizes = {key: max(len(setting.classes or s.classes) * 4, int(round(getattr(s, key) * setting.data_scale)))
              for key in ("n_pretrain", "n_finetune", "n_val", "n_test")}
+    if setting.data == "scenes" and setting.kind == "null":
+        sizes["pretrain_feature_rate"] = s.eval_feature_rate
     synth = replace(s, classes=list(setting.classes or s.classes), features=[FEATURES[f] for f in setting.features],
                     correlated_class=setting.correlated_classes[0],
                     correlated_classes=list(setting.correlated_classes), strength=setting.strength, **sizes)

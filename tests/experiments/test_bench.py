@@ -45,6 +45,8 @@ def test_scenes_grid_covers_three_seeds_strengths_nulls_and_two_features():
     assert recipe.pretrain == DEFAULT_RECIPE.pretrain.__class__(**{**DEFAULT_RECIPE.pretrain.to_dict(),
                                                                    "seed": singles[0].seed})
     assert [f.name for f in recipe.synth.features] == singles[0].features
+    assert recipe.synth.pretrain_feature_rate == 0.0  # as the default recipe: the feature is new in fine-tuning
+    assert bench.setting_recipe(nulls[0]).synth.pretrain_feature_rate == 0.5  # SPEC §4.2: nulls show it before
     assert len({s.name for s in grid}) == len(grid)
 
 
