@@ -69,6 +69,7 @@ class LoadedModel:
     preprocess_cfg: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False  # no trained weights: a built-in or an open_clip name without `pretrained`
+    pretrained: str | None = None  # the tag or weights file the model was loaded with
 
     @property
     def image_size(self) -> int:
@@ -155,7 +156,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
     return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta,
-                       random_init=untrained(spec, pretrained))
+                       random_init=untrained(spec, pretrained), pretrained=pretrained)
 
 
 def _refused_pickle(pretrained: str | None, exc: Exception) -> str:

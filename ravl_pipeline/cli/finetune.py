@@ -24,7 +24,10 @@ def register(sub) -> None:
         add_training_args(p)
         p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
         p.add_argument("--audited-model", default=None,
-                       help="the audited model the findings came from (default: the findings' 'model')")
+                       help="the audited model the findings came from (default: the findings' 'model' and "
+                            "'pretrained')")
+        p.add_argument("--audited-pretrained", default=None,
+                       help="open_clip pretrained tag or weights file of --audited-model")
         p.add_argument("--features", default="called", type=features_flag,
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
@@ -60,6 +63,7 @@ def run(args) -> int:
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
+                           audited_pretrained=args.audited_pretrained,
                            features=args.features, cache_dir=args.cache_dir, record_indices=args.record_indices,
                            progress=not (args.quiet or not world.is_main))
     if world.is_main:

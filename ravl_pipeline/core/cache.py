@@ -10,7 +10,8 @@ almost all of that work. An entry is keyed by
   seed produced, never by its name alone);
 * the **image content**: sha256 of the image file's bytes (renaming or
   moving an image keeps its entry; editing it does not);
-* the **proposer boxes** (their float32 bytes) and the **embedding mode**.
+* the **proposer boxes** (their float32 bytes), the **embedding mode** and,
+  for the RoI modes, the **region view** of non-square images.
 
 Layout: ``<root>/<model_key>/shard-*.parquet`` plus ``model.json`` naming
 what the key was computed from. Shards are append-only and each is written to
@@ -39,6 +40,7 @@ from ..io.files import atomic_write, write_json_atomic
 from ..io.hashing import json_sha256, memo_file_sha256
 from ..models import WEIGHTS_NAME, LoadedModel
 from .embed import Embeddings, assemble, embed_dataset, resolve_mode
+from .views import DEFAULT_REGION_VIEW
 from .regions import propose_dataset
 
 # Bumped whenever the way embeddings are computed changes, so entries written
@@ -204,7 +206,7 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ embedding
 
     def embed(self, lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
-              batch_size: int = 64, progress: bool = True) -> Embeddings:
+              batch_size: int = 64, progress: bool = True, view: str = DEFAULT_REGION_VIEW) -> Embeddings:
         """:func:`~ravl_pipeline.core.embed.embed_dataset` through the cache:
         every image is looked up, only misses are embedded, and they are
         stored before the result is returned."""
@@ -212,7 +214,8 @@ class EmbeddingCache:
         proposals = propose_dataset(ds, proposer)
         key = model_key(lm)
         shas = [memo_file_sha256(ds.image_path(i)) for i in range(len(ds))]
-        keys = [entry_key(s, mode, b) for s, b in zip(shas, proposals)]
+        # the region view decides what a non-square image's RoI regions see
+        keys = [entry_key(s, mode if mode == "crop" else f"{mode}+{view}", b) for s, b in zip(shas, proposals)]
         found = self.lookup(key, keys)
         misses = [i for i, k in enumerate(keys) if k not in found]
         # One image may occur twice in a dataset; embed each content once.
@@ -223,7 +226,7 @@ class EmbeddingCache:
         for start in range(0, len(todo), self.flush_every):
             chunk = todo[start:start + self.flush_every]
             fresh = embed_dataset(lm, ds.subset(chunk), proposer=proposer, mode=mode,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, view=view)
             new = _split_by_image(fresh)
             entries = {keys[i]: new[j] for j, i in enumerate(chunk)}
             self.store(lm, key, entries, {keys[i]: shas[i] for i in chunk}, mode)

@@ -1,6 +1,10 @@
 """Image, region and class-text embeddings and zero-shot scores (SPEC §1).
 
-Region embeddings take one backbone pass per image:
+Region embeddings take one backbone pass per image when the model's own
+input shows the whole image (a square image); a non-square image's boxes are
+read from a second pass over a region view of the whole image
+(:mod:`.views`), so a box outside the model's centre crop still sees its own
+pixels, while the image embedding stays the model's own:
 
 * ResNet (open_clip ``ModifiedResNet``): stem + layer1..layer3 once, each box
   RoI-aligned onto the stride-16 layer3 map at the map's full size, then
@@ -40,38 +44,13 @@ from ..io.files import atomic_dir
 from ..io.tables import fixed_list, matrix
 from ..models import LoadedModel, visual_architecture
 from .regions import propose_dataset
+from .views import DEFAULT_REGION_VIEW, ViewError, input_boxes, region_view  # noqa: F401 (input_boxes: API)
 
 ROI_SCALE = {"roi": 1.0, "roi-half": 0.5}
 
 
 class EmbedError(InputError):
     pass
-
-
-# --------------------------------------------------------------------------- boxes
-
-def input_boxes(boxes: np.ndarray, width: float, height: float, preprocess_cfg: dict,
-                image_size: int) -> np.ndarray:
-    """Map boxes from original pixels to the preprocessed input's pixels.
-
-    Mirrors open_clip's evaluation transform (``resize_mode`` ``shortest``:
-    resize the short side then centre-crop; ``squash``: resize both sides;
-    ``longest``: resize the long side then centre-pad), and clips to the input.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    s = float(image_size)
-    mode = preprocess_cfg.get("resize_mode", "shortest")
-    if mode == "squash":
-        sx, sy, ox, oy = s / width, s / height, 0.0, 0.0
-    else:
-        scale = s / (min(width, height) if mode == "shortest" else max(width, height))
-        new_w, new_h = width * scale, height * scale
-        sx = sy = scale
-        ox, oy = (new_w - s) / 2.0, (new_h - s) / 2.0
-    out = np.empty_like(boxes)
-    out[:, [0, 2]] = boxes[:, [0, 2]] * sx - ox
-    out[:, [1, 3]] = boxes[:, [1, 3]] * sy - oy
-    return np.clip(out, 0.0, s).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -90,17 +69,23 @@ def resolve_mode(model: torch.nn.Module, mode: str) -> str:
     return mode
 
 
+def resized_grid_positions(pos: torch.Tensor, n_prefix: int, size: tuple[int, int]) -> torch.Tensor:
+    """A positional embedding ``[n_prefix + side², C]`` whose grid part is
+    resized bicubically to ``size`` (the usual way CLIP models change
+    resolution); unchanged when the grid already has that size."""
+    side = int(round((pos.shape[0] - n_prefix) ** 0.5))
+    if tuple(size) == (side, side):
+        return pos
+    grid = pos[n_prefix:].reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0)
+    grid = F.interpolate(grid, size=tuple(size), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:n_prefix], grid[0].flatten(1).T], dim=0)
+
+
 def pool_at_size(pool, x: torch.Tensor) -> torch.Tensor:
     """open_clip's ``AttentionPool2d`` on a feature map of any size: the
     spatial part of its positional embedding is resized bicubically to the
     map (the usual way CLIP models change resolution)."""
-    pos = pool.positional_embedding
-    side = int(round((pos.shape[0] - 1) ** 0.5))
-    h, w = x.shape[-2:]
-    if (h, w) != (side, side):
-        grid = pos[1:].reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        pos = torch.cat([pos[:1], grid[0].flatten(1).T], dim=0)
+    pos = resized_grid_positions(pool.positional_embedding, 1, tuple(x.shape[-2:]))
     x = x.flatten(2).permute(2, 0, 1)  # NCHW -> (HW)NC
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pos[:, None, :].to(x.dtype)
     out, _ = F.multi_head_attention_forward(
@@ -113,28 +98,86 @@ def pool_at_size(pool, x: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
-def _resnet_image_and_regions(visual, pixels, boxes, roi_scale: float = 1.0):
-    x = visual.stem(pixels)
-    feat3 = visual.layer3(visual.layer2(visual.layer1(x)))
+def _rois(feature_map, pixels, boxes, views, size, trunk) -> torch.Tensor:
+    """RoI-aligned features ``[ΣR_i, C, *size]`` in image order. Image
+    ``i``'s boxes are read from ``feature_map[i]`` (the image pass over
+    ``pixels``) when ``views[i]`` is None, else from ``trunk`` run on its
+    region view; views of one shape share a batch."""
+    def align(fmap, inputs, bxs):
+        return roi_align(fmap, bxs, output_size=size, spatial_scale=fmap.shape[-1] / inputs.shape[-1],
+                         sampling_ratio=0, aligned=True)
+
+    if views is None or all(v is None for v in views):
+        return align(feature_map, pixels, boxes)
+    groups: dict[tuple, list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(None if v is None else tuple(v.shape), []).append(i)
+    parts: list[torch.Tensor | None] = [None] * len(boxes)
+    for shape, members in groups.items():
+        if shape is None:
+            sel = torch.tensor(members, device=feature_map.device)
+            inputs, fmap = pixels, feature_map.index_select(0, sel)
+        else:
+            inputs = torch.stack([views[i] for i in members])
+            fmap = trunk(inputs)
+        out = align(fmap, inputs, [boxes[i] for i in members])
+        for i, chunk in zip(members, out.split([len(boxes[i]) for i in members])):
+            parts[i] = chunk
+    return torch.cat(parts)
+
+
+def _resnet_trunk(visual, x: torch.Tensor) -> torch.Tensor:
+    """stem + layer1..layer3 (stride 16) of a ModifiedResNet, any input size."""
+    return visual.layer3(visual.layer2(visual.layer1(visual.stem(x))))
+
+
+def _resnet_image_and_regions(visual, pixels, boxes, roi_scale: float = 1.0, views=None):
+    feat3 = _resnet_trunk(visual, pixels)
     image = visual.attnpool(visual.layer4(feat3))
     h3, w3 = feat3.shape[-2:]
     size = (max(1, round(h3 * roi_scale)), max(1, round(w3 * roi_scale)))
-    rois = roi_align(feat3, boxes, output_size=size, spatial_scale=w3 / pixels.shape[-1],
-                     sampling_ratio=0, aligned=True)
+    rois = _rois(feat3, pixels, boxes, views, size, lambda x: _resnet_trunk(visual, x))
     feat4 = visual.layer4(rois)
     regions = visual.attnpool(feat4) if size == (h3, w3) else pool_at_size(visual.attnpool, feat4)
     return image, regions
 
 
-def _vit_image_and_regions(visual, pixels, boxes):
+def _vit_embeds(visual, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``VisionTransformer._embeds`` on an input of any size
+    whose sides are multiples of the patch size: the grid part of the
+    position embedding is interpolated to the input's token grid."""
+    grid = _token_grid(visual, x)
+    if grid == tuple(visual.grid_size):
+        return visual._embeds(x)
+    x = visual.conv1(x).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+    x = x + resized_grid_positions(visual.positional_embedding, 1, grid).to(x.dtype)
+    return visual.ln_pre(visual.patch_dropout(x))
+
+
+def _token_grid(visual, x: torch.Tensor) -> tuple[int, int]:
+    patch = visual.conv1.stride
+    return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+
+
+def _vit_token_map(out: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The final patch tokens of transformer output ``out`` as a ``[B, C, gh, gw]`` map."""
+    gh, gw = grid
+    tokens = out[:, out.shape[1] - gh * gw:]
+    return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], gh, gw)
+
+
+def _vit_trunk(visual, x: torch.Tensor) -> torch.Tensor:
+    return _vit_token_map(visual.transformer(_vit_embeds(visual, x)), _token_grid(visual, x))
+
+
+def _vit_image_and_regions(visual, pixels, boxes, views=None):
     x = visual.transformer(visual._embeds(pixels))
     pooled, _ = visual._pool(x)
     image = pooled @ visual.proj if visual.proj is not None else pooled
-    n_prefix = x.shape[1] - visual.grid_size[0] * visual.grid_size[1]
     gh, gw = visual.grid_size
-    tokens = x[:, n_prefix:].transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
-    rois = roi_align(tokens, boxes, output_size=(gh, gw), spatial_scale=gw / pixels.shape[-1],
-                     sampling_ratio=0, aligned=True)
+    tokens = _vit_token_map(x, (gh, gw))
+    rois = _rois(tokens, pixels, boxes, views, (gh, gw), lambda v: _vit_trunk(visual, v))
     regions = visual.ln_post(rois.mean(dim=(2, 3)))
     if visual.proj is not None:
         regions = regions @ visual.proj
@@ -142,18 +185,23 @@ def _vit_image_and_regions(visual, pixels, boxes):
 
 
 def encode_image_and_regions(model: torch.nn.Module, pixels: torch.Tensor,
-                             boxes: Sequence[torch.Tensor], roi_scale: float = 1.0
+                             boxes: Sequence[torch.Tensor], roi_scale: float = 1.0,
+                             views: Sequence[torch.Tensor | None] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised image features [B, D] and region features [ΣR_i, D], one
-    backbone pass per image; ``boxes[i]`` is [R_i, 4] in input-pixel coords.
-    ``roi_scale`` < 1 (ResNet only) RoI-aligns onto that fraction of the
-    layer3 map's size (mode ``roi-half``); 1 is SPEC §1.2."""
+    """Unnormalised image features [B, D] and region features [ΣR_i, D].
+
+    ``pixels`` is the model's own input; ``boxes[i]`` is [R_i, 4] in the
+    pixels of image ``i``'s region view ``views[i]`` ([3, H, W], see
+    :mod:`.views`), or of ``pixels[i]`` when there is no view (``views`` None
+    or ``views[i]`` None: one backbone pass serves the image and its
+    regions). ``roi_scale`` < 1 (ResNet only) RoI-aligns onto that fraction
+    of the layer3 map's size (mode ``roi-half``); 1 is SPEC §1.2."""
     arch = visual_architecture(model)
     boxes = [b.to(pixels.dtype) for b in boxes]
     if arch == "resnet":
-        return _resnet_image_and_regions(model.visual, pixels, boxes, roi_scale)
+        return _resnet_image_and_regions(model.visual, pixels, boxes, roi_scale, views)
     if arch == "vit":
-        return _vit_image_and_regions(model.visual, pixels, boxes)
+        return _vit_image_and_regions(model.visual, pixels, boxes, views)
     raise EmbedError(f"RoI region embeddings are not defined for {type(model.visual).__name__}; use mode 'crop'")
 
 
@@ -225,15 +273,21 @@ def preprocess_images(lm: LoadedModel, ds, indices: Sequence[int] | None = None,
 
 
 def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
-                  batch_size: int = 64, progress: bool = True, cache=None) -> Embeddings:
+                  batch_size: int = 64, progress: bool = True, cache=None,
+                  view: str = DEFAULT_REGION_VIEW) -> Embeddings:
     """Image and region embeddings of every image of ``ds`` (SPEC §1.2).
 
-    With ``cache`` (an :class:`~ravl_pipeline.core.cache.EmbeddingCache`), images
-    already embedded under the same model, boxes and mode are read back and
+    Images come from the model's own preprocessing; in the RoI modes the
+    boxes of a non-square image are read from its region ``view`` of the
+    whole image (:mod:`.views`), so a box outside the model's centre crop
+    still sees its own pixels. With ``cache`` (an
+    :class:`~ravl_pipeline.core.cache.EmbeddingCache`), images already
+    embedded under the same model, boxes, mode and view are read back and
     only the others are computed (and added to the cache).
     """
     if cache is not None:
-        return cache.embed(lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress)
+        return cache.embed(lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress,
+                           view=view)
     mode = resolve_mode(lm.model, mode)
     proposals = propose_dataset(ds, proposer)
     device = next(lm.model.parameters()).device
@@ -244,7 +298,7 @@ def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = 
         for start in range(0, len(ds), batch_size):
             idx = list(range(start, min(start + batch_size, len(ds))))
             if mode in ROI_SCALE:
-                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device, ROI_SCALE[mode])
+                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device, ROI_SCALE[mode], view)
             else:
                 img, reg = _embed_batch_crop(lm, ds, idx, proposals, device)
             image_out.append(F.normalize(img.float(), dim=-1).cpu().numpy())
@@ -272,13 +326,33 @@ def assemble(image_ids: Sequence[str], image_emb: list[np.ndarray], region_emb: 
     )
 
 
-def _embed_batch_roi(lm, ds, idx, proposals, device, roi_scale: float = 1.0):
-    pixels = preprocess_images(lm, ds, idx).to(device)
-    boxes = []
-    for i in idx:
-        w, h = ds.image_size(i)
-        boxes.append(torch.from_numpy(input_boxes(proposals[i], w, h, lm.preprocess_cfg, lm.image_size)).to(device))
-    return encode_image_and_regions(lm.model, pixels, boxes, roi_scale)
+def region_inputs(lm: LoadedModel, ds, i: int, boxes: np.ndarray, view: str = DEFAULT_REGION_VIEW,
+                  image=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Image ``i``'s region view for :func:`encode_image_and_regions` (None
+    when the model's own input shows the whole image) and ``boxes``
+    (original pixels) in the view's pixels; an :class:`EmbedError` naming
+    the row for a box with no area there."""
+    rv = region_view(lm, ds.load_image(i) if image is None else image, view)
+    try:
+        mapped = rv.boxes(boxes, f"{ds.manifest_file}: row {i} (image_id {ds.image_ids[i]!r})")
+    except ViewError as exc:
+        raise EmbedError(str(exc)) from None
+    return rv.pixels, torch.from_numpy(mapped)
+
+
+def image_and_region_inputs(lm: LoadedModel, ds, i: int, boxes: np.ndarray, view: str = DEFAULT_REGION_VIEW
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The model's own input of image ``i`` and its :func:`region_inputs`."""
+    image = ds.load_image(i)
+    return (lm.preprocess(image), *region_inputs(lm, ds, i, boxes, view, image))
+
+
+def _embed_batch_roi(lm, ds, idx, proposals, device, roi_scale: float = 1.0, view: str = DEFAULT_REGION_VIEW):
+    inputs = [image_and_region_inputs(lm, ds, i, proposals[i], view) for i in idx]
+    pixels = torch.stack([p for p, _, _ in inputs]).to(device)
+    views = [None if v is None else v.to(device) for _, v, _ in inputs]
+    boxes = [b.to(device) for _, _, b in inputs]
+    return encode_image_and_regions(lm.model, pixels, boxes, roi_scale, views)
 
 
 def _embed_batch_crop(lm, ds, idx, proposals, device):

@@ -127,6 +127,7 @@ class Findings:
     k: int
     silhouette: float | None
     features: list[Feature]
+    pretrained: str | None = None  # the model's open_clip pretrained tag or weights file, when it has one
     n_images: int | None = None
     n_regions: int | None = None
     sampled: bool | None = None

@@ -12,6 +12,12 @@ Settings come in three kinds:
 * ``null``   — the same feature at V = 0 (any called finding is false);
 * ``two``    — two features induced at once, each with its own class.
 
+The ``small``, ``full`` and ``extra`` grids use the 2×2-quadrant images
+(SPEC §4.1, regions = quadrants); the ``scenes`` grid uses COCO-style scenes
+(SPEC §4.3: non-square photos with several objects, imported through the
+COCO importer; regions = the COCO boxes) built by
+:data:`recipe.SCENES_RECIPE`.
+
 One JSON line per finished setting is appended to ``results.jsonl`` (so a
 long grid can be stopped and resumed); ``summary.json`` and ``summary.md``
 are rewritten atomically after every setting.
@@ -43,7 +49,7 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import load_model
 from ..pipeline import stages
 from . import baselines
-from .recipe import BASE_MODEL, DEFAULT_RECIPE, Recipe, build_audited_model
+from .recipe import BASE_MODEL, DEFAULT_RECIPE, SCENES_RECIPE, Recipe, build_audited_model
 from .synth import FeatureSpec, SynthConfig
 
 TRUE_FINDING_PRECISION = 0.5  # a finding "is" a feature when most of its top-10 regions show it
@@ -53,7 +59,7 @@ FEATURES = {
     "green triangle": FeatureSpec("green triangle", (0, 255, 0), "triangle"),
     "yellow cross": FeatureSpec("yellow cross", (255, 255, 0), "cross"),
 }
-GRIDS = ("small", "full", "extra", "evidence")
+GRIDS = ("small", "full", "extra", "evidence", "scenes")
 # SPEC §4.2: in a null setting the planted feature appears in pre-training and
 # fine-tuning too, independent of the label, as often as in evaluation
 NULL_PRETRAIN_RATE = SynthConfig().eval_feature_rate
@@ -61,6 +67,7 @@ NULL_PRETRAIN_RATE = SynthConfig().eval_feature_rate
 # ResNet (input scaled so that black is 0) and the same ResNet with CLIP's
 # standard normalisation, as the models users bring are preprocessed
 FAMILIES = ("ravl-tiny-rn", "ravl-tiny-rn-clip")
+SCENES_FEATURES = ("red square", "blue circle", "green triangle")  # one per seed of the scenes grid
 
 __all__ = ["BenchSetting", "grid_settings", "setting_recipe", "run_setting", "evaluate_setting", "significance_calibration", "summarise",
            "summary_markdown", "run_bench"]
@@ -80,20 +87,28 @@ class BenchSetting:
     data_scale: float = 1.0  # multiplies the base recipe's data sizes
     base_model: str = BASE_MODEL  # the model family the audited model is built from
     pretrain_feature_rate: float = 0.0  # the planted feature in pre-training, independent of the label
+    data: str = "quadrants"  # quadrants (SPEC §4.1) | scenes (SPEC §4.3)
+
+    @property
+    def proposer(self) -> str:
+        return "boxes" if self.data == "scenes" else RegionsConfig.proposer
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "features": list(self.features),
                 "correlated_classes": list(self.correlated_classes), "strength": self.strength,
                 "seed": self.seed, "classes": list(self.classes), "data_scale": self.data_scale,
-                "base_model": self.base_model, "pretrain_feature_rate": self.pretrain_feature_rate}
+                "base_model": self.base_model, "pretrain_feature_rate": self.pretrain_feature_rate,
+                "data": self.data}
 
 
-def _setting(kind, features, classes_for, strength, seed, classes, scale, base_model=BASE_MODEL) -> BenchSetting:
+def _setting(kind, features, classes_for, strength, seed, classes, scale, data="quadrants",
+             base_model=BASE_MODEL) -> BenchSetting:
     slug = "+".join(f.replace(" ", "-") for f in features)
+    prefix = "scenes-" if data == "scenes" else ""
     family = "" if base_model == BASE_MODEL else f"_{base_model}"
-    name = f"{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}{family}"
+    name = f"{prefix}{kind}_{slug}_{'+'.join(classes_for)}_v{strength:g}_s{seed}{family}"
     return BenchSetting(name, kind, list(features), list(classes_for), float(strength), int(seed),
-                        list(classes), float(scale), base_model, NULL_PRETRAIN_RATE if kind == "null" else 0.0)
+                        list(classes), float(scale), base_model, NULL_PRETRAIN_RATE if kind == "null" else 0.0, data)
 
 
 def grid_settings(grid: str = "small") -> list[BenchSetting]:
@@ -116,9 +131,21 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
     settings (three features × seeds 0–3): what the masking verdict and the
     automatic fill say on true and on other clusters, and how often a null
     setting calls anything.
+    ``scenes`` (SPEC §4.3): 3 seeds × V {0.8, 0.9, 0.99}, a different planted
+    object per seed (:data:`SCENES_FEATURES`, tied to "nine"); 6 null
+    settings (V = 0, two objects × 3 seeds); 3 two-feature settings.
     In every grid a null setting's feature also appears in pre-training
     (SPEC §4.2), so the model has seen it and has no reason to react to it.
     """
+    if grid == "scenes":
+        out = []
+        for seed, feat in enumerate(SCENES_FEATURES):
+            out += [_setting("single", [feat], ["nine"], v, seed, [], 1.0, "scenes") for v in (0.99, 0.9, 0.8)]
+            out += [_setting("null", [f], ["nine"], 0.0, seed, [], 1.0, "scenes")
+                    for f in (feat, SCENES_FEATURES[(seed + 1) % 3])]
+            out.append(_setting("two", ["red square", "blue circle"], ["nine", "three"], 0.99, seed, [], 1.0,
+                                "scenes"))
+        return _run_order(out)
     if grid == "small":
         classes, scale = ["zero", "one", "nine"], 0.1
         return [
@@ -153,10 +180,10 @@ def grid_settings(grid: str = "small") -> list[BenchSetting]:
         for family in FAMILIES:
             for seed in (0, 1, 2):
                 for feat in ("red square", "blue circle"):
-                    out.append(_setting("single", [feat], ["nine"], 0.99, seed, [], 1.0, family))
+                    out.append(_setting("single", [feat], ["nine"], 0.99, seed, [], 1.0, base_model=family))
             for seed in (0, 1, 2, 3):
                 for feat in ("red square", "blue circle", "green triangle"):
-                    out.append(_setting("null", [feat], ["nine"], 0.0, seed, [], 1.0, family))
+                    out.append(_setting("null", [feat], ["nine"], 0.0, seed, [], 1.0, base_model=family))
         return _run_order(out)
     raise InputError(f"unknown benchmark grid {grid!r}; expected one of {', '.join(GRIDS)}")
 
@@ -188,10 +215,12 @@ def _run_order(settings: list[BenchSetting]) -> list[BenchSetting]:
 
 
 def setting_recipe(setting: BenchSetting, base: Recipe | None = None) -> Recipe:
-    """The base recipe (default: ``DEFAULT_RECIPE.small()``) with the
-    setting's features, classes, strength and seed, and its data sizes
-    multiplied by ``data_scale``."""
-    base = base if base is not None else DEFAULT_RECIPE.small()
+    """The base recipe (default: ``DEFAULT_RECIPE.small()``, or
+    ``SCENES_RECIPE`` for scenes, whose reduced sizes leave the tiny model at
+    chance) with the setting's features, classes, strength and seed, and its
+    data sizes multiplied by ``data_scale``."""
+    if base is None:
+        base = SCENES_RECIPE if setting.data == "scenes" else DEFAULT_RECIPE.small()
     s = base.synth
     sizes = {key: max(len(setting.classes or s.classes) * 4, int(round(getattr(s, key) * setting.data_scale)))
              for key in ("n_pretrain", "n_finetune", "n_val", "n_test")}
@@ -261,7 +290,7 @@ def evaluate_setting(setting: BenchSetting, paths: dict, classes: Sequence[str],
     classes = list(classes)
     lm = load_model(f"local-dir:{paths['audited']}")
     result = stages.stage1(lm, ds, classes, templates=stages.templates_for(eval_dir),
-                           regions=RegionsConfig(mode=mode),
+                           regions=RegionsConfig(proposer=setting.proposer, mode=mode),
                            discovery=DiscoveryConfig(seed=seed, evidence=True, permutations=permutations, alpha=alpha,
                                                      mask_fill=mask_fill))
     findings, emb, sc = result.findings, result.embeddings, result.scores

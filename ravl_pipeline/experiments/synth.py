@@ -65,7 +65,7 @@ QUADRANT_NAMES = ("TL", "TR", "BL", "BR")
 QUADRANT_BOXES = ((0, 0, 28, 28), (28, 0, 56, 28), (0, 28, 28, 56), (28, 28, 56, 56))
 """``[x1, y1, x2, y2]`` of each quadrant; every row's ``boxes`` is this list."""
 
-SHAPES = ("square", "circle", "triangle", "cross", "stripes")
+SHAPES = ("square", "circle", "triangle", "cross", "stripes", "checker", "ring")
 DIGIT_JITTER = 2
 EVAL_DIGIT_FRACTION = 0.3
 """Share of each class's digit instances kept for ``eval`` only, so that
@@ -99,6 +99,11 @@ def shape_mask(shape: str) -> np.ndarray:
         mask = inside & ((np.abs(x - c) <= 3.5) | (np.abs(y - c) <= 3.5))
     elif shape == "stripes":
         mask = np.broadcast_to((np.arange(n) // 4) % 2 == 0, (n, n)).T.copy()
+    elif shape == "checker":
+        mask = ((x.astype(int) // 7) + (y.astype(int) // 7)) % 2 == 0
+    elif shape == "ring":
+        r2 = (x - c) ** 2 + (y - c) ** 2
+        mask = (r2 <= 12.5**2) & (r2 >= 7.5**2)
     else:
         raise InputError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
     mask.setflags(write=False)
@@ -110,8 +115,8 @@ class FeatureSpec:
     """A feature drawn into one quadrant; ``name`` is its region label.
 
     Shapes: ``square`` (the solid quadrant, the reference's feature),
-    ``circle`` (filled disc), ``triangle``, ``cross`` (plus sign) and
-    ``stripes`` (horizontal, 4 px).
+    ``circle`` (filled disc), ``triangle``, ``cross`` (plus sign),
+    ``stripes`` (horizontal, 4 px), ``checker`` (7 px checks) and ``ring``.
     """
 
     name: str = "red square"
@@ -147,8 +152,24 @@ def _as_feature(f: FeatureSpec | dict) -> FeatureSpec:
 # --------------------------------------------------------------------------
 
 
+class PlantedFeatures:
+    """What every synthetic setting says about its planted features
+    (``classes``, ``correlated_class``, ``features``, ``correlated_classes``)."""
+
+    def _coerce(self) -> None:
+        self.classes = list(self.classes)
+        self.features = [_as_feature(f) for f in self.features]
+        if self.correlated_classes is not None:
+            self.correlated_classes = list(self.correlated_classes)
+
+    def resolved_correlated_classes(self) -> list[str]:
+        if self.correlated_classes is None:
+            return [self.correlated_class] * len(self.features)
+        return list(self.correlated_classes)
+
+
 @dataclass
-class SynthConfig:
+class SynthConfig(PlantedFeatures):
     """One synthetic setting (SPEC §4.1).
 
     ``strength`` is the target Cramér's V between the presence of each
@@ -178,17 +199,9 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.classes = list(self.classes)
-        self.features = [_as_feature(f) for f in self.features]
+        self._coerce()
         self.distractors = [_as_feature(f) for f in self.distractors]
-        if self.correlated_classes is not None:
-            self.correlated_classes = list(self.correlated_classes)
         self.check()
-
-    def resolved_correlated_classes(self) -> list[str]:
-        if self.correlated_classes is None:
-            return [self.correlated_class] * len(self.features)
-        return list(self.correlated_classes)
 
     def check(self) -> None:
         """Raise :class:`InputError` on an unusable configuration."""

@@ -88,16 +88,20 @@ def _coco_box(bbox: Sequence[float], width: float | None, height: float | None) 
 
 
 def import_coco(
-    instances_json: str | os.PathLike,
+    instances_json: str | os.PathLike | Sequence[str | os.PathLike],
     images_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     label_from: str | None = "largest",
-    split: str | None = None,
+    split: str | Sequence[str] | None = None,
     copy: bool = False,
     include_crowd: bool = False,
 ) -> Dataset:
-    """Make a dataset directory from a COCO instances file.
+    """Make a dataset directory from COCO instances files.
 
+    - Several files (real COCO ships ``instances_train2017.json`` and
+      ``instances_val2017.json``) go into one manifest, in the order given;
+      ``split`` is then one value per file (each file's rows get its split)
+      or one value for all. Image ids must be unique across the files.
     - ``boxes``: each annotation's ``bbox [x, y, w, h]`` as
       ``[x1, y1, x2, y2] = [x, y, x + w, y + h]``, clipped to the image's
       ``width``/``height``; annotations with nothing left after clipping are
@@ -108,14 +112,44 @@ def import_coco(
       the largest area ``w*h`` (the first such box on ties); images without
       a box are then left out, since they could not be labelled. With
       ``label_from=None`` there is no label column and every image is kept.
-    - ``image_id``: the COCO image id as a string; ``split`` the given value.
+    - ``image_id``: the COCO image id as a string.
     - Images are referenced relative to ``out_dir`` when ``images_dir`` lies
       inside it (and not ``copy``), otherwise copied to
       ``out_dir/images/<file_name>``.
     """
     if label_from not in ("largest", None):
         raise ManifestError(f"label_from must be 'largest' or None, got {label_from!r}")
-    instances_json, images_dir, out_dir = Path(instances_json), Path(images_dir), Path(out_dir)
+    files = [Path(instances_json)] if isinstance(instances_json, (str, os.PathLike)) else \
+        [Path(p) for p in instances_json]
+    splits = [split] * len(files) if split is None or isinstance(split, str) else list(split)
+    if not files or len(splits) != len(files):
+        raise ManifestError(f"give one split per instances file ({len(files)} files), or one for all; got {splits}")
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    copying = copy or not _is_within(images_dir, out_dir)
+    rows, sources, seen = [], [], {}
+    for path, file_split in zip(files, splits):
+        for row, file_name in _coco_rows(path, label_from, include_crowd, copying):
+            if row["image_id"] in seen:
+                raise ManifestError(f"{path}: image id {row['image_id']} is already in {seen[row['image_id']]}")
+            seen[row["image_id"]] = path
+            if file_split is not None:
+                row["split"] = file_split
+            rows.append(row)
+            sources.append(images_dir / file_name)
+    if not rows:
+        raise ManifestError(f"{', '.join(map(str, files))}: no images to import")
+    # every file is checked before the first image is copied
+    for row, src in zip(rows, sources):
+        row["path"] = _place_image(src, out_dir, out_dir / "images" / row["path"] if copying else None)
+    write_manifest(out_dir, rows)
+    return load_dataset(out_dir, require_labels=label_from is not None)
+
+
+def _coco_rows(instances_json: Path, label_from: str | None, include_crowd: bool,
+               copying: bool) -> list[tuple[dict, str]]:
+    """Manifest rows of one COCO instances file (see :func:`import_coco`)
+    with each image's ``file_name``; ``path`` is still to be placed (when
+    ``copying``, the file's path under ``images/``)."""
     try:
         coco = json.loads(instances_json.read_text())
         categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
@@ -125,8 +159,8 @@ def import_coco(
         raise ManifestError(f"{instances_json}: not a readable COCO instances file: {exc}") from exc
 
     try:
-        return _import_coco_rows(categories, images, annotations, instances_json, images_dir, out_dir,
-                                 label_from, split, copy, include_crowd)
+        return _import_coco_rows(categories, images, annotations, instances_json, label_from, include_crowd,
+                                 copying)
     except ManifestError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -135,9 +169,9 @@ def import_coco(
                             "'category_id' and 'bbox'") from exc
 
 
-def _import_coco_rows(categories, images, annotations, instances_json: Path, images_dir: Path, out_dir: Path,
-                      label_from, split, copy, include_crowd) -> Dataset:
-    """The body of :func:`import_coco`, once the file is parsed."""
+def _import_coco_rows(categories, images, annotations, instances_json: Path, label_from, include_crowd,
+                      copying: bool) -> list[tuple[dict, str]]:
+    """The rows of :func:`_coco_rows`, once the file is parsed."""
     image_info = {img["id"]: img for img in images}
     regions: dict[Any, list[tuple[list[float], str, float]]] = {img["id"]: [] for img in images}
     for k, ann in enumerate(annotations):
@@ -153,33 +187,21 @@ def _import_coco_rows(categories, images, annotations, instances_json: Path, ima
             area = float(ann["bbox"][2]) * float(ann["bbox"][3])
             regions[info["id"]].append((box, categories[ann["category_id"]], area))
 
-    copying = copy or not _is_within(images_dir, out_dir)
     rows = []
     for img in images:
         found = regions[img["id"]]
         if label_from == "largest" and not found:
             continue
-        src = images_dir / img["file_name"]
-        if copying:
-            rel = PurePosixPath(img["file_name"].replace("\\", "/"))
-            if rel.is_absolute() or ".." in rel.parts:
-                raise ManifestError(f"{instances_json}: image {img['id']!r} has an unsafe file_name {img['file_name']!r}")
-            path = _place_image(src, out_dir, out_dir / "images" / rel)
-        else:
-            path = _place_image(src, out_dir, None)
+        rel = PurePosixPath(img["file_name"].replace("\\", "/"))
+        if copying and (rel.is_absolute() or ".." in rel.parts):
+            raise ManifestError(f"{instances_json}: image {img['id']!r} has an unsafe file_name {img['file_name']!r}")
         row = {
             "image_id": str(img["id"]),
-            "path": path,
+            "path": rel.as_posix(),
             "boxes": [b for b, _, _ in found],
             "region_labels": [name for _, name, _ in found],
         }
         if label_from == "largest":
             row["label"] = max(found, key=lambda r: r[2])[1]  # max() keeps the first on ties
-        if split is not None:
-            row["split"] = split
-        rows.append(row)
-    if not rows:
-        raise ManifestError(f"{instances_json}: no images to import")
-    write_manifest(out_dir, rows)
-    return load_dataset(out_dir, require_labels=label_from is not None)
-
+        rows.append((row, img["file_name"]))
+    return rows

@@ -197,12 +197,15 @@ def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings, featur
                             np.asarray(cluster, dtype=np.int64), np.isin(cluster, sorted(chosen)))
 
 
-def model_fingerprint(spec: str) -> str:
-    """Content hash of a local checkpoint's weights; the name for anything else."""
+def model_fingerprint(spec: str, pretrained: str | None = None) -> str:
+    """Content hash of a local checkpoint's weights, or of a ``pretrained``
+    weights file; the name (and pretrained tag) for anything else."""
     if spec.startswith("local-dir:"):
         weights = Path(spec[len("local-dir:"):]) / WEIGHTS_NAME
         if weights.is_file():
             return memo_file_sha256(weights)
+    if pretrained is not None:
+        return memo_file_sha256(Path(pretrained)) if Path(pretrained).is_file() else f"{spec}|{pretrained}"
     return spec
 
 
@@ -211,7 +214,7 @@ def cached_assignment(audited: LoadedModel, ds, findings: Findings, cache_dir: s
     """:func:`assign_spurious_regions`, read from ``cache_dir`` when the same
     model weights, manifest rows and findings were assigned before."""
     key = json_sha256({
-        "model": model_fingerprint(audited.name),
+        "model": model_fingerprint(audited.name, audited.pretrained),
         "manifest": memo_file_sha256(ds.manifest_file),
         "image_ids": ds.image_ids,
         "findings": json_sha256(findings.to_dict()),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..core.embed import encode_image_and_regions, input_boxes
+from ..core.embed import encode_image_and_regions, region_inputs
 from ..models import LoadedModel, visual_architecture
 from .assign import RegionAssignment, group_ids
 from .data import MitigationError, TrainData, TrainError
@@ -56,6 +56,7 @@ class Method:
     sampler: Sampler | None = None  # replaces uniform shuffling
     prepare: Prepare | None = None  # prepare(data, cfg, state) before the first step
     distributed: bool = False  # its loss is defined over gathered features under torchrun
+    region_pass: bool = False  # its loss embeds the regions of the model being trained
 
 
 METHODS: dict[str, Method] = {}
@@ -116,39 +117,39 @@ def group_balanced_sampler(n: int, gen: torch.Generator, data: TrainData, cfg: T
 
 @contextmanager
 def region_pass_keeps_batchnorm_stats(model):
-    """Let the RoI pass through ResNet ``layer4`` leave BatchNorm running
-    statistics alone.
+    """Let the region passes leave BatchNorm running statistics alone.
 
-    :func:`embed.encode_image_and_regions` runs ``layer4`` twice, first on
-    the images, then on the RoIs. In training mode both calls would update the
-    running statistics, and zoomed-in regions would then set the statistics
-    that whole images are normalised with at evaluation time. The RoI call is
-    still normalised with its own batch statistics (so gradients are those of
-    training mode); only the running averages skip it.
+    :func:`embed.encode_image_and_regions` runs ResNet ``layer4`` twice,
+    first on the images, then on the RoIs, and for a non-square image also
+    the trunk (stem..layer3) on its region view. In training mode every call
+    would update the running statistics, and zoomed-in regions or whole-image
+    views would then set the statistics that the model's own inputs are
+    normalised with at evaluation time. Each BatchNorm layer's first call
+    (the image pass) updates them as usual; later calls are still normalised
+    with their own batch statistics (so gradients are those of training
+    mode), but leave the running averages unchanged.
     """
     visual = getattr(model, "visual", None)
     if visual_architecture(model) != "resnet" or not model.training:
         yield
         return
-    norms = [m for m in visual.layer4.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [(m, m.momentum) for m in norms]
-    calls = [0]
+    calls = {id(m): 0 for m in norms}
 
     def before(module, args):
-        calls[0] += 1
-        if calls[0] >= 2:  # the RoI call
-            for m in norms:
-                m.momentum = 0.0
+        calls[id(module)] += 1
+        if calls[id(module)] >= 2:  # a region pass
+            module.momentum = 0.0
 
-    handle = visual.layer4.register_forward_pre_hook(before)
+    handles = [m.register_forward_pre_hook(before) for m in norms]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for m, momentum in saved:
             m.momentum = momentum
-
-
 
 
 def prepare_group_dro(data: TrainData, cfg: TrainConfig, state: dict) -> None:
@@ -166,16 +167,17 @@ def standard_loss(model, batch: dict[str, torch.Tensor], data: TrainData, cfg: T
     return clip_loss(image, text, model.logit_scale.exp())
 
 
-@register_method("ravl", needs_findings=True, needs_labels=True, sampler=group_balanced_sampler)
+@register_method("ravl", needs_findings=True, needs_labels=True, sampler=group_balanced_sampler, region_pass=True)
 def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict) -> torch.Tensor:
     """``λ·L_CLIP + (1 − λ)·(L_R + L_A)`` (SPEC §3.3); one backbone pass gives
     both the image and the region features."""
     idx = batch["index"].tolist()
     boxes = [_extra(data, "boxes", cfg.method)[i] for i in idx]
+    views = [data.extras["views"][i] for i in idx] if "views" in data.extras else None
     spurious = torch.cat([data.extras["spurious"][i] for i in idx])
     region_image = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(b) for b in boxes]))
     with region_pass_keeps_batchnorm_stats(model):
-        image, regions = encode_image_and_regions(model, batch["pixels"], boxes)
+        image, regions = encode_image_and_regions(model, batch["pixels"], boxes, views=views)
     text = model.encode_text(batch["tokens"])
     l_clip = clip_loss(image, text, model.logit_scale.exp())
     if cfg.lam >= 1.0:
@@ -208,17 +210,25 @@ def vl_gdro_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: d
 
 # --------------------------------------------------------------------------- preparing the data
 
-def attach_region_extras(data: TrainData, lm: LoadedModel, ds, assignment: RegionAssignment) -> None:
-    """Per-image boxes (input pixels), spurious flags and groups for the loop."""
+def attach_region_extras(data: TrainData, lm: LoadedModel, ds, assignment: RegionAssignment,
+                         region_pass: bool = True) -> None:
+    """Spurious flags and groups for the loop; with ``region_pass`` (a
+    method that embeds regions), per-image region views and boxes in the
+    view's pixels, as discovery reads them (:func:`embed.region_inputs`).
+    Images whose own input shows them whole have no view (None)."""
     if list(assignment.image_ids) != list(ds.image_ids):
         raise MitigationError(f"spurious-region assignment does not match the images of {ds.root}")
-    boxes, flags = [], []
-    for i, (b, s) in enumerate(zip(assignment.per_image(assignment.boxes), assignment.per_image(assignment.spurious))):
-        w, h = ds.image_size(i)
-        boxes.append(torch.from_numpy(input_boxes(b, w, h, lm.preprocess_cfg, lm.image_size)))
-        flags.append(torch.from_numpy(np.asarray(s, dtype=bool)))
-    data.extras["boxes"] = boxes
-    data.extras["spurious"] = flags
+    views, boxes = [], []
+    for i, b in enumerate(assignment.per_image(assignment.boxes) if region_pass else []):
+        view, mapped = region_inputs(lm, ds, i, b)
+        views.append(view)
+        boxes.append(mapped)
+    if any(v is not None for v in views):
+        data.extras["views"] = views
+    if region_pass:
+        data.extras["boxes"] = boxes
+    data.extras["spurious"] = [torch.from_numpy(np.asarray(s, dtype=bool))
+                               for s in assignment.per_image(assignment.spurious)]
     data.extras["groups"] = group_ids(data.labels, assignment.image_has_feature())
 
 

@@ -97,6 +97,7 @@ def find(lm: LoadedModel, ds: Dataset, emb: Embeddings, sc: Scores, clustering: 
         influence_threshold=discovery.influence_threshold, top_regions=discovery.top_regions, model=lm.name,
         dataset=dataset_name or str(ds.root))
     findings.embedding_mode, findings.proposer = emb.mode, emb.proposer
+    findings.pretrained = lm.pretrained
     findings.templates = list(sc.templates)
     findings.image_accuracy = float((sc.image_pred == labels).mean())
     if discovery.evidence:
@@ -226,7 +227,8 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     base = load_model(base_model, pretrained, seed=cfg.seed)
     audited = None
     if method.needs_findings:
-        audited_model = audited_model or findings.model
+        if not audited_model:  # the model the findings came from, with the weights it was loaded with
+            audited_model, audited_pretrained = findings.model, audited_pretrained or findings.pretrained
         if not audited_model:
             raise MitigationError(f"{where}: names no audited model ('model'); pass --audited-model, the model "
                                   "the findings came from")
@@ -240,7 +242,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     if method.needs_findings:
         assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress) if cache_dir is not None
                       else assign_spurious_regions(audited, ds, findings, features, progress=progress))
-        attach_region_extras(data, base, ds, assignment)
+        attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
     if world.world_size > 1:

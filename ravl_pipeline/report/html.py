@@ -62,8 +62,14 @@ ASSET_DIR = Path(__file__).parent / "assets"
 
 # --------------------------------------------------------------------------- images
 
+def thumbnail_size(width: int, height: int, size: int = THUMB_SIZE) -> tuple[int, int]:
+    """``(w, h)`` of an image scaled to fit ``size`` at its own aspect ratio."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def region_image(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> Image.Image:
-    """``image`` scaled to fit ``size`` with ``box`` outlined.
+    """``image`` scaled to fit ``size`` (at its own aspect ratio) with ``box`` outlined.
 
     Small images are enlarged with nearest-neighbour so their pixels stay
     sharp; the outline is drawn after scaling so it has the same width on
@@ -72,7 +78,7 @@ def region_image(image, box: Sequence[float] | None, size: int = THUMB_SIZE) -> 
     w, h = image.size
     scale = size / max(w, h)
     resample = Image.NEAREST if scale >= 1 else Image.BILINEAR
-    out = image.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    out = image.convert("RGB").resize(thumbnail_size(w, h, size), resample)
     if box is not None:
         x1, y1, x2, y2 = (float(v) * scale for v in box)
         x2, y2 = max(x1, x2 - 1), max(y1, y2 - 1)
@@ -226,8 +232,9 @@ def _region_grid(feat: Mapping[str, Any], images: ImageSource | None, top: int, 
         if region.get("region_label"):
             caption += f" · {region['region_label']}"
         alt = f"region {region.get('region_index')} of image {region.get('image_id')}"
+        tw, th = thumbnail_size(*image.size)
         cells.append(f'<figure class="region"><img src="{_data_uri(png)}" alt="{_e(alt)}" '
-                     f'width="{THUMB_SIZE}" height="{THUMB_SIZE}"><figcaption>{_e(caption)}</figcaption></figure>')
+                     f'width="{tw}" height="{th}"><figcaption>{_e(caption)}</figcaption></figure>')
     return '<div class="grid">' + "".join(cells) + "</div>"
 
 

@@ -112,10 +112,13 @@ def _crop_box(width: int, height: int, preprocess_cfg: dict) -> list[float]:
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_box_of_the_models_crop_reproduces_the_image_embedding_in_roi_mode(name, tmp_path):
-    """The same identity through :func:`embed_dataset` (mode ``roi``), on a
-    square and on non-square images: the box covering the model's own crop
-    is the whole preprocessed input."""
-    lm = _builtin(name)
+    """The same identity through :func:`embed_dataset` (mode ``roi``): on a
+    square image the box covering the model's own crop is the whole
+    preprocessed input, read from the image pass itself. A non-square
+    image's regions are read from the whole image at its own aspect ratio,
+    so the crop's box there also sees what lies beside the crop (its
+    receptive field): close to the image embedding, not equal."""
+    lm = _unzeroed(name)
     rng = np.random.default_rng(4)
     rows = []
     (tmp_path / "img").mkdir()
@@ -130,10 +133,89 @@ def test_box_of_the_models_crop_reproduces_the_image_embedding_in_roi_mode(name,
     pixels = torch.stack([lm.preprocess(ds.load_image(i)) for i in range(len(ds))])
     with torch.no_grad():
         expected = F.normalize(_whole_input_reference(lm, pixels), dim=-1).numpy()
-    np.testing.assert_allclose(emb.region_emb[0::2], expected, atol=1e-4)
+    np.testing.assert_allclose(emb.region_emb[0], expected[0], atol=1e-5)  # square: exact
     if lm.architecture == "resnet":
-        np.testing.assert_allclose(emb.region_emb[0::2], emb.image_emb, atol=1e-4)
-    assert not np.allclose(emb.region_emb[1::2], emb.region_emb[0::2], atol=1e-6)  # a quadrant is not the crop
+        np.testing.assert_allclose(emb.region_emb[0], emb.image_emb[0], atol=1e-5)
+    crop_cos = np.sum(emb.region_emb[2::2] * expected[1:], axis=1)
+    assert np.all(crop_cos > 0.8) and not np.allclose(emb.region_emb[2::2], expected[1:], atol=1e-4), crop_cos
+    assert not np.allclose(emb.region_emb[1::2], emb.region_emb[0::2], atol=1e-3)  # a quadrant is not the crop
+
+
+def _unzeroed(name):
+    """A built-in model whose zero-initialised weights (open_clip's last
+    BatchNorm of each residual branch) are made non-zero: at random init
+    those zeros make a ResNet's features nearly independent of the input,
+    which would hide regions that read the wrong pixels."""
+    key = f"{name}:unzeroed"
+    if key not in _LOADED:
+        lm = load_model(name, seed=0)
+        with torch.no_grad():
+            for p in lm.model.parameters():
+                if torch.count_nonzero(p) == 0:
+                    p.fill_(0.5)
+        _LOADED[key] = lm
+    return _LOADED[key]
+
+
+EDGE_SIZES = [(96, 48), (48, 96), (150, 100), (100, 150)]
+
+
+def _edge_boxes(w: int, h: int) -> list[list[float]]:
+    """Boxes at the left, right, top and bottom edges (outside a centre
+    crop of the short side on the long axis), the four corners and the centre."""
+    a, b = w / 5, h / 5
+    return [[0, 2 * b, a, 3 * b], [w - a, 2 * b, w, 3 * b], [2 * a, 0, 3 * a, b], [2 * a, h - b, 3 * a, h],
+            [0, 0, a, b], [w - a, 0, w, b], [0, h - b, a, h], [w - a, h - b, w, h], [2 * a, 2 * b, 3 * a, 3 * b]]
+
+
+@pytest.fixture()
+def edge_ds(tmp_path):
+    rng = np.random.default_rng(7)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, (w, h) in enumerate(EDGE_SIZES):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image_id": f"e{i}", "path": f"img/{i}.png", "label": "a", "boxes": _edge_boxes(w, h)})
+    write_manifest(tmp_path, rows)
+    return load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("view", ["aspect", "letterbox"])
+@pytest.mark.parametrize("mode", ["roi", "roi-half"])
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_boxes_at_every_edge_of_non_square_images_see_their_own_pixels(name, mode, view, edge_ds, tmp_path):
+    """SPEC §1.2 "every box sees its own pixels": on 96×48 to 100×150 images,
+    boxes at the left, right, top and bottom edges — outside the model's
+    centre crop on the long axis — get finite, unit embeddings that differ
+    between the boxes of an image, and a box's embedding changes with its
+    own pixels."""
+    lm = _unzeroed(name)
+    emb = embed_dataset(lm, edge_ds, proposer="boxes", mode=mode, progress=False, view=view)
+    r = emb.region_emb
+    assert r.shape == (len(EDGE_SIZES) * 9, 64) and np.all(np.isfinite(r))
+    np.testing.assert_allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-5)
+    for i in range(len(EDGE_SIZES)):  # no two boxes of an image share a vector
+        mine = r[emb.region_image == i]
+        diff = np.abs(mine[:, None, :] - mine[None, :, :]).max(axis=2) + np.eye(len(mine))
+        assert diff.min() > 1e-5, (i, np.unravel_index(diff.argmin(), diff.shape), diff.min())
+    # paint the left-edge box of the first image: its embedding moves
+    image = np.asarray(edge_ds.load_image(0)).copy()
+    x1, y1, x2, y2 = (int(v) for v in _edge_boxes(*EDGE_SIZES[0])[0])
+    image[y1:y2, x1:x2] = 255  # noise becomes a white patch
+    Image.fromarray(image).save(edge_ds.image_path(0))
+    again = embed_dataset(lm, load_dataset(edge_ds.root), proposer="boxes", mode=mode, progress=False, view=view)
+    moved = np.abs(again.region_emb - r).max(axis=1)
+    assert moved[0] > 1e-4 and moved[0] == moved[:9].max(), moved[:9]  # before: exactly 0
+    np.testing.assert_allclose(again.image_emb[0], emb.image_emb[0], atol=1e-6)  # outside the model's crop
+
+
+def test_a_box_with_no_area_in_the_region_view_is_an_error(tmp_path, rn):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (96, 48)).save(tmp_path / "img" / "0.png")
+    write_manifest(tmp_path, [{"image_id": "thin", "path": "img/0.png", "boxes": [[0, 0, 96, 48],
+                                                                                  [10, 10, 10.0001, 20]]}])
+    with pytest.raises(EmbedError, match=r"row 0 \(image_id 'thin'\): region 1 .* has no area"):
+        embed_dataset(rn, load_dataset(tmp_path), proposer="boxes", progress=False)
 
 
 def test_pool_at_size_is_the_module_at_its_own_size_and_resizes_otherwise(rn):

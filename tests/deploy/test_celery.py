@@ -5,7 +5,6 @@ outputs are byte for byte those of the in-process executor."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 from pathlib import Path
 

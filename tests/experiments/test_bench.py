@@ -30,6 +30,26 @@ def test_grids_cover_the_required_kinds():
         bench.grid_settings("huge")
 
 
+def test_scenes_grid_covers_three_seeds_strengths_nulls_and_two_features():
+    grid = bench.grid_settings("scenes")
+    assert len(grid) >= 12 and all(s.data == "scenes" and s.proposer == "boxes" for s in grid)
+    singles = [s for s in grid if s.kind == "single"]
+    assert sorted((s.seed, s.strength) for s in singles) == sorted(
+        (seed, v) for seed in (0, 1, 2) for v in (0.8, 0.9, 0.99))
+    assert len({s.features[0] for s in singles}) == 3
+    nulls = [s for s in grid if s.kind == "null"]
+    assert len(nulls) == 6 and all(s.strength == 0.0 for s in nulls)
+    assert len([s for s in grid if s.kind == "two"]) == 3
+    recipe = bench.setting_recipe(singles[0])
+    assert type(recipe.synth).__name__ == "ScenesConfig" and recipe.base_model == DEFAULT_RECIPE.base_model
+    assert recipe.pretrain == DEFAULT_RECIPE.pretrain.__class__(**{**DEFAULT_RECIPE.pretrain.to_dict(),
+                                                                   "seed": singles[0].seed})
+    assert [f.name for f in recipe.synth.features] == singles[0].features
+    assert recipe.synth.pretrain_feature_rate == 0.0  # as the default recipe: the feature is new in fine-tuning
+    assert bench.setting_recipe(nulls[0]).synth.pretrain_feature_rate == 0.5  # SPEC §4.2: nulls show it before
+    assert len({s.name for s in grid}) == len(grid)
+
+
 def test_setting_recipe_derives_from_the_default_recipe():
     s = bench.grid_settings("small")[2]  # two features
     recipe = bench.setting_recipe(s)

@@ -97,3 +97,25 @@ def test_import_coco_without_labels_keeps_every_image(tmp_path: Path) -> None:
     assert ds.region_labels[0] == ["chair", "dog", "chair"]
     assert ds.boxes[2].shape == (0, 4)
     assert ds.paths[0] == "val2017/000001.png"
+
+
+def test_import_coco_several_files_one_split_each(tmp_path: Path) -> None:
+    """Real COCO ships one instances file per split; they go into one
+    manifest, each file's rows with its split, ids unique across files."""
+    instances, images = _coco(tmp_path)
+    second = json.loads(instances.read_text())
+    for img in second["images"]:
+        img["id"] += 100
+    for ann in second["annotations"]:
+        ann["image_id"] += 100
+    other = instances.with_name("instances_test.json")
+    other.write_text(json.dumps(second))
+    ds = import_coco([instances, other], images, tmp_path / "out", split=["val", "test"])
+    assert ds.image_ids == ["1", "2", "101", "102"]
+    assert ds.splits == ["val", "val", "test", "test"]
+    assert ds.labels == ["dog", "chair", "dog", "chair"]
+    with pytest.raises(ManifestError, match="image id 1 is already in"):
+        import_coco([instances, instances], images, tmp_path / "dup", split=["val", "test"])
+    with pytest.raises(ValueError, match="one split per instances file"):
+        import_coco([instances, other], images, tmp_path / "bad", split=["val", "test", "train"])
+    assert not (tmp_path / "dup").exists() and not (tmp_path / "bad").exists()

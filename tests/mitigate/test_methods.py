@@ -288,6 +288,28 @@ def test_region_term_reaches_the_backbone_through_regions():
     assert lm.model.logit_scale.grad is None or lm.model.logit_scale.grad.item() == 0.0
 
 
+@pytest.mark.parametrize("arch", ["ravl-tiny-rn", "ravl-tiny-vit"])
+def test_region_term_trains_through_the_region_views(arch):
+    """When every image is a non-square photo, the region term reads only
+    the region views: with λ = 0 its gradient still reaches the trunk (and
+    a ViT's interpolated position embedding), and changing a view changes
+    the loss."""
+    lm = load_unzeroed(arch)
+    data, batch = tiny_batch(lm)
+    with_region_views(lm, data, every=1)
+    cfg = TrainConfig(method="ravl", lam=0.0)
+    loss = methods.ravl_loss(lm.model, batch, data, cfg, {})
+    loss.backward()
+    visual = lm.model.visual
+    first = visual.conv1.weight
+    assert torch.count_nonzero(first.grad) > 0
+    if arch == "ravl-tiny-vit":
+        assert torch.count_nonzero(visual.positional_embedding.grad) > 0
+    data.extras["views"][0] = torch.full_like(data.extras["views"][0], 2.0)
+    with torch.no_grad():
+        assert not torch.isclose(methods.ravl_loss(lm.model, batch, data, cfg, {}), loss.detach())
+
+
 def test_methods_refuse_train_data_without_their_extras():
     lm = load_model("ravl-tiny-rn", seed=0)
     data, batch = tiny_batch(lm)
@@ -405,13 +427,34 @@ def test_cli_finetune_mitigated_and_its_errors(tiny_stage2, tmp_path, capsys):
     assert meta["method"] == "vl-gdro" and meta["findings"]["file_sha256"] is not None
 
 
-def test_region_pass_leaves_batchnorm_running_stats_to_images():
+def with_region_views(lm, data, every: int = 2):
+    """Give every ``every``-th image of ``data`` a landscape region view (a
+    non-square photo), its boxes the view's quadrants."""
+    s = lm.image_size
+    w = s * 3 // 2
+    views = []
+    for i in range(len(data)):
+        if i % every:
+            views.append(None)
+            continue
+        views.append(torch.randn(3, s, w))
+        data.extras["boxes"][i] = torch.tensor([[0, 0, w / 2, s / 2], [w / 2, 0, w, s / 2],
+                                                [0, s / 2, w / 2, s], [w / 2, s / 2, w, s]])
+    data.extras["views"] = views
+    return data
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_region_pass_leaves_batchnorm_running_stats_to_images(views):
     """A RaVL step updates BatchNorm running statistics exactly as a
-    Standard FT step on the same images does (the RoI pass is excluded)."""
+    Standard FT step on the same images does (the RoI pass, and the trunk
+    pass over non-square images' region views, are excluded)."""
     import copy
 
     lm = load_model("ravl-tiny-rn", seed=0)
     data, batch = tiny_batch(lm)
+    if views:
+        with_region_views(lm, data)
     initial = {n: t.clone() for n, t in lm.model.named_buffers()}
     a, b = lm.model, copy.deepcopy(lm.model)
     a.train(), b.train()

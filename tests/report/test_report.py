@@ -232,6 +232,35 @@ def test_ci_appears_in_the_per_class_table(dataset, tmp_path):
     assert '<span class="ci">[0.612, 0.987]</span>' in out.read_text()
 
 
+@pytest.mark.parametrize("size", [(150, 100), (100, 150)])
+def test_boxes_are_drawn_where_they_are_on_non_square_images(tmp_path, size):
+    """A box at the right or bottom edge of a non-square photo is outlined
+    there, on a thumbnail that keeps the photo's aspect ratio."""
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    box = [w - 30, h - 20, w, h]  # the bottom-right corner, outside a centre crop on the long axis
+    arr[box[1]:box[3], box[0]:box[2]] = RED
+    Image.fromarray(arr).save(tmp_path / "photo.png")
+    write_manifest(tmp_path, [{"image_id": "p", "path": "photo.png", "label": "nine", "boxes": [box],
+                               "region_labels": ["red square"]}])
+    feat = _feature(1, [])
+    feat["regions"] = [{"image_id": "p", "region_index": 0, "box": box, "similarity": 1.0}]
+    out = write_report(tmp_path / "r" / "report.html", _findings([feat]), dataset_root=tmp_path)
+    (img,) = _parse(out).images
+    thumb = np.asarray(_decode(img))
+    scale = 112 / max(w, h)
+    assert thumb.shape[:2] == (round(h * scale), round(w * scale))
+    assert (int(img["width"]), int(img["height"])) == (thumb.shape[1], thumb.shape[0])
+    x1, y1 = round(box[0] * scale), round(box[1] * scale)
+    outline = np.all(thumb == BOX_COLOUR, axis=2)
+    ys, xs = np.nonzero(outline)
+    assert abs(xs.min() - x1) <= 2 and abs(ys.min() - y1) <= 2  # top-left corner of the outline
+    assert xs.max() >= thumb.shape[1] - 4 and ys.max() >= thumb.shape[0] - 4  # reaches the edges
+    assert not outline[: y1 - 3].any() and not outline[:, : x1 - 3].any()  # nothing elsewhere
+    inner = thumb[(y1 + thumb.shape[0]) // 2, (x1 + thumb.shape[1]) // 2]
+    assert tuple(inner) == RED
+
+
 def test_thumbnail_without_a_box_is_the_plain_image():
     png = region_thumbnail(_image(None), None, size=56)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(_image(None)))
