@@ -33,7 +33,8 @@ EMBEDDING_MODES = ("auto", "roi", "roi-half", "crop")
 MASK_FILLS = ("mean", "black", "blur")
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
-FEATURE_SELECTIONS = ("called", "significant", "all", "top1")  # or a count
+FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a count
+REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
 
 
 def _f(default: Any, help: str) -> Any:
@@ -91,8 +92,10 @@ class DiscoveryConfig:
 class MitigationConfig:
     """Stage 2 (SPEC §3). ``None``: as in the audited model's own fine-tuning."""
 
-    method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | standard")
+    method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | spurious-aware | standard")
     lam: float | None = _f(0.8, "λ of the region-aware loss (SPEC §3.3)")
+    region_loss: str | None = _f("spec", "form of the region-aware loss: spec (SPEC §3.3: spurious regions pushed "
+                                         "from every class text) | correlated (from their feature's class only)")
     epochs: float | None = _f(None, "epochs (default: the audited model's fine-tuning)")
     lr: float | None = _f(None, "learning rate (default: the audited model's fine-tuning)")
     batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)")
@@ -121,6 +124,7 @@ class TrainConfig:
     caption_template: str = _f(DEFAULT_TEMPLATE, "caption for rows without one, {} = label")
     lam: float = _f(MitigationConfig.lam, "λ of the region-aware loss (SPEC §3.3)")
     tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss")
+    region_loss: str = _f(MitigationConfig.region_loss, "form of the region-aware loss: spec | correlated")
     max_steps: int | None = _f(None, "stop after this many steps")
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,6 +235,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          params.scores.tau)
     lam = params.mitigation.lam
     need(lam is None or (_is_number(lam) and 0 <= lam <= 1), "mitigation.lam", "a number in [0, 1]", lam)
+    need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",
+         f"one of {', '.join(REGION_LOSS_FORMS)}", params.mitigation.region_loss)
     # a negative drop is allowed: it demands a gain of at least that much
     need(_is_number(params.evaluation.max_accuracy_drop), "evaluation.max_accuracy_drop", "a number",
          params.evaluation.max_accuracy_drop)

@@ -24,6 +24,9 @@ def register(sub) -> None:
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
                             "significant (every called one) | all (every kept cluster) | top1 | K")
+        p.add_argument("--attribute-text", action="append", default=None, metavar="TEXT",
+                       help="the spurious attribute in words, for --method spurious-aware (repeatable; default: "
+                            "the top model-derived name of each chosen finding)")
         p.add_argument("--cache-dir", default=None,
                        help="cache of spurious-region assignments (default: beside --out)")
         p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
@@ -39,7 +42,8 @@ def run(args) -> int:
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
-                           features=args.features, cache_dir=args.cache_dir, record_indices=args.record_indices,
+                           features=args.features, attribute_text=args.attribute_text, cache_dir=args.cache_dir,
+                           record_indices=args.record_indices,
                            progress=not (args.quiet or not world.is_main))
     if world.is_main:
         if args.history:

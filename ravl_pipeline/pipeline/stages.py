@@ -35,7 +35,7 @@ from ..models import LoadedModel, check_same_architecture, load_model, save_mode
 from ..mitigate import distributed
 from ..mitigate.assign import cached_assignment, select_features
 from ..mitigate.data import MitigationError, build_train_data
-from ..mitigate.methods import attach_class_tokens, attach_region_extras, get_method
+from ..mitigate.methods import attach_attribute_tokens, attach_class_tokens, attach_region_extras, get_method
 from ..mitigate.train import finetune
 
 __all__ = ["Stage1Result", "classes_for", "templates_for", "embed", "score", "cluster", "find", "stage1",
@@ -189,16 +189,19 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
 def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: str | None = None,
           split: str | None = None, findings: Findings | None = None, findings_path=None,
           audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = "called",
-          cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
-          progress: bool = False) -> dict:
+          attribute_text: Sequence[str] | None = None, cache_dir=None, extra_meta: dict | None = None,
+          record_indices: bool = False, inspect=None, progress: bool = False) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
     ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
 
     Methods that need findings assign the spurious regions of every
     training image with the ``audited_model`` whose medoids the findings
-    hold (default: the findings' ``model``; SPEC §3.1). Under ``torchrun``
+    hold (default: the findings' ``model``; SPEC §3.1). Methods that need
+    the spurious attribute in words (Spurious-Aware) read ``attribute_text``,
+    else the top model-derived name of each chosen finding. Under ``torchrun``
     the loop is data-parallel and rank 0 alone writes (``record_indices``
-    keeps which samples each process saw, in the history). The checkpoint's
+    keeps which samples each process saw, in the history; ``inspect`` is
+    :func:`mitigate.train.finetune`'s diagnostics hook, one process only). The checkpoint's
     ``ravl_model.json`` records the configuration, the findings used
     (content and sha256) and the history. Returns the history.
     """
@@ -209,6 +212,12 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     if world.world_size > 1 and findings is not None:
         raise MitigationError("--findings: Stage-2 methods cannot run under torchrun yet; run one process")
     chosen = select_features(findings, features) if method.needs_findings else []
+    attributes = list(attribute_text or [])
+    if method.needs_attribute_text and not attributes and findings is not None:
+        attributes = _feature_names(select_features(findings, features))
+    if method.needs_attribute_text and not attributes:
+        raise MitigationError(f"method {method.name!r} needs the spurious attribute in words: pass attribute_text "
+                              "(--attribute-text) or findings whose features carry model-derived names")
     ds = load_dataset(train_dir, split=split, require_labels=method.needs_labels)
     classes = list(findings.classes) if findings is not None else (ds.classes() or None)
     if ds.labels is not None and classes:
@@ -224,11 +233,15 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     data = build_train_data(base, ds, cfg.caption_template, classes=classes, progress=progress)
     if method.needs_labels:
         attach_class_tokens(data, base, cfg.caption_template)
+    if method.needs_attribute_text:
+        attach_attribute_tokens(data, base, attributes)
     spurious = None
     if method.needs_findings:
         cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "spurious-regions-cache"
         assignment = cached_assignment(audited, ds, findings, cache, features, progress)
-        attach_region_extras(data, base, ds, assignment)
+        cluster_class = {f.cluster_id: data.classes.index(f.attribute) for f in chosen
+                         if data.classes and f.attribute in data.classes}
+        attach_region_extras(data, base, ds, assignment, cluster_class)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
     if world.world_size > 1:
@@ -240,17 +253,24 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
     else:
-        history = finetune(base, data, cfg, progress=progress)
+        history = finetune(base, data, cfg, progress=progress, inspect=inspect)
     if world.is_main:
         meta = {"base_model": base_model, "pretrained": pretrained, "train_data": str(Path(train_dir).resolve()),
                 "split": split, "method": cfg.method, "train": cfg.to_dict(), "world_size": world.world_size,
                 "audited_model": audited_model if method.needs_findings else None,
                 "findings": _findings_record(findings, findings_path, chosen, features) if findings else None,
                 "spurious_regions": spurious,
+                "attribute_text": attributes if method.needs_attribute_text else None,
                 "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")},
                 **(extra_meta or {})}
         save_model(base, out_dir, meta)
     return history
+
+
+def _feature_names(chosen) -> list[str]:
+    """The top model-derived name of each chosen finding (SPEC §5 ``names``)."""
+    terms = [((f.names or {}).get("terms") or [{}])[0].get("term") for f in chosen]
+    return list(dict.fromkeys(t for t in terms if t))
 
 
 def _check_labels(ds: Dataset, classes: Sequence[str]) -> None:
