@@ -18,7 +18,10 @@ Plans (:data:`PLANS`):
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
   cluster (``rank1``, the reference code), every kept cluster (``all``,
   SPEC §3.1) and every called one (``significant``); ``main`` uses the
-  default selection.
+  default selection;
+* ``oracle`` — Upsampled FT and RaVL (both forms) given the ground-truth
+  spurious regions of the fine-tuning set instead of Stage 1's: Stage 2
+  alone, free of discovery errors (a diagnostic; it never sees ``test``).
 
 One JSON line per finished (seed, run) is appended to ``results.jsonl`` in
 the setting's folder, so a stopped run resumes where it was; the trained
@@ -45,10 +48,11 @@ import torch
 from ..config import DiscoveryConfig, RegionsConfig, TrainConfig
 from ..core.embed import preprocess_images
 from ..core.evidence.stats import paired_difference_ci
-from ..core.findings import Findings, read_findings, write_findings
+from ..core.findings import Feature, Findings, read_findings, write_findings
+from ..core.regions import propose_dataset, region_labels_for
 from ..io.dataset import induced_pairs, load_dataset
 from ..io.files import write_json_atomic, write_text_atomic
-from ..mitigate.assign import cached_assignment, select_features
+from ..mitigate.assign import RegionAssignment, cached_assignment, select_features
 from ..mitigate.data import MitigationError
 from ..models import load_model
 from ..pipeline import stages
@@ -94,7 +98,10 @@ PLANS: dict[str, list[Run]] = {
     "lambda": [Run("ravl", lam=x) for x in (0.5, 0.7, 0.9)],
     "batch": [Run(m, batch_size=b) for b in (32, 256) for m in ("upsampled", "ravl")],
     "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
+    "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
+               Run("ravl", features="oracle", region_loss="correlated")],
 }
+ORACLE = "oracle"
 
 
 # --------------------------------------------------------------------------- settings
@@ -175,6 +182,10 @@ def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: i
                                        ("region_loss", run.region_loss)) if v is not None})
     selection = run.features or "called"
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
+    assignment = None
+    if selection == ORACLE:
+        findings, assignment = oracle(built, findings)
+        selection = "all"
     target = root / "models" / run.key
     hook = None
     if trace:
@@ -185,7 +196,8 @@ def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: i
     try:
         hist = stages.train(built.pretrained, built.finetune_dir, target, cfg, findings=findings,
                             audited_model=built.audited, features=selection, cache_dir=root / "cache",
-                            attribute_text=[f for f, _ in built.features] or None, inspect=hook, progress=progress)
+                            attribute_text=[f for f, _ in built.features] or None, assignment=assignment,
+                            inspect=hook, progress=progress)
     except MitigationError as exc:
         return row | {"skipped": str(exc)}
     meta = json.loads((target / "ravl_model.json").read_text())
@@ -201,6 +213,29 @@ def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: i
     if not keep_models:
         shutil.rmtree(target, ignore_errors=True)
     return row
+
+
+def oracle(built: BuiltSetting, findings: Findings) -> tuple[Findings, RegionAssignment]:
+    """The ground truth as Stage 1's output: one feature per planted
+    (feature, class) pair, and as spurious regions of the fine-tuning set
+    exactly those its region labels name as a planted feature."""
+    if not built.features:
+        raise MitigationError("the oracle needs a setting with planted features (setting.json)")
+    proposer = findings.proposer or RegionsConfig.proposer
+    ds = load_dataset(built.finetune_dir)
+    labels = region_labels_for(ds, proposer)
+    if labels is None:
+        raise MitigationError(f"{ds.manifest_file}: no region labels for proposer {proposer!r}: no oracle")
+    boxes = propose_dataset(ds, proposer)
+    index = {name: k for k, (name, _) in enumerate(built.features)}
+    region_image = np.concatenate([np.full(len(b), i) for i, b in enumerate(boxes)]).astype(np.int64)
+    region_index = np.concatenate([np.arange(len(b)) for b in boxes]).astype(np.int64)
+    cluster = np.array([index.get(lab, -1) for labs in labels for lab in labs], dtype=np.int64)
+    assignment = RegionAssignment(list(ds.image_ids), region_image, region_index,
+                                  np.concatenate(boxes).astype(np.float32), cluster, cluster >= 0)
+    feats = [Feature(rank=k + 1, cluster_id=k, score=0.0, influence=None, attribute=cls, called=True,
+                     extra={"oracle": name}) for k, (name, cls) in enumerate(built.features)]
+    return replace(findings, features=feats), assignment
 
 
 def audited_row(built: BuiltSetting, seed: int) -> dict:
@@ -247,7 +282,7 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
     results = out / "results.jsonl"
     rows = _read_rows(results)
     runs = list(dict.fromkeys(r for p in plans for r in PLANS[p]))
-    selections = sorted({r.features or "called" for r in runs})
+    selections = sorted({r.features or "called" for r in runs} - {ORACLE})
 
     def done(seed: int, key: str) -> bool:
         return any(r["seed"] == seed and r["run"] == key for r in rows)

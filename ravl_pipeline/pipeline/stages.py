@@ -189,7 +189,7 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
 def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: str | None = None,
           split: str | None = None, findings: Findings | None = None, findings_path=None,
           audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = "called",
-          attribute_text: Sequence[str] | None = None, cache_dir=None, extra_meta: dict | None = None,
+          attribute_text: Sequence[str] | None = None, assignment=None, cache_dir=None, extra_meta: dict | None = None,
           record_indices: bool = False, inspect=None, progress: bool = False) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
     ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
@@ -198,7 +198,10 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     training image with the ``audited_model`` whose medoids the findings
     hold (default: the findings' ``model``; SPEC §3.1). Methods that need
     the spurious attribute in words (Spurious-Aware) read ``attribute_text``,
-    else the top model-derived name of each chosen finding. Under ``torchrun``
+    else the top model-derived name of each chosen finding. ``assignment``
+    (a :class:`mitigate.assign.RegionAssignment` of ``train_dir``) replaces
+    the assignment by the audited model, e.g. the ground truth in a
+    benchmark. Under ``torchrun``
     the loop is data-parallel and rank 0 alone writes (``record_indices``
     keeps which samples each process saw, in the history; ``inspect`` is
     :func:`mitigate.train.finetune`'s diagnostics hook, one process only). The checkpoint's
@@ -238,7 +241,8 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     spurious = None
     if method.needs_findings:
         cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "spurious-regions-cache"
-        assignment = cached_assignment(audited, ds, findings, cache, features, progress)
+        if assignment is None:
+            assignment = cached_assignment(audited, ds, findings, cache, features, progress)
         cluster_class = {f.cluster_id: data.classes.index(f.attribute) for f in chosen
                          if data.classes and f.attribute in data.classes}
         attach_region_extras(data, base, ds, assignment, cluster_class)

@@ -211,3 +211,19 @@ def test_bench_runs_and_resumes(tiny_setting, tmp_path, monkeypatch, capsys):
     assert again == summary
     with pytest.raises(ValueError, match="unknown setting 'nope'"):
         mitigation.run_mitigation_bench("nope", [0], ["main"], tmp_path)
+
+
+def test_oracle_assignment_is_the_ground_truth(tiny_finetune_set):
+    from ravl_pipeline.core.findings import Findings
+    from ravl_pipeline.mitigate.assign import select_features
+
+    ds = tiny_finetune_set
+    built = mitigation.BuiltSetting("p", "a", ds.root, ds.root, TrainConfig(), [("red square", "nine")])
+    findings = Findings(model="a", dataset="d", classes=["one", "nine"], k=3, silhouette=None, features=[],
+                        proposer="quadrants")
+    oracle_findings, a = mitigation.oracle(built, findings)
+    truth = np.array([lab == "red square" for labs in ds.region_labels for lab in labs])
+    assert a.spurious.tolist() == truth.tolist() and a.cluster[truth].tolist() == [0] * int(truth.sum())
+    assert a.image_ids == list(ds.image_ids) and len(a.boxes) == 4 * len(ds)
+    chosen = select_features(oracle_findings, "all")
+    assert [(f.cluster_id, f.attribute) for f in chosen] == [(0, "nine")]
