@@ -34,6 +34,7 @@ MASK_FILLS = ("mean", "black", "blur")
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a count
+DEFAULT_FEATURE_SELECTION = "called"  # what Stage 2 mitigates unless told (BENCHMARKS.md §Mitigation)
 REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
 
 

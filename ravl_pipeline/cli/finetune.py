@@ -3,6 +3,7 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 --nproc-per-node N`` the run is data-parallel (DDP) and rank 0 alone writes."""
 from __future__ import annotations
 
+from ..config import DEFAULT_FEATURE_SELECTION
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
@@ -20,10 +21,12 @@ def register(sub) -> None:
         p.add_argument("--findings", default=None, help="findings.json (methods that need groups/spurious regions)")
         p.add_argument("--audited-model", default=None,
                        help="the audited model the findings came from (default: the findings' 'model')")
-        p.add_argument("--features", default="called",
+        p.add_argument("--features", default=DEFAULT_FEATURE_SELECTION,
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
-                            "significant (every called one) | all (every kept cluster) | top1 | K")
+                            "significant (every called one) | all (every kept cluster) | top1 (the first called one) | "
+                            "rank1 (the top-ranked kept cluster, as the reference code) | K "
+                            f"(default: {DEFAULT_FEATURE_SELECTION})")
         p.add_argument("--attribute-text", action="append", default=None, metavar="TEXT",
                        help="the spurious attribute in words, for --method spurious-aware (repeatable; default: "
                             "the top model-derived name of each chosen finding)")

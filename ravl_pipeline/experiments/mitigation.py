@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..config import DiscoveryConfig, RegionsConfig, TrainConfig
+from ..config import DEFAULT_FEATURE_SELECTION, DiscoveryConfig, RegionsConfig, TrainConfig
 from ..core.embed import preprocess_images
 from ..core.evidence.stats import paired_difference_ci
 from ..core.findings import Feature, Findings, read_findings, write_findings
@@ -180,7 +180,7 @@ def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: i
     cfg = replace(built.finetune, method=run.method, seed=seed,
                   **{k: v for k, v in (("lam", run.lam), ("batch_size", run.batch_size),
                                        ("region_loss", run.region_loss)) if v is not None})
-    selection = run.features or "called"
+    selection = run.features or DEFAULT_FEATURE_SELECTION
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
     assignment = None
     if selection == ORACLE:
@@ -282,7 +282,7 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
     results = out / "results.jsonl"
     rows = _read_rows(results)
     runs = list(dict.fromkeys(r for p in plans for r in PLANS[p]))
-    selections = sorted({r.features or "called" for r in runs} - {ORACLE})
+    selections = sorted({r.features or DEFAULT_FEATURE_SELECTION for r in runs} - {ORACLE})
 
     def done(seed: int, key: str) -> bool:
         return any(r["seed"] == seed and r["run"] == key for r in rows)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..config import FEATURE_SELECTIONS, RegionsConfig
+from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, RegionsConfig
 from ..core.cluster import assign_to_medoids
 from ..core.embed import Embeddings, embed_dataset
 from ..core.findings import Feature, Findings
@@ -37,7 +37,7 @@ __all__ = ["select_features", "medoid_embeddings", "RegionAssignment", "assign_s
            "cached_assignment", "group_ids"]
 
 
-def select_features(findings: Findings, which: str | int = "called") -> list[Feature]:
+def select_features(findings: Findings, which: str | int = DEFAULT_FEATURE_SELECTION) -> list[Feature]:
     """The discovered features whose clusters count as spurious (SPEC §3.1, §3.7).
 
     ``called`` (default): the features Stage 1 calls spurious — those called
@@ -156,7 +156,8 @@ class RegionAssignment:
         )
 
 
-def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings, features: str | int = "called",
+def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings,
+                            features: str | int = DEFAULT_FEATURE_SELECTION,
                             embeddings: Embeddings | None = None, batch_size: int = 64,
                             progress: bool = False) -> RegionAssignment:
     """Embed every region of ``ds`` with the frozen audited model and mark
@@ -183,7 +184,7 @@ def model_fingerprint(spec: str) -> str:
 
 
 def cached_assignment(audited: LoadedModel, ds, findings: Findings, cache_dir: str | os.PathLike,
-                      features: str | int = "called", progress: bool = False) -> RegionAssignment:
+                      features: str | int = DEFAULT_FEATURE_SELECTION, progress: bool = False) -> RegionAssignment:
     """:func:`assign_spurious_regions`, read from ``cache_dir`` when the same
     model weights, manifest rows and findings were assigned before."""
     key = json_sha256({

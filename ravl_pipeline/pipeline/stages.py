@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch.distributed as torch_dist
 
-from ..config import (DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig, RegionsConfig,
+from ..config import (DEFAULT_FEATURE_SELECTION, DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig, RegionsConfig,
                      ScoresConfig, TrainConfig)
 from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
@@ -188,7 +188,7 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
 
 def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: str | None = None,
           split: str | None = None, findings: Findings | None = None, findings_path=None,
-          audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = "called",
+          audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = DEFAULT_FEATURE_SELECTION,
           attribute_text: Sequence[str] | None = None, assignment=None, cache_dir=None, extra_meta: dict | None = None,
           record_indices: bool = False, inspect=None, progress: bool = False) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
