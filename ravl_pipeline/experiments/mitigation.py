@@ -86,10 +86,21 @@ class Run:
                                            ("features", self.features), ("loss", self.region_loss)) if v is not None]
         return self.method + (f"[{','.join(changes)}]" if changes else "")
 
+    @classmethod
+    def from_key(cls, key: str) -> "Run":
+        method, _, rest = key.partition("[")
+        fields = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(",") if kv)
+        return cls(method, lam=float(fields["lam"]) if "lam" in fields else None,
+                   batch_size=int(fields["batch"]) if "batch" in fields else None,
+                   features=fields.get("features"), region_loss=fields.get("loss"))
+
     @property
-    def label(self) -> str:
-        base = NAMES.get(self.method, self.method)
-        return base if self.key == self.method else f"{base} {self.key[len(self.method):]}"
+    def ablation(self) -> "Run | None":
+        """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with the
+        same batch size and feature selection; ``None`` for other methods."""
+        if self.method != REFERENCE:
+            return None
+        return Run("upsampled", batch_size=self.batch_size, features=self.features)
 
 
 PLANS: dict[str, list[Run]] = {
@@ -326,9 +337,10 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
 # --------------------------------------------------------------------------- tables
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Mean ± sd per run and metric over seeds, and the paired difference
+    """Mean ± sd per run and metric over seeds; the paired difference
     ``RaVL − run`` per metric with its bootstrap interval over the seeds
-    both have."""
+    both have; and for every RaVL run the paired difference to its own
+    ablation (:attr:`Run.ablation`, ``run − ablation``)."""
     trained = [r for r in rows if "metrics" in r]
     by_run: dict[str, dict[int, dict]] = {}
     for r in trained:
@@ -345,6 +357,14 @@ def summarise(rows: Sequence[dict]) -> dict:
             if key != REFERENCE and common:
                 entry[m]["ravl_minus"] = paired_difference_ci([ref[s][m] for s in common],
                                                               [per_seed[s][m] for s in common])
+        ablation = Run.from_key(key).ablation
+        if ablation is not None and ablation.key in by_run:
+            partner = by_run[ablation.key]
+            common = sorted(set(partner) & set(per_seed))
+            entry["ablation"] = ablation.key
+            for m in METRICS:
+                entry[m]["minus_ablation"] = paired_difference_ci([per_seed[s][m] for s in common],
+                                                                  [partner[s][m] for s in common])
         out["runs"][key] = entry
     out["skipped"] = [{"run": r["run"], "seed": r["seed"], "why": r["skipped"]} for r in rows if "skipped" in r]
     out["assignment"] = [{"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
@@ -394,14 +414,24 @@ def summary_markdown(summary: dict, setting: str) -> str:
             continue
         n = e[METRICS[0]]["ravl_minus"]["n"]
         lines.append(f"| {k} | {n} | " + " | ".join(_diff(e[m].get("ravl_minus")) for m in METRICS) + " |")
+    ablated = [k for k in keys if "ablation" in runs[k]]
+    if ablated:
+        lines += ["", "RaVL runs against their ablation (Upsampled FT, λ = 1, same batch and selection), run − "
+                  "ablation, percentage points, mean [bootstrap 95% CI]:", "",
+                  "| run | ablation | n | image overall | image worst-group | region overall | region worst-group |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in ablated:
+            e = runs[k]
+            lines.append(f"| {k} | {e['ablation']} | {e[METRICS[0]]['minus_ablation']['n']} | " + " | ".join(
+                _diff(e[m].get("minus_ablation")) for m in METRICS) + " |")
     if summary["assignment"]:
         lines += ["", "Spurious-region assignment on the fine-tuning set vs ground truth:", "",
                   "| seed | selection | region precision | region recall | image precision | image recall | "
-                  "flagged labels |", "|---|---|---|---|---|---|---|"]
+                  "flagged labels (most common) |", "|---|---|---|---|---|---|---|"]
         for a in summary["assignment"]:
             lines.append(f"| {a['seed']} | {a['selection']} | " + " | ".join(
                 _pct(a.get(k)) for k in ("region_precision", "region_recall", "image_precision", "image_recall"))
-                + f" | {a.get('flagged_labels')} |")
+                + " | " + ", ".join(f"{k} {v}" for k, v in list((a.get("flagged_labels") or {}).items())[:4]) + " |")
     for s in summary["skipped"]:
         lines.append(f"- skipped: {s['run']} on seed {s['seed']}: {s['why']}")
     return "\n".join(lines) + "\n"
