@@ -176,6 +176,26 @@ def test_run_keys_and_plans():
                                                              "spurious-aware", "ravl"}
     assert {r.lam for r in mitigation.PLANS["lambda"]} == {0.5, 0.7, 0.9}
     assert {r.batch_size for r in mitigation.PLANS["batch"]} == {32, 256}
+    for key in keys:
+        assert mitigation.Run.from_key(key).key == key
+    run = mitigation.Run.from_key("ravl[lam=0.5,batch=32,features=all,loss=correlated]")
+    assert run == mitigation.Run("ravl", lam=0.5, batch_size=32, features="all", region_loss="correlated")
+    assert run.ablation == mitigation.Run("upsampled", batch_size=32, features="all")
+    assert mitigation.Run("vl-gdro").ablation is None
+
+
+def test_each_ravl_run_is_paired_with_its_ablation():
+    rows = [{"run": run, "seed": seed, "metrics": {"image_overall": v, "image_worst_group": v,
+                                                   "region_overall": v, "region_worst_group": v}}
+            for seed in (0, 1) for run, v in (("ravl[batch=32]", 0.5 + seed / 10), ("upsampled[batch=32]", 0.4),
+                                              ("upsampled", 0.9))]
+    s = mitigation.summarise(rows)
+    e = s["runs"]["ravl[batch=32]"]
+    assert e["ablation"] == "upsampled[batch=32]"
+    assert e["image_worst_group"]["minus_ablation"]["mean"] == pytest.approx(0.15)  # +0.1 and +0.2
+    assert e["image_worst_group"]["minus_ablation"]["ci"] == pytest.approx([0.1, 0.2])
+    assert "ablation" not in s["runs"]["upsampled"]
+    assert "| ravl[batch=32] | upsampled[batch=32] | 2 | +15.0 [+10.0, +20.0]" in mitigation.summary_markdown(s, "x")
 
 
 @pytest.mark.slow
