@@ -47,7 +47,9 @@ MASK_FILLS = ("mean", "black", "blur", "border", "local")  # how the masking che
 MASK_FILL_CHOICES = ("auto",) + MASK_FILLS  # auto: the fill that disturbs a random-region control least
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
-FEATURE_SELECTIONS = ("called", "significant", "all", "top1")  # or a count
+FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a count
+DEFAULT_FEATURE_SELECTION = "called"  # what Stage 2 mitigates unless told (BENCHMARKS.md §Mitigation)
+REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
 
 
 # --------------------------------------------------------------------------- user errors
@@ -240,8 +242,10 @@ class DiscoveryConfig:
 class MitigationConfig:
     """Stage 2 (SPEC §3). ``None``: as in the audited model's own fine-tuning."""
 
-    method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | standard")
+    method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | spurious-aware | standard")
     lam: float | None = _f(0.8, "λ of the region-aware loss (SPEC §3.3)", UNIT)
+    region_loss: str | None = _f("spec", "form of the region-aware loss: spec (SPEC §3.3: spurious regions pushed "
+                                         "from every class text) | correlated (from their feature's class only)")
     epochs: float | None = _f(None, "epochs (default: the audited model's fine-tuning)", POSITIVE)
     lr: float | None = _f(None, "learning rate (default: the audited model's fine-tuning)", POSITIVE)
     batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)", COUNT)
@@ -270,6 +274,7 @@ class TrainConfig:
     caption_template: str = _f(DEFAULT_TEMPLATE, "caption for rows without one, {} = label")
     lam: float = _f(MitigationConfig.lam, "λ of the region-aware loss (SPEC §3.3)", UNIT)
     tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", POSITIVE)
+    region_loss: str = _f(MitigationConfig.region_loss, "form of the region-aware loss: spec | correlated")
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
 
     def __post_init__(self) -> None:
@@ -379,6 +384,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     need(isinstance(disc.evidence, bool), "discovery.evidence", "true or false", disc.evidence)
     need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
          disc.mask_fill)
+    need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",
+         f"one of {', '.join(REGION_LOSS_FORMS)}", params.mitigation.region_loss)
     for i, template in enumerate(params.scores.templates or []):
         problem = template_problem(template)
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)

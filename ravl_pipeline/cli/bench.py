@@ -1,13 +1,17 @@
 """``ravl bench``: the discovery benchmark over a grid of synthetic settings,
-and the permutation test's calibration."""
+the mitigation benchmark (Stage 2 against its baselines over seeds), and the
+permutation test's calibration."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import COUNT, EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, flag_type, option
 from ..experiments.bench import GRIDS, run_bench, significance_calibration
 from .errors import check_output_dir
+from ..experiments.mitigation import PLANS, SETTINGS, run_mitigation_bench
 
 
 def register(sub) -> None:
@@ -30,6 +34,21 @@ def register(sub) -> None:
     b.add_argument("--match", default=None, metavar="TEXT",
                    help="run only the settings whose name contains TEXT (e.g. red-square)")
     b.set_defaults(func=run_discovery)
+    b = bench.add_parser("mitigation", help="Stage 2 vs its baselines over seeds, with paired intervals (SPEC §3-4)")
+    b.add_argument("--setting", default="default", choices=list(SETTINGS),
+                   help="default (ravl-tiny-rn) | default-clip (the same setting, CLIP's standard "
+                        "normalisation)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
+                   help="main (every method) | lambda | batch | features (see the module docstring)")
+    b.add_argument("--out", default="runs/bench-mitigation",
+                   help="output folder; each setting in its own subfolder (resumes a partial run)")
+    b.add_argument("--trace-seeds", type=int, nargs="*", default=[0],
+                   help="seeds whose RaVL and Upsampled FT runs record the loss-term diagnostics")
+    b.add_argument("--mode", choices=list(EMBEDDING_MODES), **option(RegionsConfig, "mode"))
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    b.add_argument("--keep-models", action="store_true", help="keep every trained checkpoint (13 MB each)")
+    b.set_defaults(func=run_mitigation)
     b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
     b.add_argument("--tests", type=flag_type(COUNT), default=1000)
     b.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))
@@ -43,6 +62,15 @@ def run_discovery(args) -> int:
                         mask_fill=args.mask_fill)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 0 if summary["n_settings"] else 1
+
+
+def run_mitigation(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_mitigation_bench(args.setting, args.seeds, args.plans, args.out, trace_seeds=args.trace_seeds,
+                                   mode=args.mode, keep_models=args.keep_models)
+    print((Path(args.out) / args.setting / "summary.md").read_text(), end="")
+    return 0 if summary["runs"] else 1
 
 
 def run_significance(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import InputError, TrainConfig, option
+from ..config import REGION_LOSS_FORMS, InputError, TrainConfig, option
 from ..core.findings import Findings
 from ..core.regions import ProposerError, parse_proposer
 from ..core.scores import check_templates
@@ -69,6 +69,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", **option(TrainConfig, "lr"))
     p.add_argument("--lam", **option(TrainConfig, "lam"))
     p.add_argument("--tau", **option(TrainConfig, "tau"))
+    p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **option(TrainConfig, "region_loss"))
     p.add_argument("--seed", **option(TrainConfig, "seed"))
     p.add_argument("--lock-text", action="store_true", help=option(TrainConfig, "lock_text")["help"])
     p.add_argument("--caption-template", default=None,
@@ -80,7 +81,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def train_config(args, caption_template: str) -> TrainConfig:
     return TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, lock_text=args.lock_text, caption_template=caption_template,
-                       lam=args.lam, tau=args.tau, max_steps=args.max_steps)
+                       lam=args.lam, tau=args.tau, region_loss=args.region_loss, max_steps=args.max_steps)
 
 
 def print_findings(findings: Findings, path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import FEATURE_SELECTIONS, check_template
+from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, check_template
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
@@ -28,10 +28,15 @@ def register(sub) -> None:
                             "'pretrained')")
         p.add_argument("--audited-pretrained", default=None,
                        help="open_clip pretrained tag or weights file of --audited-model")
-        p.add_argument("--features", default="called", type=features_flag,
+        p.add_argument("--features", default=DEFAULT_FEATURE_SELECTION, type=features_flag,
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
-                            "significant (every called one) | all (every kept cluster) | top1 | K")
+                            "significant (every called one) | all (every kept cluster) | top1 (the first called one) | "
+                            "rank1 (the top-ranked kept cluster, as the reference code) | K "
+                            f"(default: {DEFAULT_FEATURE_SELECTION})")
+        p.add_argument("--attribute-text", action="append", default=None, metavar="TEXT",
+                       help="the spurious attribute in words, for --method spurious-aware (repeatable; default: "
+                            "the top model-derived name of each chosen finding)")
         p.add_argument("--cache-dir", default=None,
                        help="cache the spurious-region assignment in this folder, for runs on the same data and "
                             "findings (default: no cache)")
@@ -63,8 +68,9 @@ def run(args) -> int:
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
-                           audited_pretrained=args.audited_pretrained,
-                           features=args.features, cache_dir=args.cache_dir, record_indices=args.record_indices,
+                           audited_pretrained=args.audited_pretrained, features=args.features,
+                           attribute_text=args.attribute_text, cache_dir=args.cache_dir,
+                           record_indices=args.record_indices,
                            progress=not (args.quiet or not world.is_main))
     if world.is_main:
         if args.history:

@@ -195,7 +195,7 @@ class SynthConfig(PlantedFeatures):
     n_pretrain: int = 4000
     n_finetune: int = 2000
     n_val: int = 500
-    n_test: int = 500
+    n_test: int = 2000
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..config import FEATURE_SELECTIONS, RegionsConfig
+from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, RegionsConfig
 from ..core.cluster import assign_to_medoids
 from ..core.embed import Embeddings, embed_dataset
 from ..core.findings import Feature, Findings
@@ -37,7 +37,7 @@ __all__ = ["select_features", "check_stage2_findings", "medoid_embeddings", "Reg
            "cached_assignment", "group_ids"]
 
 
-def select_features(findings: Findings, which: str | int = "called") -> list[Feature]:
+def select_features(findings: Findings, which: str | int = DEFAULT_FEATURE_SELECTION) -> list[Feature]:
     """The discovered features whose clusters count as spurious (SPEC §3.1, §3.7).
 
     ``called`` (default): the features Stage 1 calls spurious — those called
@@ -47,7 +47,8 @@ def select_features(findings: Findings, which: str | int = "called") -> list[Fea
     so there is nothing in them to unlearn), i.e. :attr:`Feature.actionable`;
     ``significant``: every called feature, supported or not; ``top1`` / an
     integer ``k``: the first / first ``k`` of the ``called`` ones; ``all``:
-    every kept cluster (SPEC §3.1).
+    every kept cluster (SPEC §3.1); ``rank1``: the top-ranked kept cluster
+    whatever its evidence, which is what the reference code mitigates.
     """
     feats = sorted(findings.features, key=lambda f: f.rank)
     where = f"findings for dataset {findings.dataset!r}"
@@ -56,6 +57,8 @@ def select_features(findings: Findings, which: str | int = "called") -> list[Fea
                               "train with --method standard or vl-erm")
     if which == "all":
         return feats
+    if which == "rank1":
+        return feats[:1]
     if findings.has_significance:
         feats = [f for f in feats if f.called]
         if not feats:
@@ -180,7 +183,8 @@ class RegionAssignment:
         )
 
 
-def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings, features: str | int = "called",
+def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings,
+                            features: str | int = DEFAULT_FEATURE_SELECTION,
                             embeddings: Embeddings | None = None, batch_size: int = 64,
                             progress: bool = False) -> RegionAssignment:
     """Embed every region of ``ds`` with the frozen audited model and mark
@@ -210,7 +214,7 @@ def model_fingerprint(spec: str, pretrained: str | None = None) -> str:
 
 
 def cached_assignment(audited: LoadedModel, ds, findings: Findings, cache_dir: str | os.PathLike,
-                      features: str | int = "called", progress: bool = False) -> RegionAssignment:
+                      features: str | int = DEFAULT_FEATURE_SELECTION, progress: bool = False) -> RegionAssignment:
     """:func:`assign_spurious_regions`, read from ``cache_dir`` when the same
     model weights, manifest rows and findings were assigned before."""
     key = json_sha256({

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_TAU
+from ..config import DEFAULT_TAU, REGION_LOSS_FORMS
 
-__all__ = ["clip_loss", "region_aware_loss", "group_dro_step", "class_prompt_logits"]
+__all__ = ["clip_loss", "region_aware_loss", "REGION_LOSS_FORMS", "spurious_aware_terms", "group_dro_step",
+           "class_prompt_logits"]
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -21,7 +22,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def region_aware_loss(region_feats: torch.Tensor, region_image: torch.Tensor, spurious: torch.Tensor,
-                      labels: torch.Tensor, text_feats: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
+                      labels: torch.Tensor, text_feats: torch.Tensor, tau: float = DEFAULT_TAU, *,
+                      form: str = "spec", spurious_class: torch.Tensor | None = None,
+                      parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``L_R + L_A`` of SPEC §3.3, averaged over images with a relevant region.
 
     ``region_feats`` [M, D] (any norm) of the batch's regions, ``region_image``
@@ -29,7 +32,21 @@ def region_aware_loss(region_feats: torch.Tensor, region_image: torch.Tensor, sp
     indices into ``text_feats`` [C, D]. Everything stays in log space:
     ``log σ(R, y)`` is a max of ``cos/τ``, and each ``−log(a / Σ)`` is
     ``logsumexp(terms) − log a``.
+
+    ``form="spec"`` is SPEC §3.3: every spurious region of the batch enters
+    the denominator of L_R through its best-matching batch class
+    (``max_y s(r, y)``) and the denominator of L_A of every image
+    (``s(r, y_i)``), so spurious regions are pushed away from every class
+    text and every class text away from them. ``form="correlated"`` pushes a
+    spurious region away from the text of its feature's correlated class only
+    (``spurious_class`` [M], class index per region, −1 where not spurious):
+    ``s(r, c(r))`` in L_R, and in L_A only for the images of that class.
+    ``parts=True`` returns ``(L_R, L_A)`` (each averaged the same way).
     """
+    if form not in REGION_LOSS_FORMS:
+        raise ValueError(f"region loss form must be one of {', '.join(REGION_LOSS_FORMS)}, got {form!r}")
+    if form == "correlated" and spurious_class is None:
+        raise ValueError("region loss form 'correlated' needs the correlated class of every spurious region")
     f = F.normalize(region_feats, dim=-1)
     g = F.normalize(text_feats, dim=-1)
     batch_labels, lab_pos = torch.unique(labels, return_inverse=True)  # Y_B and y_i's column in it
@@ -40,22 +57,28 @@ def region_aware_loss(region_feats: torch.Tensor, region_image: torch.Tensor, sp
     has_relevant = torch.zeros(n_images, dtype=torch.bool, device=logits.device)
     has_relevant[region_image[~spurious]] = True
     if not has_relevant.any():
-        return region_feats.sum() * 0.0
+        zero = region_feats.sum() * 0.0
+        return (zero, zero) if parts else zero
     own = log_sigma.gather(1, lab_pos[:, None]).squeeze(1)  # log σ(R^r_i, y_i)
-    spur = logits[spurious]  # [S, |Y_B|]
-
-    # L_R: Σ_y σ(R^r_i, y) + Σ_{r∈R^s_B} max_y s(r, y)
-    spur_max = spur.max(dim=1).values if len(spur) else logits.new_zeros(0)
-    terms_r = torch.cat([log_sigma, spur_max[None, :].expand(n_images, -1)], dim=1)
-    loss_r = torch.logsumexp(terms_r, dim=1) - own
-
-    # L_A: σ(R^r_i, y_i) + Σ_{j: y_j≠y_i} σ(R^r_j, y_i) + Σ_{r∈R^s_B} s(r, y_i)
     others = log_sigma[:, lab_pos].T  # [i, j] = log σ(R^r_j, y_i)
     others = others.masked_fill(labels[None, :] == labels[:, None], neg_inf)
-    spur_own = spur[:, lab_pos].T  # [i, r] = log s(r, y_i)
-    terms_a = torch.cat([own[:, None], others, spur_own], dim=1)
-    loss_a = torch.logsumexp(terms_a, dim=1) - own
 
+    if form == "spec":
+        spur = logits[spurious]  # [S, |Y_B|]
+        # L_R: Σ_y σ(R^r_i, y) + Σ_{r∈R^s_B} max_y s(r, y)
+        spur_r = spur.max(dim=1).values if len(spur) else logits.new_zeros(0)
+        spur_r = spur_r[None, :].expand(n_images, -1)
+        # L_A: … + Σ_{r∈R^s_B} s(r, y_i)
+        spur_a = spur[:, lab_pos].T  # [i, r] = log s(r, y_i)
+    else:
+        cls = spurious_class[spurious]
+        own_text = (f[spurious] * g[cls]).sum(-1) / tau  # log s(r, c(r))
+        spur_r = own_text[None, :].expand(n_images, -1)
+        spur_a = own_text[None, :].masked_fill(labels[:, None] != cls[None, :], neg_inf)
+    loss_r = torch.logsumexp(torch.cat([log_sigma, spur_r], dim=1), dim=1) - own
+    loss_a = torch.logsumexp(torch.cat([own[:, None], others, spur_a], dim=1), dim=1) - own
+    if parts:
+        return loss_r[has_relevant].mean(), loss_a[has_relevant].mean()
     return (loss_r + loss_a)[has_relevant].mean()
 
 
@@ -73,6 +96,47 @@ def _log_sigma_relevant(logits: torch.Tensor, region_image: torch.Tensor, spurio
     dense = logits.new_full((n_images, max(width, 1), logits.shape[1]), neg_inf)
     dense = dense.index_put((region_image, slot), masked)
     return dense.max(dim=1).values
+
+
+def spurious_aware_terms(image_feats: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+                         attribute_text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The in-modal and cross-modal terms of Spurious-Aware fine-tuning (Yang
+    et al., ICML 2023), on cosines (``labels`` index ``class_text`` [C, D];
+    ``attribute_text`` [S, D] names the spurious attributes):
+
+    * ``image``: minus the mean cosine over pairs of distinct images of one
+      class plus the mean cosine over pairs of images of different classes;
+    * ``text``: the mean cosine between the texts of different classes;
+    * ``class``: minus the mean cosine of images to their class text plus
+      the mean cosine of images to the other class texts;
+    * ``spurious_image``: mean ``|cos(image, attribute)|``;
+    * ``spurious_text``: mean ``|cos(class text of the batch, attribute)|``.
+
+    Means are over the pairs that exist (an image alone in its class has no
+    positive pair); each term is 0 where it has no pair at all.
+    """
+    f = F.normalize(image_feats, dim=-1)
+    t = F.normalize(class_text, dim=-1)
+    a = F.normalize(attribute_text, dim=-1)
+    n, c = len(f), len(t)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=f.device)
+    sim = f @ f.T
+    zero = f.sum() * 0.0
+    image = -_masked_mean(sim, same & ~eye, zero) + _masked_mean(sim, ~same, zero)
+    tt = t @ t.T
+    text = _masked_mean(tt, ~torch.eye(c, dtype=torch.bool, device=t.device), zero)
+    ft = f @ t.T  # [n, C]
+    own = F.one_hot(labels, c).bool()
+    cls = -ft[own].mean() + (_masked_mean(ft, ~own, zero) if c > 1 else zero)
+    spurious_image = (f @ a.T).abs().mean()
+    spurious_text = (t[torch.unique(labels)] @ a.T).abs().mean()
+    return {"image": image, "text": text, "class": cls, "spurious_image": spurious_image,
+            "spurious_text": spurious_text}
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    return values[mask].mean() if mask.any() else empty
 
 
 def class_prompt_logits(model, pixels: torch.Tensor, class_text: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,11 @@ data order, seed, steps and batch size (SPEC §3.4, §3.6):
   (SPEC §3.3) over region embeddings of the model being trained;
 * ``vl-erm`` — cross-entropy of image-vs-class-prompt logits;
 * ``vl-gdro`` — online group DRO over the same groups on that cross-entropy
-  (uniform sampling; the group weights do the reweighting).
+  (uniform sampling; the group weights do the reweighting);
+* ``spurious-aware`` — Yang et al. (ICML 2023): the CLIP loss plus in-modal
+  and cross-modal terms that pull images to their class text and push images
+  and class texts away from the text of the spurious attribute
+  (:func:`losses.spurious_aware_terms`).
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ from ..core.embed import encode_image_and_regions, region_inputs
 from ..models import LoadedModel, visual_architecture
 from .assign import RegionAssignment, group_ids
 from .data import MitigationError, TrainData, TrainError
-from .losses import class_prompt_logits, clip_loss, group_dro_step, region_aware_loss
+from .losses import class_prompt_logits, clip_loss, group_dro_step, region_aware_loss, spurious_aware_terms
 
-__all__ = ["Method", "METHODS", "register_method", "get_method", "attach_region_extras", "attach_class_tokens"]
+__all__ = ["Method", "METHODS", "register_method", "get_method", "attach_region_extras", "attach_class_tokens",
+           "attach_attribute_tokens"]
 
 # Step size of the online group-DRO weights (Sagawa et al. use 0.01 over
 # thousands of steps; the synthetic budget is tens of steps, so the weights
@@ -57,6 +62,7 @@ class Method:
     prepare: Prepare | None = None  # prepare(data, cfg, state) before the first step
     distributed: bool = False  # its loss is defined over gathered features under torchrun
     region_pass: bool = False  # its loss embeds the regions of the model being trained
+    needs_attribute_text: bool = False  # the spurious attributes named in text (prompt tokens)
 
 
 METHODS: dict[str, Method] = {}
@@ -169,8 +175,10 @@ def standard_loss(model, batch: dict[str, torch.Tensor], data: TrainData, cfg: T
 
 @register_method("ravl", needs_findings=True, needs_labels=True, sampler=group_balanced_sampler, region_pass=True)
 def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict) -> torch.Tensor:
-    """``λ·L_CLIP + (1 − λ)·(L_R + L_A)`` (SPEC §3.3); one backbone pass gives
-    both the image and the region features."""
+    """``λ·L_CLIP + (1 − λ)·(L_R + L_A)`` (SPEC §3.3; ``cfg.region_loss``
+    picks the form, see :func:`losses.region_aware_loss`); one backbone pass
+    gives both the image and the region features. The weighted terms are
+    left in ``state["terms"]`` (with their graphs) for diagnostics."""
     idx = batch["index"].tolist()
     boxes = [_extra(data, "boxes", cfg.method)[i] for i in idx]
     views = [data.extras["views"][i] for i in idx] if "views" in data.extras else None
@@ -180,11 +188,17 @@ def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict
         image, regions = encode_image_and_regions(model, batch["pixels"], boxes, views=views)
     text = model.encode_text(batch["tokens"])
     l_clip = clip_loss(image, text, model.logit_scale.exp())
+    state["terms"] = {"clip": cfg.lam * l_clip}
     if cfg.lam >= 1.0:
         return l_clip
-    l_region = region_aware_loss(regions, region_image, spurious, _batch_labels(batch, cfg.method),
-                                 _class_text(model, data, cfg.method), cfg.tau)
-    return cfg.lam * l_clip + (1.0 - cfg.lam) * l_region
+    spurious_class = None
+    if cfg.region_loss == "correlated":
+        spurious_class = torch.cat([_extra(data, "spurious_class", cfg.method)[i] for i in idx])
+    l_r, l_a = region_aware_loss(regions, region_image, spurious, _batch_labels(batch, cfg.method),
+                                 _class_text(model, data, cfg.method), cfg.tau, form=cfg.region_loss,
+                                 spurious_class=spurious_class, parts=True)
+    state["terms"].update({"L_R": (1.0 - cfg.lam) * l_r, "L_A": (1.0 - cfg.lam) * l_a})
+    return cfg.lam * l_clip + (1.0 - cfg.lam) * (l_r + l_a)
 
 
 @register_method("upsampled", needs_findings=True, needs_labels=True, sampler=group_balanced_sampler)
@@ -208,14 +222,43 @@ def vl_gdro_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: d
     return loss
 
 
+@register_method("spurious-aware", needs_labels=True, needs_attribute_text=True)
+def spurious_aware_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict) -> torch.Tensor:
+    """Yang et al. (ICML 2023), "Mitigating Spurious Correlations in
+    Multi-modal Models during Fine-tuning", as implemented here:
+
+    ``L = L_CLIP + w·(L_img + L_txt + L_cls + L_spu,img + L_spu,txt)`` with
+    ``L_CLIP`` the contrastive loss of images and their captions (class
+    prompts); in-modal ``L_img`` (cosine of same-class images pulled up,
+    other-class images pushed down) and ``L_txt`` (class texts pushed apart);
+    cross-modal ``L_cls`` (an image's own class text pulled, the others
+    pushed); and the spurious-aware terms ``L_spu,img = mean |cos(image,
+    attribute text)|`` and ``L_spu,txt = mean |cos(class text, attribute
+    text)|``, which set the spurious attributes, named in language, apart
+    from the images and from the classes. ``w = 1`` for every term, uniform
+    sampling (the paper's method needs no group labels; the attribute
+    needs a name, ``data.extras["attribute_tokens"]``). The terms are left
+    in ``state["terms"]``."""
+    labels = _batch_labels(batch, cfg.method)
+    image = model.encode_image(batch["pixels"])
+    l_clip = clip_loss(image, model.encode_text(batch["tokens"]), model.logit_scale.exp())
+    terms = spurious_aware_terms(image, labels, _class_text(model, data, cfg.method),
+                                 model.encode_text(_extra(data, "attribute_tokens", cfg.method)))
+    state["terms"] = {"clip": l_clip, **terms}
+    return l_clip + sum(terms.values())
+
+
 # --------------------------------------------------------------------------- preparing the data
 
 def attach_region_extras(data: TrainData, lm: LoadedModel, ds, assignment: RegionAssignment,
-                         region_pass: bool = True) -> None:
+                         region_pass: bool = True, cluster_class: dict[int, int] | None = None) -> None:
     """Spurious flags and groups for the loop; with ``region_pass`` (a
     method that embeds regions), per-image region views and boxes in the
     view's pixels, as discovery reads them (:func:`embed.region_inputs`).
-    Images whose own input shows them whole have no view (None)."""
+    Images whose own input shows them whole have no view (None). With
+    ``cluster_class`` (spurious cluster id → its feature's correlated class
+    index) also the correlated class of every spurious region (−1
+    elsewhere), which the ``correlated`` form of the region loss reads."""
     if list(assignment.image_ids) != list(ds.image_ids):
         raise MitigationError(f"spurious-region assignment does not match the images of {ds.root}")
     views, boxes = [], []
@@ -230,7 +273,18 @@ def attach_region_extras(data: TrainData, lm: LoadedModel, ds, assignment: Regio
     data.extras["spurious"] = [torch.from_numpy(np.asarray(s, dtype=bool))
                                for s in assignment.per_image(assignment.spurious)]
     data.extras["groups"] = group_ids(data.labels, assignment.image_has_feature())
+    if cluster_class is not None:
+        cls = np.array([cluster_class.get(int(c), -1) if s else -1
+                        for c, s in zip(assignment.cluster, assignment.spurious)], dtype=np.int64)
+        data.extras["spurious_class"] = [torch.from_numpy(c) for c in assignment.per_image(cls)]
 
 
 def attach_class_tokens(data: TrainData, lm: LoadedModel, template: str) -> None:
     data.extras["class_tokens"] = lm.tokenizer([template.format(c) for c in data.classes])
+
+
+def attach_attribute_tokens(data: TrainData, lm: LoadedModel, attributes: list[str]) -> None:
+    """The spurious attributes' texts (Spurious-Aware), tokenised as given."""
+    if not attributes:
+        raise MitigationError("no text names the spurious attribute: pass --attribute-text")
+    data.extras["attribute_tokens"] = lm.tokenizer(list(attributes))

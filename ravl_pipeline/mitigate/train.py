@@ -103,8 +103,14 @@ def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where
 
 
 def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool = True,
-             on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train ``lm.model`` in place with ``cfg.method``; return the history."""
+             on_step: Callable[[int, float], None] | None = None,
+             inspect: Callable[[int, torch.nn.Module, dict, dict, torch.Tensor], None] | None = None) -> dict[str, Any]:
+    """Train ``lm.model`` in place with ``cfg.method``; return the history.
+
+    ``inspect(step, model, batch, state, loss)`` runs after the loss of a
+    step and before its update (diagnostics: the loss still has its graph,
+    and a method may leave its weighted terms in ``state["terms"]``); it
+    must not change the model."""
     method = get_method(cfg.method)
     if len(data) < 2:
         raise TrainError("fine-tuning needs at least two images")
@@ -126,6 +132,8 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
         if data.labels is not None:
             batch["labels"] = data.labels[idx]
         loss = loss_fn(model, batch, data, cfg, state)
+        if inspect is not None:
+            inspect(step, model, batch, state, loss)
         losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (method {cfg.method})"))
         if on_step is not None:
             on_step(step, losses[-1])

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch.distributed as torch_dist
 
-from ..config import (DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig, RegionsConfig,
-                     ScoresConfig, TrainConfig, check_bounds)
+from ..config import (DEFAULT_FEATURE_SELECTION, DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig,
+                     RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
 from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
 from ..core.evidence import causal, names, stats
@@ -35,7 +35,7 @@ from ..models import LoadedModel, check_same_architecture, load_model, save_mode
 from ..mitigate import distributed
 from ..mitigate.assign import assign_spurious_regions, cached_assignment, check_stage2_findings, select_features
 from ..mitigate.data import MitigationError, build_train_data
-from ..mitigate.methods import attach_class_tokens, attach_region_extras, get_method
+from ..mitigate.methods import attach_attribute_tokens, attach_class_tokens, attach_region_extras, get_method
 from ..mitigate.train import finetune
 
 __all__ = ["Stage1Result", "classes_for", "templates_for", "embed", "score", "cluster", "find", "stage1",
@@ -193,9 +193,10 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
 
 def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: str | None = None,
           split: str | None = None, findings: Findings | None = None, findings_path=None,
-          audited_model: str | None = None, audited_pretrained: str | None = None, features: str | int = "called",
-          cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
-          progress: bool = False) -> dict:
+          audited_model: str | None = None, audited_pretrained: str | None = None,
+          features: str | int = DEFAULT_FEATURE_SELECTION, attribute_text: Sequence[str] | None = None,
+          assignment=None, cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
+          inspect=None, progress: bool = False) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
     ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
 
@@ -204,9 +205,14 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     hold (default: the findings' ``model``; SPEC §3.1); the findings are
     checked first (:func:`check_stage2_findings`, errors naming
     ``findings_path``), and the assignment is cached in ``cache_dir`` when
-    one is given. Under ``torchrun``
+    one is given. ``assignment`` (a :class:`mitigate.assign.RegionAssignment`
+    of ``train_dir``) replaces the assignment by the audited model, e.g. the
+    ground truth in a benchmark. Methods that need the spurious attribute in
+    words (Spurious-Aware) read ``attribute_text``, else the top
+    model-derived name of each chosen finding. Under ``torchrun``
     the loop is data-parallel and rank 0 alone writes (``record_indices``
-    keeps which samples each process saw, in the history). The checkpoint's
+    keeps which samples each process saw, in the history; ``inspect`` is
+    :func:`mitigate.train.finetune`'s diagnostics hook, one process only). The checkpoint's
     ``ravl_model.json`` records the configuration, the findings used
     (content and sha256) and the history. Returns the history.
     """
@@ -220,6 +226,12 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     if findings is not None:
         check_stage2_findings(findings, where)
     chosen = select_features(findings, features) if method.needs_findings else []
+    attributes = list(attribute_text or [])
+    if method.needs_attribute_text and not attributes and findings is not None:
+        attributes = _feature_names(select_features(findings, features))
+    if method.needs_attribute_text and not attributes:
+        raise MitigationError(f"method {method.name!r} needs the spurious attribute in words: pass attribute_text "
+                              "(--attribute-text) or findings whose features carry model-derived names")
     ds = load_dataset(train_dir, split=split, require_labels=method.needs_labels)
     classes = list(findings.classes) if findings is not None else (ds.classes() or None)
     if ds.labels is not None and classes:
@@ -238,11 +250,17 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     data = build_train_data(base, ds, cfg.caption_template, classes=classes, progress=progress)
     if method.needs_labels:
         attach_class_tokens(data, base, cfg.caption_template)
+    if method.needs_attribute_text:
+        attach_attribute_tokens(data, base, attributes)
     spurious = None
     if method.needs_findings:
-        assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress) if cache_dir is not None
-                      else assign_spurious_regions(audited, ds, findings, features, progress=progress))
-        attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass)
+        if assignment is None:
+            assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress)
+                          if cache_dir is not None
+                          else assign_spurious_regions(audited, ds, findings, features, progress=progress))
+        cluster_class = {f.cluster_id: data.classes.index(f.attribute) for f in chosen
+                         if data.classes and f.attribute in data.classes}
+        attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass, cluster_class=cluster_class)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
     if world.world_size > 1:
@@ -254,17 +272,24 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
     else:
-        history = finetune(base, data, cfg, progress=progress)
+        history = finetune(base, data, cfg, progress=progress, inspect=inspect)
     if world.is_main:
         meta = {"base_model": base_model, "pretrained": pretrained, "train_data": str(Path(train_dir).resolve()),
                 "split": split, "method": cfg.method, "train": cfg.to_dict(), "world_size": world.world_size,
                 "audited_model": audited_model if method.needs_findings else None,
                 "findings": _findings_record(findings, findings_path, chosen, features) if findings else None,
                 "spurious_regions": spurious,
+                "attribute_text": attributes if method.needs_attribute_text else None,
                 "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")},
                 **(extra_meta or {})}
         save_model(base, out_dir, meta)
     return history
+
+
+def _feature_names(chosen) -> list[str]:
+    """The top model-derived name of each chosen finding (SPEC §5 ``names``)."""
+    terms = [((f.names or {}).get("terms") or [{}])[0].get("term") for f in chosen]
+    return list(dict.fromkeys(t for t in terms if t))
 
 
 def _check_labels(ds: Dataset, classes: Sequence[str], findings_where: str | None = None) -> None:

@@ -24,9 +24,11 @@ from ravl_pipeline.pipeline import stages
 
 # --------------------------------------------------------------------------- direct formulas
 
-def direct_loss(f, region_image, spurious, labels, g, tau):
+def direct_loss(f, region_image, spurious, labels, g, tau, spurious_class=None):
     """SPEC §3.3 written out with raw exponentials (safe for the small
-    logits used here), loops and no vectorisation."""
+    logits used here), loops and no vectorisation. With ``spurious_class``
+    (the ``correlated`` form) a spurious region enters L_R through
+    ``s(r, c(r))`` and L_A only for images of its class ``c(r)``."""
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     s = lambda r, y: math.exp(float(f[r] @ g[y]) / tau)  # noqa: E731
@@ -41,8 +43,14 @@ def direct_loss(f, region_image, spurious, labels, g, tau):
             continue
         yi = labels[i]
         num = sigma(i, yi)
-        den_r = sum(sigma(i, y) for y in Y_B) + sum(max(s(r, y) for y in Y_B) for r in spur)
-        den_a = num + sum(sigma(j, yi) for j in range(B) if labels[j] != yi) + sum(s(r, yi) for r in spur)
+        if spurious_class is None:
+            spur_r = sum(max(s(r, y) for y in Y_B) for r in spur)
+            spur_a = sum(s(r, yi) for r in spur)
+        else:
+            spur_r = sum(s(r, spurious_class[r]) for r in spur)
+            spur_a = sum(s(r, yi) for r in spur if spurious_class[r] == yi)
+        den_r = sum(sigma(i, y) for y in Y_B) + spur_r
+        den_a = num + sum(sigma(j, yi) for j in range(B) if labels[j] != yi) + spur_a
         total += -math.log(num / den_r) - math.log(num / den_a)
         count += 1
     return total / count
@@ -172,7 +180,7 @@ def test_select_features():
     with pytest.raises(MitigationError, match="name no spurious feature"):
         select_features(_findings())
     assert _ids(select_features(findings, "all")) == [3, 5]
-    with pytest.raises(MitigationError, match="one of called, significant, all, top1 or a count, got 'most'"):
+    with pytest.raises(MitigationError, match="one of called, significant, all, top1, rank1 or a count, got 'most'"):
         select_features(findings, "most")
     # with significance, only called features count unless 'all' is asked for
     called = _findings({"rank": 1, "cluster_id": 3, "called": False},
@@ -182,6 +190,7 @@ def test_select_features():
     assert _ids(select_features(called, "top1")) == [5]
     assert _ids(select_features(called, 1)) == [5]
     assert _ids(select_features(called, "all")) == [3, 5, 7]
+    assert _ids(select_features(called, "rank1")) == [3]  # the reference code's choice: rank 1, called or not
     none_called = _findings({"rank": 1, "cluster_id": 3, "called": False})
     with pytest.raises(MitigationError, match="called significant.*--features all"):
         select_features(none_called)
@@ -231,6 +240,7 @@ def tiny_batch(lm, n=4, classes=("zero", "one", "two")):
     data.extras["spurious"] = [torch.tensor([False, True, False, False]) for _ in range(n)]
     data.extras["groups"] = group_ids(labels, np.array([k % 2 == 0 for k in range(n)]))
     data.extras["class_tokens"] = lm.tokenizer([f"a {c}" for c in classes])
+    data.extras["attribute_tokens"] = lm.tokenizer(["a red square"])
     batch = {"index": torch.arange(n), "pixels": pixels, "tokens": tokens, "labels": labels}
     return data, batch
 
@@ -469,3 +479,85 @@ def test_region_pass_leaves_batchnorm_running_stats_to_images(views):
     momenta = {m.momentum for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert momenta == {0.1}  # restored after the step
 
+
+
+# --------------------------------------------------------------------------- the correlated form, Spurious-Aware
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_correlated_region_loss_matches_direct_formulas(tau):
+    f, region_image, spurious, labels, g = hand_batch()
+    spurious_class = np.where(spurious, [0, 0, 0, 0, 0, 1, 0], -1)  # region 2 ↔ class 0, region 5 ↔ class 1
+    tf = as_torch(f, region_image, spurious, labels, g)
+    got = region_aware_loss(*tf, tau=tau, form="correlated", spurious_class=torch.tensor(spurious_class)).item()
+    assert got == pytest.approx(direct_loss(f, region_image, spurious, labels, g, tau, spurious_class),
+                                rel=1e-10)
+    r, a = region_aware_loss(*tf, tau=tau, form="correlated", spurious_class=torch.tensor(spurious_class), parts=True)
+    assert (r + a).item() == pytest.approx(got, rel=1e-12)
+    # a spurious region of a class no image in the batch has leaves every L_A alone
+    other = np.where(spurious, 1, -1)
+    correlated_a = region_aware_loss(*tf, tau=tau, form="correlated", spurious_class=torch.tensor(other),
+                                     parts=True)[1]
+    spec_a = region_aware_loss(*tf, tau=tau, parts=True)[1]
+    assert correlated_a.item() < spec_a.item()  # SPEC's form pushes every text from them; this one none here
+
+
+def test_region_loss_parts_add_up_to_the_spec_loss():
+    batch = as_torch(*hand_batch())
+    r, a = region_aware_loss(*batch, tau=0.5, parts=True)
+    assert (r + a).item() == pytest.approx(region_aware_loss(*batch, tau=0.5).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="one of spec, correlated"):
+        region_aware_loss(*batch, form="nope")
+    with pytest.raises(ValueError, match="correlated class of every spurious region"):
+        region_aware_loss(*batch, form="correlated")
+
+
+def direct_spurious_aware(f, labels, t, a):
+    """Spurious-Aware's terms with loops over pairs (cosines of unit vectors)."""
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    f = [unit(v) for v in f]
+    t = [unit(v) for v in t]
+    a = [unit(v) for v in a]
+    cos = lambda u, v: float(u @ v)  # noqa: E731
+    n, c = len(f), len(t)
+    same = [cos(f[i], f[j]) for i in range(n) for j in range(n) if i != j and labels[i] == labels[j]]
+    diff = [cos(f[i], f[j]) for i in range(n) for j in range(n) if labels[i] != labels[j]]
+    text = [cos(t[y], t[z]) for y in range(c) for z in range(c) if y != z]
+    own = [cos(f[i], t[labels[i]]) for i in range(n)]
+    other = [cos(f[i], t[y]) for i in range(n) for y in range(c) if y != labels[i]]
+    present = sorted(set(labels))
+    return {"image": -np.mean(same) + np.mean(diff), "text": np.mean(text), "class": -np.mean(own) + np.mean(other),
+            "spurious_image": np.mean([abs(cos(f[i], a[s])) for i in range(n) for s in range(len(a))]),
+            "spurious_text": np.mean([abs(cos(t[y], a[s])) for y in present for s in range(len(a))])}
+
+
+def test_spurious_aware_terms_match_a_direct_computation():
+    from ravl_pipeline.mitigate.losses import spurious_aware_terms
+
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(5, 4)) * rng.uniform(0.5, 3, size=(5, 1))  # any norm
+    labels = np.array([0, 2, 0, 2, 0])  # class 1 absent from the batch
+    t = rng.normal(size=(3, 4))
+    a = rng.normal(size=(2, 4))
+    got = spurious_aware_terms(torch.tensor(f), torch.tensor(labels), torch.tensor(t), torch.tensor(a))
+    want = direct_spurious_aware(f, labels, t, a)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].item() == pytest.approx(want[k], rel=1e-10), k
+    # an attribute text orthogonal to everything costs nothing; one equal to an image costs it |cos| = 1
+    e = np.eye(4)
+    zero = spurious_aware_terms(torch.tensor(e[:2]), torch.tensor([0, 1]), torch.tensor(e[:2]), torch.tensor(e[3:]))
+    assert zero["spurious_image"].item() == 0.0 and zero["spurious_text"].item() == 0.0
+    assert zero["image"].item() == 0.0  # no same-class pair, orthogonal images of different classes
+    one = spurious_aware_terms(torch.tensor(e[:2]), torch.tensor([0, 1]), torch.tensor(e[2:4]), torch.tensor(e[:1]))
+    assert one["spurious_image"].item() == pytest.approx(0.5)
+
+
+def test_spurious_aware_method_is_clip_plus_the_terms():
+    lm = load_unzeroed("ravl-tiny-rn")
+    data, batch = tiny_batch(lm)
+    state = {}
+    loss = METHODS["spurious-aware"].loss(lm.model, batch, data, TrainConfig(method="spurious-aware"), state)
+    terms = state["terms"]
+    assert set(terms) == {"clip", "image", "text", "class", "spurious_image", "spurious_text"}
+    assert loss.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
+    assert METHODS["spurious-aware"].needs_attribute_text and not METHODS["spurious-aware"].needs_findings

@@ -26,7 +26,8 @@ from ravl_pipeline.io.manifest import write_manifest
 from ravl_pipeline.mitigate.assign import RegionAssignment, group_ids
 from ravl_pipeline.mitigate.data import MitigationError, TrainData, TrainError, build_train_data
 from ravl_pipeline.mitigate.distributed import WorldInfo, finetune_distributed
-from ravl_pipeline.mitigate.methods import (METHODS, Method, attach_class_tokens, attach_region_extras,
+from ravl_pipeline.mitigate.methods import (METHODS, Method, attach_attribute_tokens, attach_class_tokens,
+                                            attach_region_extras,
                                             get_method, register_method)
 from ravl_pipeline.mitigate.train import finetune
 from ravl_pipeline.models import load_model
@@ -85,6 +86,8 @@ def train_data_for(method: Method, lm, ds) -> TrainData:
         attach_class_tokens(data, lm, TEMPLATE)
     if method.needs_findings:
         attach_region_extras(data, lm, ds, hand_assignment(ds))
+    if method.needs_attribute_text:
+        attach_attribute_tokens(data, lm, ["red square"])
     return data
 
 

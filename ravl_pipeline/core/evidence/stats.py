@@ -185,6 +185,38 @@ def proportion_ci(n: int, successes: int, rng: np.random.Generator,
     return _percentile_interval(draws, level)
 
 
+EXACT_BOOTSTRAP_MAX_N = 7  # up to 7^7 ≈ 824k resamples: enumerate them all
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], level: float = DEFAULT_LEVEL,
+                         n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
+    """Mean of the paired differences ``a[s] − b[s]`` (one pair per seed) with
+    a percentile bootstrap interval, the seed being the resampling unit.
+
+    Up to :data:`EXACT_BOOTSTRAP_MAX_N` pairs every one of the ``n**n``
+    resamples is enumerated, so the interval is exact and reproducible
+    (``exact: true``); beyond that ``n_boot`` resamples are drawn. The
+    interval's ends are quantiles of the inverted empirical distribution
+    function of the resampled means. Pairs with a missing value are dropped.
+    """
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    d = np.array([x - y for x, y in pairs], dtype=float)
+    n = len(d)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci": None, "level": float(level), "exact": None, "wins": 0}
+    exact = n <= EXACT_BOOTSTRAP_MAX_N
+    if exact:
+        # every resample is a multiset of the n values; a radix-n counter enumerates them
+        digits = np.indices((n,) * n).reshape(n, -1).T
+        means = d[digits].mean(axis=1)
+    else:
+        means = d[np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf")
+    return {"n": n, "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if n > 1 else 0.0,
+            "ci": [float(lo), float(hi)], "level": float(level), "exact": exact,
+            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
+
+
 def gap_ci(row: Mapping, rng: np.random.Generator, n_boot: int = DEFAULT_BOOTSTRAP,
            level: float = DEFAULT_LEVEL) -> dict:
     """Bootstrap intervals of one per-class row: ``acc_present``,

@@ -105,6 +105,36 @@ def test_p_value_formula_counts_ties():
     assert stats.permutation_p_value(3.0, np.zeros(9)) == pytest.approx(1 / 10)
 
 
+def test_paired_difference_ci_by_hand():
+    """Three seeds, differences 0, 0 and 3 points. The 27 equally likely
+    resamples have k = 0..3 copies of the 3 (binomial(3, 1/3): 8, 12, 6, 1
+    of 27), so the resampled mean is k with CDF 8/27 = .30, 20/27 = .74,
+    26/27 = .963, 1: the 2.5% quantile is 0 and the 97.5% one is 3 (26/27
+    falls short of .975). Mean 1, sd sqrt(3)."""
+    out = stats.paired_difference_ci([0.5, 0.2, 0.9], [0.5, 0.2, 0.6])
+    assert out["n"] == 3 and out["exact"]
+    assert out["mean"] == pytest.approx(0.1) and out["sd"] == pytest.approx(np.sqrt(3) * 0.1)
+    assert out["ci"] == pytest.approx([0.0, 0.3])
+    assert (out["wins"], out["ties"], out["losses"]) == (1, 2, 0)
+    # at the 50% level the ends are the 25% and 75% quantiles: 0 (8/27 >= .25) and 1 (20/27 < .75 -> 2)
+    assert stats.paired_difference_ci([0, 0, 3], [0, 0, 0], level=0.5)["ci"] == pytest.approx([0.0, 2.0])
+
+
+def test_paired_difference_ci_pairs_by_seed_and_drops_missing():
+    """Two seeds, differences +1 and +3: resampled means 1, 2, 2, 3, so the
+    95% interval is [1, 3]; a pair with a missing value is left out; a
+    constant difference gives a zero-width interval."""
+    out = stats.paired_difference_ci([2.0, 5.0, None], [1.0, 2.0, 0.0])
+    assert out["n"] == 2 and out["mean"] == pytest.approx(2.0) and out["ci"] == pytest.approx([1.0, 3.0])
+    assert stats.paired_difference_ci([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])["ci"] == pytest.approx([1.0, 1.0])
+    assert stats.paired_difference_ci([], [])["ci"] is None
+    # beyond the exact range the resamples are drawn, reproducibly
+    a, b = list(np.arange(10.0)), [0.0] * 10
+    drawn = stats.paired_difference_ci(a, b, seed=1)
+    assert not drawn["exact"] and drawn == stats.paired_difference_ci(a, b, seed=1)
+    assert drawn["ci"][0] < 4.5 < drawn["ci"][1]
+
+
 def test_bootstrap_intervals():
     rng = np.random.default_rng(0)
     assert stats.proportion_ci(0, 0, rng) is None

@@ -1,0 +1,444 @@
+"""Stage 2 against its baselines, with statistical power (SPEC §3.4–3.7,
+§4.2): ``ravl bench mitigation``.
+
+For every seed of a setting: build the audited model (the setting's recipe
+with that seed), run Stage 1 on ``val`` with evidence, then train each
+*run* of the chosen plans from the recipe's pre-trained initialisation on
+the audited model's fine-tuning data with its fine-tuning configuration
+(same seed, data order, epochs and learning rate; a run changes one thing),
+and evaluate it on ``test``. Nothing is chosen by looking at ``test``.
+
+Plans (:data:`PLANS`):
+
+* ``main`` — Standard FT, Upsampled FT, VL-ERM, VL-GDRO, Spurious-Aware,
+  RaVL, and RaVL with the ``correlated`` form of the region loss;
+* ``lambda`` — RaVL at λ 0.5, 0.7, 0.9 (0.8 is ``main``'s RaVL, 1.0 is
+  Upsampled FT, the same training without the region terms);
+* ``batch`` — Upsampled FT and RaVL at batch 32 and 256 (128 in ``main``);
+* ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
+  cluster (``rank1``, the reference code), every kept cluster (``all``,
+  SPEC §3.1) and every called one (``significant``); ``main`` uses the
+  default selection;
+* ``oracle`` — Upsampled FT and RaVL (both forms) given the ground-truth
+  spurious regions of the fine-tuning set instead of Stage 1's: Stage 2
+  alone, free of discovery errors (a diagnostic; it never sees ``test``).
+
+One JSON line per finished (seed, run) is appended to ``results.jsonl`` in
+the setting's folder, so a stopped run resumes where it was; the trained
+checkpoints are deleted once evaluated unless ``keep_models``.
+``summary.md`` / ``summary.json`` are rewritten after every line: mean ±
+sd over seeds and, for every run, the paired difference RaVL − run per seed
+with its bootstrap 95% interval (seeds resampled). On the seeds of
+``trace_seeds`` the RaVL runs also record the diagnostics of
+:mod:`.diagnostics` (assignment precision/recall, the loss terms, their
+gradients and their effect on the correlated class's images).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import DEFAULT_FEATURE_SELECTION, DiscoveryConfig, RegionsConfig, TrainConfig
+from ..core.embed import preprocess_images
+from ..core.evidence.stats import paired_difference_ci
+from ..core.findings import Feature, Findings, read_findings, write_findings
+from ..core.regions import propose_dataset, region_labels_for
+from ..io.dataset import induced_pairs, load_dataset
+from ..io.files import write_json_atomic, write_text_atomic
+from ..mitigate.assign import RegionAssignment, cached_assignment, select_features
+from ..mitigate.data import MitigationError
+from ..models import load_model
+from ..pipeline import stages
+from .bench import _append_row, _read_rows
+from .diagnostics import LossTrace, assignment_quality, summarise_trace
+from .recipe import DEFAULT_RECIPE, Recipe, build_audited_model
+
+__all__ = ["Run", "PLANS", "SETTINGS", "register_setting", "run_mitigation_bench", "summarise", "summary_markdown"]
+
+METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
+NAMES = {"audited": "Audited model", "standard": "Standard FT", "upsampled": "Upsampled FT", "vl-erm": "VL-ERM",
+         "vl-gdro": "VL-GDRO", "spurious-aware": "Spurious-Aware", "ravl": "RaVL"}
+REFERENCE = "ravl"  # the paired differences are REFERENCE − run
+TRACED = ("ravl", "upsampled")  # methods whose loss terms are traced on the trace seeds
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training configuration: a method and what it changes from the
+    setting's fine-tuning configuration (``None``: unchanged)."""
+
+    method: str
+    lam: float | None = None
+    batch_size: int | None = None
+    features: str | None = None
+    region_loss: str | None = None
+
+    @property
+    def key(self) -> str:
+        changes = [f"{k}={v}" for k, v in (("lam", self.lam), ("batch", self.batch_size),
+                                           ("features", self.features), ("loss", self.region_loss)) if v is not None]
+        return self.method + (f"[{','.join(changes)}]" if changes else "")
+
+    @classmethod
+    def from_key(cls, key: str) -> "Run":
+        method, _, rest = key.partition("[")
+        fields = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(",") if kv)
+        return cls(method, lam=float(fields["lam"]) if "lam" in fields else None,
+                   batch_size=int(fields["batch"]) if "batch" in fields else None,
+                   features=fields.get("features"), region_loss=fields.get("loss"))
+
+    @property
+    def ablation(self) -> "Run | None":
+        """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with the
+        same batch size and feature selection; ``None`` for other methods."""
+        if self.method != REFERENCE:
+            return None
+        return Run("upsampled", batch_size=self.batch_size, features=self.features)
+
+
+PLANS: dict[str, list[Run]] = {
+    "main": [Run(m) for m in ("standard", "upsampled", "vl-erm", "vl-gdro", "spurious-aware", "ravl")]
+    + [Run("ravl", region_loss="correlated")],
+    "lambda": [Run("ravl", lam=x) for x in (0.5, 0.7, 0.9)],
+    "batch": [Run(m, batch_size=b) for b in (32, 256) for m in ("upsampled", "ravl")],
+    "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
+    "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
+               Run("ravl", features="oracle", region_loss="correlated")],
+}
+ORACLE = "oracle"
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class BuiltSetting:
+    """What one seed of a setting provides to the benchmark."""
+
+    pretrained: str  # model spec Stage 2 starts from
+    audited: str  # model spec Stage 1 audits
+    finetune_dir: Path  # the audited model's fine-tuning data
+    eval_dir: Path  # val (discovery) and test (metrics) splits
+    finetune: TrainConfig  # the audited model's fine-tuning configuration
+    features: list[tuple[str, str]]  # ground-truth (feature, correlated class) pairs, [] when unknown
+
+
+def recipe_setting(recipe: Recipe) -> Callable[[Path, int], BuiltSetting]:
+    """A setting from a synthetic recipe: build (or reuse) its audited model."""
+    def build(root: Path, seed: int) -> BuiltSetting:
+        r = recipe.with_seed(seed)
+        paths = build_audited_model(root, r)
+        eval_dir = paths["setting"] / "eval"
+        return BuiltSetting(f"local-dir:{paths['pretrained']}", f"local-dir:{paths['audited']}",
+                            paths["setting"] / "finetune", eval_dir, r.finetune, induced_pairs(eval_dir))
+    return build
+
+
+SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
+    "default": recipe_setting(DEFAULT_RECIPE),
+    # the same setting with the second model family (open_clip's default normalisation)
+    "default-clip": recipe_setting(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")),
+}
+
+
+def register_setting(name: str, build: Callable[[Path, int], BuiltSetting]) -> None:
+    """Make a setting available to the benchmark (e.g. the scenes setting:
+    ``register_setting("scenes", recipe_setting(SCENES_RECIPE))``)."""
+    SETTINGS[name] = build
+
+
+# --------------------------------------------------------------------------- one seed
+
+def discover(built: BuiltSetting, seed: int, root: Path, mode: str = RegionsConfig.mode) -> Findings:
+    """Stage 1 on ``val`` with evidence, as ``ravl discover`` runs it (cached in ``root``)."""
+    path = root / "findings.json"
+    if path.is_file():
+        return read_findings(path)
+    ds = load_dataset(built.eval_dir, split="val", require_labels=True)
+    classes = ds.classes()
+    findings = stages.stage1(load_model(built.audited), ds, classes, templates=stages.templates_for(built.eval_dir),
+                             regions=RegionsConfig(mode=mode), discovery=DiscoveryConfig(seed=seed)).findings
+    write_findings(findings, path)
+    return findings
+
+
+def probes(built: BuiltSetting, lm, classes: Sequence[str], per_group: int = 64) -> dict:
+    """Probe images from ``val`` for the loss trace: each correlated class
+    and the other classes, with and without the feature."""
+    ds = load_dataset(built.eval_dir, split="val", require_labels=True)
+    labels = np.asarray([classes.index(y) for y in ds.labels])
+    out = {}
+    for feature, cls in built.features:
+        present = np.array([feature in labs for labs in ds.region_labels])
+        is_cls = labels == classes.index(cls)
+        for name, mask in ((f"{cls} with", is_cls & present), (f"{cls} without", is_cls & ~present),
+                           ("others with", ~is_cls & present), ("others without", ~is_cls & ~present)):
+            rows = np.flatnonzero(mask)[:per_group]
+            if len(rows):
+                out[name] = (preprocess_images(lm, ds, rows), torch.as_tensor(labels[rows]))
+    return out
+
+
+def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: int, root: Path, *,
+                      trace: bool = False, keep_models: bool = False, progress: bool = False) -> dict:
+    """Train one run, evaluate it on ``test``; the result row."""
+    cfg = replace(built.finetune, method=run.method, seed=seed,
+                  **{k: v for k, v in (("lam", run.lam), ("batch_size", run.batch_size),
+                                       ("region_loss", run.region_loss)) if v is not None})
+    selection = run.features or DEFAULT_FEATURE_SELECTION
+    row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
+    assignment = None
+    if selection == ORACLE:
+        findings, assignment = oracle(built, findings)
+        selection = "all"
+    target = root / "models" / run.key
+    hook = None
+    if trace:
+        lm = load_model(built.pretrained)
+        hook = LossTrace(probes(built, lm, findings.classes),
+                         lm.tokenizer([cfg.caption_template.format(c) for c in findings.classes]))
+    t0 = time.perf_counter()
+    try:
+        hist = stages.train(built.pretrained, built.finetune_dir, target, cfg, findings=findings,
+                            audited_model=built.audited, features=selection, cache_dir=root / "cache",
+                            attribute_text=[f for f, _ in built.features] or None, assignment=assignment,
+                            inspect=hook, progress=progress)
+    except MitigationError as exc:
+        return row | {"skipped": str(exc)}
+    meta = json.loads((target / "ravl_model.json").read_text())
+    metrics = stages.evaluate(f"local-dir:{target}", built.eval_dir, split="test")
+    row.update({"metrics": {k: metrics[k] for k in METRICS}, "groups": metrics["groups"],
+                "warnings": metrics["warnings"], "steps": hist["steps"], "seconds": time.perf_counter() - t0,
+                "seconds_per_step": hist["seconds_per_step"],
+                "features_used": (meta.get("findings") or {}).get("features_used"),
+                "spurious_regions": meta.get("spurious_regions"), "attribute_text": meta.get("attribute_text")})
+    if hook is not None:
+        write_json_atomic(root / f"trace-{run.key}.json", hook.rows)
+        row["trace"] = summarise_trace(hook.rows)
+    if not keep_models:
+        shutil.rmtree(target, ignore_errors=True)
+    return row
+
+
+def oracle(built: BuiltSetting, findings: Findings) -> tuple[Findings, RegionAssignment]:
+    """The ground truth as Stage 1's output: one feature per planted
+    (feature, class) pair, and as spurious regions of the fine-tuning set
+    exactly those its region labels name as a planted feature."""
+    if not built.features:
+        raise MitigationError("the oracle needs a setting with planted features (setting.json)")
+    proposer = findings.proposer or RegionsConfig.proposer
+    ds = load_dataset(built.finetune_dir)
+    labels = region_labels_for(ds, proposer)
+    if labels is None:
+        raise MitigationError(f"{ds.manifest_file}: no region labels for proposer {proposer!r}: no oracle")
+    boxes = propose_dataset(ds, proposer)
+    index = {name: k for k, (name, _) in enumerate(built.features)}
+    region_image = np.concatenate([np.full(len(b), i) for i, b in enumerate(boxes)]).astype(np.int64)
+    region_index = np.concatenate([np.arange(len(b)) for b in boxes]).astype(np.int64)
+    cluster = np.array([index.get(lab, -1) for labs in labels for lab in labs], dtype=np.int64)
+    assignment = RegionAssignment(list(ds.image_ids), region_image, region_index,
+                                  np.concatenate(boxes).astype(np.float32), cluster, cluster >= 0)
+    feats = [Feature(rank=k + 1, cluster_id=k, score=0.0, influence=None, attribute=cls, called=True,
+                     extra={"oracle": name}) for k, (name, cls) in enumerate(built.features)]
+    return replace(findings, features=feats), assignment
+
+
+def audited_row(built: BuiltSetting, seed: int) -> dict:
+    metrics = stages.evaluate(built.audited, built.eval_dir, split="test")
+    return {"run": "audited", "method": "audited", "seed": seed, "metrics": {k: metrics[k] for k in METRICS},
+            "groups": metrics["groups"], "warnings": metrics["warnings"]}
+
+
+def assignment_rows(built: BuiltSetting, findings: Findings, seed: int, root: Path,
+                    selections: Sequence[str]) -> list[dict]:
+    """Precision/recall of the spurious-region assignment of every selection."""
+    ds = load_dataset(built.finetune_dir)
+    audited = load_model(built.audited)
+    names = [f for f, _ in built.features]
+    rows = []
+    for sel in selections:
+        row = {"run": f"assignment[{sel}]", "method": "assignment", "seed": seed, "selection": sel}
+        try:
+            chosen = select_features(findings, sel)
+        except MitigationError as exc:
+            rows.append(row | {"skipped": str(exc)})
+            continue
+        a = cached_assignment(audited, ds, findings, root / "cache", sel)
+        rows.append(row | {"features_used": [{"rank": f.rank, "attribute": f.attribute} for f in chosen],
+                           "quality": assignment_quality(a, ds, names, findings.proposer or RegionsConfig.proposer,
+                                                         [c for _, c in built.features])})
+    return rows
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1, 2, 3, 4),
+                         plans: Sequence[str] = ("main",), out_dir: str | Path = "runs/bench-mitigation", *,
+                         trace_seeds: Sequence[int] = (), mode: str = RegionsConfig.mode, keep_models: bool = False,
+                         progress: bool = True) -> dict:
+    """Run (or resume) the benchmark on one setting; returns the summary."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+    unknown = [p for p in plans if p not in PLANS]
+    if unknown:
+        raise ValueError(f"unknown plan(s) {unknown}; expected any of {', '.join(PLANS)}")
+    out = Path(out_dir) / setting
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    rows = _read_rows(results)
+    runs = list(dict.fromkeys(r for p in plans for r in PLANS[p]))
+    selections = sorted({r.features or DEFAULT_FEATURE_SELECTION for r in runs} - {ORACLE})
+
+    def done(seed: int, key: str) -> bool:
+        return any(r["seed"] == seed and r["run"] == key for r in rows)
+
+    def add(row: dict) -> None:
+        row["setting"] = setting
+        _append_row(results, row)
+        rows.append(row)
+        write_summary(out, setting, rows)
+        if progress:
+            m = row.get("metrics") or {}
+            what = row.get("skipped") or " ".join(f"{k}={m[k]:.3f}" for k in METRICS if m.get(k) is not None)
+            print(f"[{setting} seed {row['seed']}] {row['run']}: {what}", flush=True)
+
+    prepared: dict[int, tuple[BuiltSetting, Findings]] = {}
+
+    def prepare(seed: int) -> tuple[BuiltSetting, Findings]:
+        if seed not in prepared:
+            root = out / f"seed{seed}"
+            built = SETTINGS[setting](root, seed)
+            findings = discover(built, seed, root, mode)
+            if not done(seed, "audited"):
+                add(audited_row(built, seed))
+            for row in assignment_rows(built, findings, seed, root, selections):
+                if not done(seed, row["run"]):
+                    add(row)
+            prepared[seed] = built, findings
+        return prepared[seed]
+
+    # plan by plan, each over every seed, so that a run stopped early has
+    # complete tables for the first plans
+    for run in runs:
+        for seed in seeds:
+            if not done(seed, run.key):
+                built, findings = prepare(seed)
+                add(train_and_measure(built, findings, run, seed, out / f"seed{seed}", keep_models=keep_models,
+                                      trace=seed in trace_seeds and run.method in TRACED))
+    return write_summary(out, setting, rows)
+
+
+# --------------------------------------------------------------------------- tables
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Mean ± sd per run and metric over seeds; the paired difference
+    ``RaVL − run`` per metric with its bootstrap interval over the seeds
+    both have; and for every RaVL run the paired difference to its own
+    ablation (:attr:`Run.ablation`, ``run − ablation``)."""
+    trained = [r for r in rows if "metrics" in r]
+    by_run: dict[str, dict[int, dict]] = {}
+    for r in trained:
+        by_run.setdefault(r["run"], {})[r["seed"]] = r["metrics"]
+    ref = by_run.get(REFERENCE, {})
+    out = {"runs": {}, "seeds": sorted({r["seed"] for r in trained})}
+    for key, per_seed in by_run.items():
+        entry = {"n": len(per_seed), "seeds": sorted(per_seed)}
+        for m in METRICS:
+            vals = [v[m] for v in per_seed.values() if v.get(m) is not None]
+            entry[m] = {"mean": float(np.mean(vals)) if vals else None,
+                        "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)}
+            common = sorted(set(ref) & set(per_seed))
+            if key != REFERENCE and common:
+                entry[m]["ravl_minus"] = paired_difference_ci([ref[s][m] for s in common],
+                                                              [per_seed[s][m] for s in common])
+        ablation = Run.from_key(key).ablation
+        if ablation is not None and ablation.key in by_run:
+            partner = by_run[ablation.key]
+            common = sorted(set(partner) & set(per_seed))
+            entry["ablation"] = ablation.key
+            for m in METRICS:
+                entry[m]["minus_ablation"] = paired_difference_ci([per_seed[s][m] for s in common],
+                                                                  [partner[s][m] for s in common])
+        out["runs"][key] = entry
+    out["skipped"] = [{"run": r["run"], "seed": r["seed"], "why": r["skipped"]} for r in rows if "skipped" in r]
+    out["assignment"] = [{"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
+                         for r in rows if r.get("method") == "assignment" and "quality" in r]
+    out["group_sizes"] = sorted({g["n"] for r in trained for g in r.get("groups", []) if g.get("n")})
+    return out
+
+
+def _pr(q: dict) -> dict:
+    if not q.get("available"):
+        return {}
+    return {"region_precision": q["regions"]["precision"], "region_recall": q["regions"]["recall"],
+            "image_precision": q["images"]["precision"], "image_recall": q["images"]["recall"],
+            "flagged_labels": q["flagged_labels"],
+            "own_object_flagged": {c: v["own_object_flagged"] for c, v in q["correlated_class_objects"].items()}}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return "—"
+    lo, hi = d["ci"]
+    return f"{100 * d['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def summary_markdown(summary: dict, setting: str) -> str:
+    runs = summary["runs"]
+    order = ["audited"] + [r.key for p in PLANS.values() for r in p]
+    keys = [k for k in dict.fromkeys(order) if k in runs] + [k for k in runs if k not in order]
+    lines = [f"Mitigation benchmark, setting `{setting}`: seeds {summary['seeds']}; test group sizes "
+             f"{summary['group_sizes']}", "",
+             "| run | n | image overall | image worst-group | region overall | region worst-group |",
+             "|---|---|---|---|---|---|"]
+    for k in keys:
+        e = runs[k]
+        lines.append(f"| {k} | {e['n']} | " + " | ".join(
+            f"{_pct(e[m]['mean'])} ± {_pct(e[m]['sd'])}" for m in METRICS) + " |")
+    lines += ["", f"Paired difference {REFERENCE} − run, percentage points, mean [bootstrap 95% CI over seeds]:", "",
+              "| run | n | image overall | image worst-group | region overall | region worst-group |",
+              "|---|---|---|---|---|---|"]
+    for k in keys:
+        e = runs[k]
+        if k == REFERENCE or "ravl_minus" not in e[METRICS[0]]:
+            continue
+        n = e[METRICS[0]]["ravl_minus"]["n"]
+        lines.append(f"| {k} | {n} | " + " | ".join(_diff(e[m].get("ravl_minus")) for m in METRICS) + " |")
+    ablated = [k for k in keys if "ablation" in runs[k]]
+    if ablated:
+        lines += ["", "RaVL runs against their ablation (Upsampled FT, λ = 1, same batch and selection), run − "
+                  "ablation, percentage points, mean [bootstrap 95% CI]:", "",
+                  "| run | ablation | n | image overall | image worst-group | region overall | region worst-group |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in ablated:
+            e = runs[k]
+            lines.append(f"| {k} | {e['ablation']} | {e[METRICS[0]]['minus_ablation']['n']} | " + " | ".join(
+                _diff(e[m].get("minus_ablation")) for m in METRICS) + " |")
+    if summary["assignment"]:
+        lines += ["", "Spurious-region assignment on the fine-tuning set vs ground truth:", "",
+                  "| seed | selection | region precision | region recall | image precision | image recall | "
+                  "flagged labels (most common) |", "|---|---|---|---|---|---|---|"]
+        for a in summary["assignment"]:
+            lines.append(f"| {a['seed']} | {a['selection']} | " + " | ".join(
+                _pct(a.get(k)) for k in ("region_precision", "region_recall", "image_precision", "image_recall"))
+                + " | " + ", ".join(f"{k} {v}" for k, v in list((a.get("flagged_labels") or {}).items())[:4]) + " |")
+    for s in summary["skipped"]:
+        lines.append(f"- skipped: {s['run']} on seed {s['seed']}: {s['why']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, setting: str, rows: Sequence[dict]) -> dict:
+    summary = summarise(rows)
+    write_json_atomic(out / "summary.json", {"setting": setting, **summary})
+    write_text_atomic(out / "summary.md", summary_markdown(summary, setting))
+    return summary

@@ -1,0 +1,247 @@
+"""The mitigation benchmark and its diagnostics (experiments/mitigation.py,
+experiments/diagnostics.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.experiments import mitigation
+from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
+from ravl_pipeline.experiments.synth import SynthConfig, make_setting
+from ravl_pipeline.io.dataset import induced_pairs, load_dataset
+from ravl_pipeline.mitigate.assign import RegionAssignment
+from ravl_pipeline.mitigate.data import TrainData
+from ravl_pipeline.mitigate.methods import METHODS, Method
+from ravl_pipeline.mitigate.train import finetune
+from ravl_pipeline.models import load_model
+
+
+# --------------------------------------------------------------------------- assignment quality
+
+@pytest.fixture(scope="module")
+def tiny_finetune_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assign") / "setting"
+    make_setting(root, SynthConfig(classes=["one", "nine"], n_pretrain=4, n_finetune=20, n_val=4, n_test=4,
+                                   strength=0.9, seed=2))
+    return load_dataset(root / "finetune")
+
+
+def test_assignment_quality_by_hand(tiny_finetune_set):
+    """Flags: every red square but the first, plus the class object of one
+    "nine" image; precision and recall per region and per image follow."""
+    ds = tiny_finetune_set
+    flat = [(i, j, lab) for i, labs in enumerate(ds.region_labels) for j, lab in enumerate(labs)]
+    truth = np.array([lab == "red square" for _, _, lab in flat])
+    n_true = int(truth.sum())
+    assert n_true >= 3
+    flagged = truth.copy()
+    flagged[np.flatnonzero(truth)[0]] = False
+    nine_object = next(k for k, (i, _, lab) in enumerate(flat) if lab == "nine" and ds.labels[i] == "nine")
+    flagged[nine_object] = True
+    a = RegionAssignment(list(ds.image_ids), np.array([i for i, _, _ in flat]), np.array([j for _, j, _ in flat]),
+                         np.zeros((len(flat), 4), np.float32), np.zeros(len(flat), np.int64), flagged)
+    q = assignment_quality(a, ds, ["red square"], "quadrants", ["nine"])
+    assert q["regions"]["true"] == n_true and q["regions"]["flagged"] == n_true
+    assert q["regions"]["precision"] == pytest.approx((n_true - 1) / n_true)
+    assert q["regions"]["recall"] == pytest.approx((n_true - 1) / n_true)
+    assert q["flagged_labels"] == {"red square": n_true - 1, "nine": 1}
+    assert q["missed_labels"] == {"red square": 1}
+    n_nine = sum(y == "nine" for y in ds.labels)
+    assert q["correlated_class_objects"]["nine"]["own_object_flagged"] == pytest.approx(1 / n_nine)
+    img_truth = np.array(["red square" in labs for labs in ds.region_labels])
+    assert q["images"]["true"] == int(img_truth.sum())
+
+
+def test_parameter_blocks():
+    lm = load_model("ravl-tiny-rn", seed=0)
+    blocks = {parameter_block(n) for n, _ in lm.model.named_parameters()}
+    assert blocks == {"stem", "layer1", "layer2", "layer3", "layer4", "attnpool", "text", "logit_scale"}
+
+
+# --------------------------------------------------------------------------- the loss trace
+
+def _probe_data(lm, n=6):
+    torch.manual_seed(1)
+    pixels = torch.randn(n, 3, lm.image_size, lm.image_size)
+    labels = torch.tensor([k % 2 for k in range(n)])
+    tokens = lm.tokenizer([f"a {'one' if k else 'two'}" for k in labels.tolist()])
+    data = TrainData(pixels, tokens, labels, ["two", "one"])
+    return data, lm.tokenizer(["a two", "a one"])
+
+
+def test_trace_of_a_probe_descent_term_is_its_squared_gradient(monkeypatch):
+    """A method whose loss is minus the probe's own objective: a descent step
+    on it raises the probe by ``|∇|²`` to first order, so the trace's effect
+    must be positive and equal the squared gradient norm (a ViT: no
+    BatchNorm, so training and evaluation modes compute the same thing)."""
+    lm = load_model("ravl-tiny-vit", seed=0)
+    data, class_tokens = _probe_data(lm)
+    probe = {"all": (data.pixels, data.labels)}
+    trace = LossTrace(probe, class_tokens, every=1)
+
+    def minus_probe(model, batch, data_, cfg, state):
+        objective, _ = trace._probe(model, data.pixels, data.labels)
+        state["terms"] = {"minus_probe": -objective}
+        return -objective
+
+    monkeypatch.setitem(METHODS, "probe", Method("probe", minus_probe))
+    grads = {}
+
+    def check(step, model, batch, state, loss):
+        params = [p for p in model.parameters() if p.requires_grad]
+        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads[step] = sum(float(x.pow(2).sum()) for x in g if x is not None)
+        trace(step, model, batch, state, loss)
+
+    finetune(lm, data, TrainConfig(method="probe", max_steps=2, batch_size=6), progress=False, inspect=check)
+    assert [r["step"] for r in trace.rows] == [0, 1]
+    for r in trace.rows:
+        effect = r["probes"]["all"]["effect"]["minus_probe"]
+        assert effect["all"] == pytest.approx(grads[r["step"]], rel=1e-4)
+        assert effect["all"] == pytest.approx(effect["visual"] + effect.get("text", 0) + effect.get("logit_scale", 0))
+        assert r["terms"]["minus_probe"]["grad_norm"]["visual"] > 0
+
+
+def test_the_trace_does_not_change_training(tiny_finetune_set):
+    """Same losses and weights with and without the hook (RaVL on a ResNet,
+    whose BatchNorm statistics the probes' evaluation pass must not touch)."""
+    from ravl_pipeline.mitigate.methods import attach_class_tokens, attach_region_extras
+    from ravl_pipeline.mitigate.data import build_train_data
+
+    ds = tiny_finetune_set
+    flat = np.array([lab == "red square" for labs in ds.region_labels for lab in labs])
+    n = len(ds)
+    a = RegionAssignment(list(ds.image_ids), np.repeat(np.arange(n), 4), np.tile(np.arange(4), n),
+                         np.tile(np.array(ds.boxes[0], np.float32), (n, 1)), np.zeros(4 * n, np.int64), flat)
+    runs = []
+    for traced in (False, True):
+        lm = load_model("ravl-tiny-rn", seed=0)
+        data = build_train_data(lm, ds, "a {}", classes=["one", "nine"])
+        attach_class_tokens(data, lm, "a {}")
+        attach_region_extras(data, lm, ds, a)
+        hook = LossTrace({"x": (data.pixels[:4], data.labels[:4])}, data.extras["class_tokens"], every=1) \
+            if traced else None
+        hist = finetune(lm, data, TrainConfig(method="ravl", max_steps=2, batch_size=10), progress=False,
+                        inspect=hook)
+        runs.append((hist["losses"], {k: v.clone() for k, v in lm.model.state_dict().items()}, hook))
+    (l0, w0, _), (l1, w1, hook) = runs
+    assert l0 == l1
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert set(hook.rows[0]["terms"]) == {"clip", "L_R", "L_A"}
+    assert sum(t["value"] for t in hook.rows[0]["terms"].values()) == pytest.approx(l0[0], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- tables
+
+def _rows():
+    rows = []
+    for seed, (ravl, up) in enumerate([(0.5, 0.3), (0.4, 0.4), (0.6, 0.3)]):
+        for run, wg in (("ravl", ravl), ("upsampled", up)):
+            rows.append({"run": run, "seed": seed, "metrics": {"image_overall": 0.7, "image_worst_group": wg,
+                                                              "region_overall": 0.5, "region_worst_group": None},
+                         "groups": [{"n": 100}, {"n": 120}]})
+    rows.append({"run": "ravl[features=rank1]", "seed": 0, "skipped": "nothing called"})
+    return rows
+
+
+def test_summarise_pairs_by_seed():
+    s = mitigation.summarise(_rows())
+    up = s["runs"]["upsampled"]
+    assert up["n"] == 3 and up["image_worst_group"]["mean"] == pytest.approx(1 / 3)
+    d = up["image_worst_group"]["ravl_minus"]
+    # differences +0.2, 0.0, +0.3: mean 1/6, exact bootstrap interval over the 27 resamples
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.5 / 3) and d["exact"]
+    assert d["ci"] == pytest.approx([0.0, 0.3]) and d["wins"] == 2 and d["ties"] == 1
+    assert up["region_worst_group"]["mean"] is None
+    assert "ravl_minus" not in s["runs"]["ravl"]["image_overall"]
+    assert s["group_sizes"] == [100, 120]
+    assert s["skipped"] == [{"run": "ravl[features=rank1]", "seed": 0, "why": "nothing called"}]
+    md = mitigation.summary_markdown(s, "default")
+    assert "| upsampled | 3 | +0.0 [+0.0, +0.0] | +16.7 [+0.0, +30.0] |" in md
+    assert "test group sizes [100, 120]" in md
+
+
+def test_run_keys_and_plans():
+    assert mitigation.Run("ravl").key == "ravl"
+    assert mitigation.Run("ravl", lam=0.5, batch_size=32).key == "ravl[lam=0.5,batch=32]"
+    keys = [r.key for p in mitigation.PLANS.values() for r in p]
+    assert len(keys) == len(set(keys))
+    assert {r.method for r in mitigation.PLANS["main"]} == {"standard", "upsampled", "vl-erm", "vl-gdro",
+                                                             "spurious-aware", "ravl"}
+    assert {r.lam for r in mitigation.PLANS["lambda"]} == {0.5, 0.7, 0.9}
+    assert {r.batch_size for r in mitigation.PLANS["batch"]} == {32, 256}
+    for key in keys:
+        assert mitigation.Run.from_key(key).key == key
+    run = mitigation.Run.from_key("ravl[lam=0.5,batch=32,features=all,loss=correlated]")
+    assert run == mitigation.Run("ravl", lam=0.5, batch_size=32, features="all", region_loss="correlated")
+    assert run.ablation == mitigation.Run("upsampled", batch_size=32, features="all")
+    assert mitigation.Run("vl-gdro").ablation is None
+
+
+def test_each_ravl_run_is_paired_with_its_ablation():
+    rows = [{"run": run, "seed": seed, "metrics": {"image_overall": v, "image_worst_group": v,
+                                                   "region_overall": v, "region_worst_group": v}}
+            for seed in (0, 1) for run, v in (("ravl[batch=32]", 0.5 + seed / 10), ("upsampled[batch=32]", 0.4),
+                                              ("upsampled", 0.9))]
+    s = mitigation.summarise(rows)
+    e = s["runs"]["ravl[batch=32]"]
+    assert e["ablation"] == "upsampled[batch=32]"
+    assert e["image_worst_group"]["minus_ablation"]["mean"] == pytest.approx(0.15)  # +0.1 and +0.2
+    assert e["image_worst_group"]["minus_ablation"]["ci"] == pytest.approx([0.1, 0.2])
+    assert "ablation" not in s["runs"]["upsampled"]
+    assert "| ravl[batch=32] | upsampled[batch=32] | 2 | +15.0 [+10.0, +20.0]" in mitigation.summary_markdown(s, "x")
+
+
+@pytest.mark.slow
+def test_bench_runs_and_resumes(tiny_setting, tmp_path, monkeypatch, capsys):
+    """One seed of a tiny setting: Stage 1, the audited model, assignment
+    quality and two runs, each a results line; a second call trains nothing."""
+    eval_dir = tiny_setting["setting"] / "eval"
+
+    def build(root, seed):
+        return mitigation.BuiltSetting(f"local-dir:{tiny_setting['pretrained']}",
+                                       f"local-dir:{tiny_setting['audited']}", tiny_setting["setting"] / "finetune",
+                                       eval_dir, TrainConfig(max_steps=2, batch_size=32,
+                                                             caption_template="the number is a {}"),
+                                       induced_pairs(eval_dir))
+
+    monkeypatch.setitem(mitigation.SETTINGS, "tiny", build)
+    monkeypatch.setitem(mitigation.PLANS, "tiny", [mitigation.Run("upsampled"), mitigation.Run("ravl")])
+    summary = mitigation.run_mitigation_bench("tiny", [0], ["tiny"], tmp_path, trace_seeds=[0], progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "tiny" / "results.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in lines] == ["audited", "assignment[called]", "upsampled", "ravl"]
+    assert all(r["steps"] == 2 for r in lines[2:])
+    assert lines[1]["quality"]["regions"]["precision"] is not None
+    assert "trace" in lines[3] and (tmp_path / "tiny" / "seed0" / "trace-ravl.json").is_file()
+    assert not (tmp_path / "tiny" / "seed0" / "models" / "ravl").exists()  # deleted once evaluated
+    assert summary["runs"]["upsampled"]["image_overall"]["ravl_minus"]["n"] == 1
+    assert "| upsampled | 1 |" in (tmp_path / "tiny" / "summary.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("resumed run trained again")
+
+    monkeypatch.setattr(mitigation.stages, "train", no_training)
+    again = mitigation.run_mitigation_bench("tiny", [0], ["tiny"], tmp_path, progress=False)
+    assert again == summary
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        mitigation.run_mitigation_bench("nope", [0], ["main"], tmp_path)
+
+
+def test_oracle_assignment_is_the_ground_truth(tiny_finetune_set):
+    from ravl_pipeline.core.findings import Findings
+    from ravl_pipeline.mitigate.assign import select_features
+
+    ds = tiny_finetune_set
+    built = mitigation.BuiltSetting("p", "a", ds.root, ds.root, TrainConfig(), [("red square", "nine")])
+    findings = Findings(model="a", dataset="d", classes=["one", "nine"], k=3, silhouette=None, features=[],
+                        proposer="quadrants")
+    oracle_findings, a = mitigation.oracle(built, findings)
+    truth = np.array([lab == "red square" for labs in ds.region_labels for lab in labs])
+    assert a.spurious.tolist() == truth.tolist() and a.cluster[truth].tolist() == [0] * int(truth.sum())
+    assert a.image_ids == list(ds.image_ids) and len(a.boxes) == 4 * len(ds)
+    chosen = select_features(oracle_findings, "all")
+    assert [(f.cluster_id, f.attribute) for f in chosen] == [(0, "nine")]
