@@ -223,10 +223,13 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
     feature's mask is not inert (it flips at least :data:`INERT_FLIP_RATE`
     of its images), the fill, not the feature, may explain what happened:
     the verdict is ``inconclusive``, whatever the sign test says.  When it
-    flips significantly fewer, the feature's regions matter less than
-    random ones: ``not supported``.  Otherwise the verdict is ``supported``
-    when the sign test's p-value is at most ``alpha`` and ``not supported``
-    when not.  ``supported`` is true for the first verdict only.  ``None`` for checks made before the counts were
+    flips significantly fewer, the feature's regions matter less to the
+    model than random ones: ``not supported`` when the sign test fails too,
+    and ``inconclusive`` when it passes (the errors it undoes cannot be told
+    apart from what a fill that disturbs random regions more does in the
+    classes the regions hurt, where most predictions are wrong to begin
+    with).  Otherwise the verdict is ``supported`` when the sign test's
+    p-value is at most ``alpha`` and ``not supported`` when not.  ``supported`` is true for the first verdict only.  ``None`` for checks made before the counts were
     recorded."""
     if "n_errors_fixed" not in effect:
         return None
@@ -250,8 +253,14 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
                           "feature_flip_rate": k_f / max(n_f, 1), "control_flip_rate": k_c / max(n_c, 1),
                           "p_more": p_more, "p_fewer": p_fewer}
         if p_fewer <= alpha:
-            # the feature's regions matter less than random ones: the fill is not what hides its effect
-            verdict = "not supported"
+            # the feature's regions matter less than random ones: refuted, unless hiding them undid errors
+            if p <= alpha:
+                verdict = "inconclusive"
+                out["reason"] = (f"hiding the feature undoes errors but flips fewer predictions "
+                                 f"({k_f / max(n_f, 1):.0%}) than hiding as many random regions "
+                                 f"({k_c / max(n_c, 1):.0%}): the fill's own effect cannot be told apart")
+            else:
+                verdict = "not supported"
         elif p_more > alpha and k_f >= INERT_FLIP_RATE * n_f:
             verdict = "inconclusive"
             out["reason"] = (f"the fill changes predictions by itself: hiding as many random regions flips "

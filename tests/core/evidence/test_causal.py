@@ -74,6 +74,11 @@ def test_an_inert_mask_stays_not_supported_whatever_the_control():
     # than random ones (the planted feature of a null setting, which the model ignores)
     fewer = causal.masking_support(_flips(100, 7, fixed=3, made=1), 0.05, control=_flips(100, 31))
     assert fewer["verdict"] == "not supported" and fewer["control"]["p_fewer"] < 0.05
+    # ... unless hiding it undid errors: a fill that disturbs random regions more (63% here, the
+    # normalisation mean on a black background) cannot refute a mask that fixes 7 errors and makes none
+    conflict = causal.masking_support(_flips(60, 7, fixed=7, made=0), 0.05, control=_flips(60, 38))
+    assert conflict["control"]["p_fewer"] < 0.05 and conflict["p_value"] < 0.05
+    assert conflict["verdict"] == "inconclusive" and "undoes errors" in conflict["reason"]
 
 
 def _feature(rank, called=None, supported=None, cluster_id=None, verdict=None):
