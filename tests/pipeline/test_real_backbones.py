@@ -52,6 +52,20 @@ def _weights(arch: str, fmt: str, out: Path) -> Path:
     return out / "weights.pt"
 
 
+def _one_feature(findings_path: Path, out: Path) -> Path:
+    """The findings with their largest cluster as the one feature. Random
+    weights predict the same class for every photo, so no cluster has a class
+    gap and Stage 1 keeps none; Stage 2's plumbing on a real backbone still
+    needs a cluster of the audited model's regions to treat as spurious."""
+    data = json.loads(findings_path.read_text())
+    largest = max(data["clusters"], key=lambda c: c["size"])
+    data["features"] = [{"rank": 1, "cluster_id": largest["cluster_id"], "score": 1.0, "influence": 1.0,
+                         "attribute": data["classes"][0], "per_class": [], "regions": []}]
+    path = out / "findings-one-feature.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _import(coco: Path, name: str, out: Path) -> Path:
     files = scene_splits(coco)[name]
     args = ["import", "coco", *[str(p) for p, _ in files], "--images", str(coco / name / "images"),
@@ -91,9 +105,9 @@ def test_coco_audit_with_a_real_backbone(arch, fmt, coco, tmp_path, capsys):
         assert gaps.min() > 1e-5  # no two boxes of a photo share a vector
 
     # Stage 2 (a step of the region-aware loss from the same random init), evaluation, report
-    assert findings.features  # random weights still give per-class gaps; Stage 2 below needs a cluster
+    stage2 = findings_path if findings.features else _one_feature(findings_path, tmp_path)
     assert main(["finetune", "--model", arch, "--data", str(finetune), "--out", str(tmp_path / "mitigated"),
-                 "--max-steps", "1", "--batch-size", str(N), "--method", "ravl", "--findings", str(findings_path),
+                 "--max-steps", "1", "--batch-size", str(N), "--method", "ravl", "--findings", str(stage2),
                  "--features", "all", "--quiet"]) == 0
     meta = json.loads((tmp_path / "mitigated" / "ravl_model.json").read_text())
     assert meta["audited_model"] == arch and meta["findings"]["content"]["pretrained"] == str(weights)
