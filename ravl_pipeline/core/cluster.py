@@ -12,6 +12,8 @@ import json
 import math
 import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,8 +277,10 @@ def _scored_fits(dist: np.ndarray, ks: list[int], seed: int, backend: str, sweep
     if workers > 1 and len(ks) > 1 and "fork" in mp.get_all_start_methods():
         _SHARED_DIST["dist"] = dist
         try:
-            with mp.get_context("fork").Pool(min(int(workers), len(ks))) as pool:
-                return pool.map(_fit_and_score, [(k, seed, backend) for k in ks], chunksize=1)
+            with ProcessPoolExecutor(min(int(workers), len(ks)), mp_context=mp.get_context("fork")) as pool:
+                return list(pool.map(_fit_and_score, [(k, seed, backend) for k in ks]))
+        except BrokenProcessPool:
+            pass  # a worker died: the same fits in this process (a Pool would wait for it forever)
         finally:
             _SHARED_DIST.clear()
     return [(k, labels, medoids, loss, _silhouette_or_nan(dist, labels))

@@ -6,11 +6,13 @@ computations, and stored clusters."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 from sklearn.metrics import silhouette_score
 
+from ravl_pipeline.core import cluster as cluster_module
 from ravl_pipeline.core.cluster import (
     ClusterError,
     Clustering,
@@ -204,6 +206,18 @@ def test_warm_sweep_loss_not_worse_on_average_and_deterministic():
     assert again.sweep == warm.sweep and np.array_equal(again.labels, warm.labels)
     with pytest.raises(ValueError, match="unknown sweep"):
         cluster_regions(x, n_classes=4, sweep="parallel")
+
+
+def _worker_dies(job):
+    os._exit(1)
+
+
+def test_a_sweep_whose_worker_dies_is_fitted_here_instead_of_hanging(monkeypatch):
+    x = _mixture()
+    serial = cluster_regions(x, n_classes=4, seed=3)
+    monkeypatch.setattr(cluster_module, "_fit_and_score", _worker_dies)
+    parallel = cluster_regions(x, n_classes=4, seed=3, workers=2)
+    assert parallel.sweep == serial.sweep and np.array_equal(parallel.labels, serial.labels)
 
 
 def test_parallel_sweep_gives_the_same_clustering():
