@@ -225,10 +225,11 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     where = str(findings_path) if findings_path else "findings"
     if findings is not None:
         check_stage2_findings(findings, where)
-    chosen = select_features(findings, features) if method.needs_findings else []
+    chosen = (select_features(findings, features)
+              if findings is not None and (method.needs_findings or method.needs_attribute_text) else [])
     attributes = list(attribute_text or [])
-    if method.needs_attribute_text and not attributes and findings is not None:
-        attributes = _feature_names(select_features(findings, features))
+    if method.needs_attribute_text and not attributes:
+        attributes = _feature_names(chosen)
     if method.needs_attribute_text and not attributes:
         raise MitigationError(f"method {method.name!r} needs the spurious attribute in words: pass attribute_text "
                               "(--attribute-text) or findings whose features carry model-derived names")
@@ -238,7 +239,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         _check_labels(ds, classes, where if findings is not None else None)
     base = load_model(base_model, pretrained, seed=cfg.seed)
     audited = None
-    if method.needs_findings:
+    if method.needs_findings and assignment is None:  # the audited model assigns the spurious regions
         if not audited_model:  # the model the findings came from, with the weights it was loaded with
             audited_model, audited_pretrained = findings.model, audited_pretrained or findings.pretrained
         if not audited_model:
@@ -254,7 +255,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         attach_attribute_tokens(data, base, attributes)
     spurious = None
     if method.needs_findings:
-        if assignment is None:
+        if audited is not None:
             assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress)
                           if cache_dir is not None
                           else assign_spurious_regions(audited, ds, findings, features, progress=progress))
