@@ -58,7 +58,7 @@ from ..models import load_model
 from ..pipeline import stages
 from .bench import _append_row, _read_rows
 from .diagnostics import LossTrace, assignment_quality, summarise_trace
-from .recipe import DEFAULT_RECIPE, Recipe, build_audited_model
+from .recipe import DEFAULT_RECIPE, SCENES_RECIPE, Recipe, build_audited_model
 
 __all__ = ["Run", "PLANS", "SETTINGS", "register_setting", "run_mitigation_bench", "summarise", "summary_markdown"]
 
@@ -144,12 +144,14 @@ SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
     "default": recipe_setting(DEFAULT_RECIPE),
     # the same setting with the second model family (open_clip's default normalisation)
     "default-clip": recipe_setting(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")),
+    # the COCO-style scenes setting (SPEC §4.3): non-square photos, COCO boxes, the red square tied to "nine"
+    "scenes": recipe_setting(SCENES_RECIPE),
 }
 
 
 def register_setting(name: str, build: Callable[[Path, int], BuiltSetting]) -> None:
-    """Make a setting available to the benchmark (e.g. the scenes setting:
-    ``register_setting("scenes", recipe_setting(SCENES_RECIPE))``)."""
+    """Make a setting available to the benchmark, e.g.
+    ``register_setting("scenes-clip", recipe_setting(replace(SCENES_RECIPE, base_model="ravl-tiny-rn-clip")))``."""
     SETTINGS[name] = build
 
 
