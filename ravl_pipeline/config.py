@@ -251,6 +251,8 @@ class MitigationConfig:
     batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)", COUNT)
     seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)", INTEGER)
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
+    max_repeat: int | None = _f(None, "group-balanced sampling draws one image at most this many times per pass "
+                                      "(default: no limit, full balance, SPEC §3.6)", COUNT)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,8 @@ class TrainConfig:
     tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", POSITIVE)
     region_loss: str = _f(MitigationConfig.region_loss, "form of the region-aware loss: spec | correlated")
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
+    max_repeat: int | None = _f(MitigationConfig.max_repeat, "group-balanced sampling: the most times one image "
+                                "is drawn per pass (none: no limit, every group as large as the largest)", COUNT)
 
     def __post_init__(self) -> None:
         # a recorded configuration (ravl_model.json) enters here too

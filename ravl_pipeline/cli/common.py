@@ -70,6 +70,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", **option(TrainConfig, "lam"))
     p.add_argument("--tau", **option(TrainConfig, "tau"))
     p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **option(TrainConfig, "region_loss"))
+    p.add_argument("--max-repeat", **option(TrainConfig, "max_repeat"))
     p.add_argument("--seed", **option(TrainConfig, "seed"))
     p.add_argument("--lock-text", action="store_true", help=option(TrainConfig, "lock_text")["help"])
     p.add_argument("--caption-template", default=None,
@@ -81,7 +82,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def train_config(args, caption_template: str) -> TrainConfig:
     return TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, lock_text=args.lock_text, caption_template=caption_template,
-                       lam=args.lam, tau=args.tau, region_loss=args.region_loss, max_steps=args.max_steps)
+                       lam=args.lam, tau=args.tau, region_loss=args.region_loss, max_steps=args.max_steps,
+                       max_repeat=args.max_repeat)
 
 
 def print_findings(findings: Findings, path) -> None:

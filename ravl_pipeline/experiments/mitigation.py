@@ -21,7 +21,10 @@ Plans (:data:`PLANS`):
   default selection;
 * ``oracle`` — Upsampled FT and RaVL (both forms) given the ground-truth
   spurious regions of the fine-tuning set instead of Stage 1's: Stage 2
-  alone, free of discovery errors (a diagnostic; it never sees ``test``).
+  alone, free of discovery errors (a diagnostic; it never sees ``test``);
+* ``sampler`` — Upsampled FT and RaVL with group-balanced sampling as SPEC
+  §3.6 has it and capped at 8 draws of one image per pass (``max_repeat``),
+  each with the default selection and with the oracle's.
 
 One JSON line per finished (seed, run) is appended to ``results.jsonl`` in
 the setting's folder, so a stopped run resumes where it was; the trained
@@ -79,11 +82,13 @@ class Run:
     batch_size: int | None = None
     features: str | None = None
     region_loss: str | None = None
+    max_repeat: int | None = None
 
     @property
     def key(self) -> str:
         changes = [f"{k}={v}" for k, v in (("lam", self.lam), ("batch", self.batch_size),
-                                           ("features", self.features), ("loss", self.region_loss)) if v is not None]
+                                           ("features", self.features), ("loss", self.region_loss),
+                                           ("repeat", self.max_repeat)) if v is not None]
         return self.method + (f"[{','.join(changes)}]" if changes else "")
 
     @classmethod
@@ -92,15 +97,22 @@ class Run:
         fields = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(",") if kv)
         return cls(method, lam=float(fields["lam"]) if "lam" in fields else None,
                    batch_size=int(fields["batch"]) if "batch" in fields else None,
-                   features=fields.get("features"), region_loss=fields.get("loss"))
+                   features=fields.get("features"), region_loss=fields.get("loss"),
+                   max_repeat=int(fields["repeat"]) if "repeat" in fields else None)
+
+    def train_overrides(self) -> dict:
+        """The fine-tuning configuration fields this run changes."""
+        return {k: v for k, v in (("lam", self.lam), ("batch_size", self.batch_size),
+                                  ("region_loss", self.region_loss), ("max_repeat", self.max_repeat))
+                if v is not None}
 
     @property
     def ablation(self) -> "Run | None":
         """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with the
-        same batch size and feature selection; ``None`` for other methods."""
+        same batch size, feature selection and sampling; ``None`` for other methods."""
         if self.method != REFERENCE:
             return None
-        return Run("upsampled", batch_size=self.batch_size, features=self.features)
+        return Run("upsampled", batch_size=self.batch_size, features=self.features, max_repeat=self.max_repeat)
 
 
 PLANS: dict[str, list[Run]] = {
@@ -111,6 +123,8 @@ PLANS: dict[str, list[Run]] = {
     "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="correlated")],
+    "sampler": [Run(m, max_repeat=k, features=f) for k in (None, 8) for f in (None, "oracle")
+                for m in ("upsampled", "ravl")],
 }
 ORACLE = "oracle"
 
@@ -190,9 +204,7 @@ def probes(built: BuiltSetting, lm, classes: Sequence[str], per_group: int = 64)
 def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: int, root: Path, *,
                       trace: bool = False, keep_models: bool = False, progress: bool = False) -> dict:
     """Train one run, evaluate it on ``test``; the result row."""
-    cfg = replace(built.finetune, method=run.method, seed=seed,
-                  **{k: v for k, v in (("lam", run.lam), ("batch_size", run.batch_size),
-                                       ("region_loss", run.region_loss)) if v is not None})
+    cfg = replace(built.finetune, method=run.method, seed=seed, **run.train_overrides())
     selection = run.features or DEFAULT_FEATURE_SELECTION
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
     assignment = None

@@ -101,15 +101,19 @@ def _class_text(model, data: TrainData, method: str) -> torch.Tensor:
     return model.encode_text(_extra(data, "class_tokens", method))
 
 
-def upsampled_order(groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def upsampled_order(groups: torch.Tensor, gen: torch.Generator, max_repeat: int | None = None) -> torch.Tensor:
     """One pass in which every non-empty group is upsampled to the size of
     the largest: each member repeated ``⌊max/size⌋`` times, plus a random
-    remainder, then everything shuffled. The loop's step budget is fixed by
-    the data size, so upsampling changes what is seen, not how long."""
+    remainder, then everything shuffled. With ``max_repeat`` a group is
+    upsampled to at most ``max_repeat`` times its own size, so a group of a
+    handful of images is not drawn as often as one of hundreds. The loop's
+    step budget is fixed by the data size, so upsampling changes what is
+    seen, not how long."""
     members = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
-    target = max(len(m) for m in members)
+    largest = max(len(m) for m in members)
     parts = []
     for m in members:
+        target = largest if max_repeat is None else min(largest, max_repeat * len(m))
         reps, rest = divmod(target, len(m))
         parts.append(m.repeat(reps))
         parts.append(m[torch.randperm(len(m), generator=gen)[:rest]])
@@ -118,7 +122,7 @@ def upsampled_order(groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def group_balanced_sampler(n: int, gen: torch.Generator, data: TrainData, cfg: TrainConfig) -> torch.Tensor:
-    return upsampled_order(_extra(data, "groups", cfg.method), gen)
+    return upsampled_order(_extra(data, "groups", cfg.method), gen, cfg.max_repeat)
 
 
 @contextmanager
