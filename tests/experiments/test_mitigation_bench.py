@@ -168,8 +168,9 @@ def test_summarise_pairs_by_seed():
 def test_run_keys_and_plans():
     assert mitigation.Run("ravl").key == "ravl"
     assert mitigation.Run("ravl", lam=0.5, batch_size=32).key == "ravl[lam=0.5,batch=32]"
+    for plan in mitigation.PLANS.values():
+        assert len({r.key for r in plan}) == len(plan)
     keys = [r.key for p in mitigation.PLANS.values() for r in p]
-    assert len(keys) == len(set(keys))
     assert {r.method for r in mitigation.PLANS["main"]} == {"standard", "upsampled", "vl-erm", "vl-gdro",
                                                              "spurious-aware", "ravl"}
     assert {r.lam for r in mitigation.PLANS["lambda"]} == {0.5, 0.7, 0.9}
@@ -180,6 +181,9 @@ def test_run_keys_and_plans():
     assert run == mitigation.Run("ravl", lam=0.5, batch_size=32, features="all", region_loss="correlated")
     assert run.ablation == mitigation.Run("upsampled", batch_size=32, features="all")
     assert mitigation.Run("vl-gdro").ablation is None
+    capped = mitigation.Run.from_key("ravl[features=oracle,repeat=8]")
+    assert capped.max_repeat == 8 and capped.train_overrides() == {"max_repeat": 8}
+    assert capped.ablation == mitigation.Run("upsampled", features="oracle", max_repeat=8)
 
 
 def test_each_ravl_run_is_paired_with_its_ablation():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.config import ParamsError, TrainConfig
 from ravl_pipeline.core.findings import Feature, Findings
 from ravl_pipeline.io.hashing import file_sha256, json_sha256
 from ravl_pipeline.mitigate import methods
@@ -150,6 +150,21 @@ def test_group_ids_and_upsampled_order_balance_groups():
     assert seen[5] == 5 and seen[9] == 5  # singleton groups repeated five times
     assert sum(seen[6:9]) == 5 and min(seen[6:9]) >= 1  # 3 members: once each + 2 drawn without replacement
     assert max(seen[6:9]) <= 2
+
+
+def test_upsampled_order_max_repeat_caps_the_draws_of_small_groups():
+    groups = torch.tensor([0] * 10 + [1] + [2] * 4)
+    for seed in range(5):
+        order = upsampled_order(groups, torch.Generator().manual_seed(seed), max_repeat=3)
+        # the singleton drawn 3 times, not 10; the group of 4 reaches the largest size (3·4 ≥ 10)
+        assert torch.bincount(groups[order], minlength=3).tolist() == [10, 3, 10]
+        seen = torch.bincount(order, minlength=15)
+        assert seen[:10].tolist() == [1] * 10 and seen[10] == 3 and seen[11:].max() <= 3
+    # a cap above every ratio changes nothing
+    uncapped = upsampled_order(groups, torch.Generator().manual_seed(0))
+    assert torch.equal(upsampled_order(groups, torch.Generator().manual_seed(0), max_repeat=10), uncapped)
+    with pytest.raises(ParamsError, match="max_repeat"):
+        TrainConfig(max_repeat=0)
 
 
 def test_group_dro_step_by_hand():
