@@ -269,6 +269,15 @@ def audited_row(built: BuiltSetting, seed: int) -> dict:
             "groups": metrics["groups"], "warnings": metrics["warnings"]}
 
 
+def validity_row(built: BuiltSetting, seed: int) -> dict:
+    """Whether this seed's audited model learned the planted correlation, on
+    ``val`` (SPEC §4.1): a seed whose model did not has nothing to mitigate."""
+    found = stages.setting_validity(built.audited, built.eval_dir, split="val")
+    return {"run": "validity", "method": "validity", "seed": seed,
+            "validity": {f: {k: v[k] for k in ("valid", "correlated_class", "correlated_gap", "other_mean_gap")}
+                         for f, v in found.items()}}
+
+
 def assignment_rows(built: BuiltSetting, findings: Findings, seed: int, root: Path,
                     selections: Sequence[str]) -> list[dict]:
     """Precision/recall of the spurious-region assignment of every selection."""
@@ -320,6 +329,8 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
         if progress:
             m = row.get("metrics") or {}
             what = row.get("skipped") or " ".join(f"{k}={m[k]:.3f}" for k in METRICS if m.get(k) is not None)
+            what += " ".join(f"{f} {'valid' if v['valid'] else 'NOT valid'}"
+                             for f, v in (row.get("validity") or {}).items())
             print(f"[{setting} seed {row['seed']}] {row['run']}: {what}", flush=True)
 
     prepared: dict[int, tuple[BuiltSetting, Findings]] = {}
@@ -331,14 +342,20 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
             findings = discover(built, seed, root, mode)
             if not done(seed, "audited"):
                 add(audited_row(built, seed))
+            if built.features and not done(seed, "validity"):
+                add(validity_row(built, seed))
             for row in assignment_rows(built, findings, seed, root, selections):
                 if not done(seed, row["run"]):
                     add(row)
             prepared[seed] = built, findings
         return prepared[seed]
 
-    # plan by plan, each over every seed, so that a run stopped early has
-    # complete tables for the first plans
+    # every seed's validity first (a resumed run records it too), then plan
+    # by plan, each over every seed, so that a run stopped early has complete
+    # tables for the first plans
+    for seed in seeds:
+        if not done(seed, "validity"):
+            prepare(seed)
     for run in runs:
         for seed in seeds:
             if not done(seed, run.key):
@@ -384,7 +401,16 @@ def summarise(rows: Sequence[dict]) -> dict:
     out["assignment"] = [{"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
                          for r in rows if r.get("method") == "assignment" and "quality" in r]
     out["group_sizes"] = sorted({g["n"] for r in trained for g in r.get("groups", []) if g.get("n")})
+    out["validity"] = {r["seed"]: r["validity"] for r in rows if r.get("method") == "validity"}
     return out
+
+
+def valid_seeds(rows: Sequence[dict]) -> list[int] | None:
+    """The seeds whose audited model learned every planted correlation;
+    ``None`` when no seed's validity is recorded."""
+    checked = {r["seed"]: all(v["valid"] for v in r["validity"].values()) for r in rows
+               if r.get("method") == "validity"}
+    return sorted(s for s, ok in checked.items() if ok) if checked else None
 
 
 def _pr(q: dict) -> dict:
@@ -446,13 +472,31 @@ def summary_markdown(summary: dict, setting: str) -> str:
             lines.append(f"| {a['seed']} | {a['selection']} | " + " | ".join(
                 _pct(a.get(k)) for k in ("region_precision", "region_recall", "image_precision", "image_recall"))
                 + " | " + ", ".join(f"{k} {v}" for k, v in list((a.get("flagged_labels") or {}).items())[:4]) + " |")
+    if summary.get("validity"):
+        lines += ["", "Validity of each seed's audited model on `val` (SPEC §4.1: accuracy with − without the "
+                  "feature, correlated class / mean of the others):", ""]
+        for seed, per in sorted(summary["validity"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"- seed {seed}: " + "; ".join(
+                f"{f} ↔ {v['correlated_class']} {'valid' if v['valid'] else '**not valid**'} "
+                f"({_signed(v['correlated_gap'])} / {_signed(v['other_mean_gap'])})" for f, v in per.items()))
     for s in summary["skipped"]:
         lines.append(f"- skipped: {s['run']} on seed {s['seed']}: {s['why']}")
     return "\n".join(lines) + "\n"
 
 
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
 def write_summary(out: Path, setting: str, rows: Sequence[dict]) -> dict:
+    """``summary.json`` / ``summary.md``; when some seed's audited model is
+    not valid, the same tables over the valid seeds only follow."""
     summary = summarise(rows)
+    text = summary_markdown(summary, setting)
+    valid = valid_seeds(rows)
+    if valid is not None and set(valid) != set(summary["seeds"]):
+        summary["valid_seeds_only"] = summarise([r for r in rows if r["seed"] in valid])
+        text += "\n## Valid seeds only\n\n" + summary_markdown(summary["valid_seeds_only"], setting)
     write_json_atomic(out / "summary.json", {"setting": setting, **summary})
-    write_text_atomic(out / "summary.md", summary_markdown(summary, setting))
+    write_text_atomic(out / "summary.md", text)
     return summary

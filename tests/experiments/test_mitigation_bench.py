@@ -200,6 +200,31 @@ def test_each_ravl_run_is_paired_with_its_ablation():
     assert "| ravl[batch=32] | upsampled[batch=32] | 2 | +15.0 [+10.0, +20.0]" in mitigation.summary_markdown(s, "x")
 
 
+def test_invalid_seeds_are_named_and_left_out_of_a_second_table(tmp_path):
+    def metrics(v):
+        return {"image_overall": v, "image_worst_group": v, "region_overall": v, "region_worst_group": v}
+
+    def valid(ok):
+        return {"red square": {"valid": ok, "correlated_class": "nine", "correlated_gap": 0.5 if ok else 0.01,
+                               "other_mean_gap": -0.4}}
+
+    rows = [{"run": "validity", "method": "validity", "seed": s, "validity": valid(s != 2)} for s in (0, 1, 2)]
+    rows += [{"run": run, "seed": s, "metrics": metrics(v + s / 100)} for s in (0, 1, 2)
+             for run, v in (("ravl", 0.6), ("upsampled", 0.5))]
+    assert mitigation.valid_seeds(rows) == [0, 1]
+    assert mitigation.valid_seeds(rows[3:]) is None
+    summary = mitigation.write_summary(tmp_path, "x", rows)
+    assert summary["runs"]["upsampled"]["n"] == 3
+    assert summary["valid_seeds_only"]["runs"]["upsampled"]["n"] == 2
+    assert summary["valid_seeds_only"]["runs"]["upsampled"]["image_overall"]["mean"] == pytest.approx(0.505)
+    md = (tmp_path / "summary.md").read_text()
+    assert "- seed 2: red square ↔ nine **not valid** (+0.01 / -0.40)" in md
+    assert md.count("## Valid seeds only") == 1
+    # every seed valid: one table
+    mitigation.write_summary(tmp_path, "x", [r for r in rows if r["seed"] != 2])
+    assert "Valid seeds only" not in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_runs_and_resumes(tiny_setting, tmp_path, monkeypatch, capsys):
     """One seed of a tiny setting: Stage 1, the audited model, assignment
@@ -217,10 +242,13 @@ def test_bench_runs_and_resumes(tiny_setting, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(mitigation.PLANS, "tiny", [mitigation.Run("upsampled"), mitigation.Run("ravl")])
     summary = mitigation.run_mitigation_bench("tiny", [0], ["tiny"], tmp_path, trace_seeds=[0], progress=False)
     lines = [json.loads(x) for x in (tmp_path / "tiny" / "results.jsonl").read_text().splitlines()]
-    assert [r["run"] for r in lines] == ["audited", "assignment[called]", "upsampled", "ravl"]
-    assert all(r["steps"] == 2 for r in lines[2:])
-    assert lines[1]["quality"]["regions"]["precision"] is not None
-    assert "trace" in lines[3] and (tmp_path / "tiny" / "seed0" / "trace-ravl.json").is_file()
+    assert [r["run"] for r in lines] == ["audited", "validity", "assignment[called]", "upsampled", "ravl"]
+    assert all(r["steps"] == 2 for r in lines[3:])
+    (feature, cls), = induced_pairs(eval_dir)
+    assert set(lines[1]["validity"]) == {feature} and lines[1]["validity"][feature]["correlated_class"] == cls
+    assert isinstance(lines[1]["validity"][feature]["valid"], bool)
+    assert lines[2]["quality"]["regions"]["precision"] is not None
+    assert "trace" in lines[4] and (tmp_path / "tiny" / "seed0" / "trace-ravl.json").is_file()
     assert not (tmp_path / "tiny" / "seed0" / "models" / "ravl").exists()  # deleted once evaluated
     assert summary["runs"]["upsampled"]["image_overall"]["ravl_minus"]["n"] == 1
     assert "| upsampled | 1 |" in (tmp_path / "tiny" / "summary.md").read_text()
