@@ -12,6 +12,8 @@ Plans (:data:`PLANS`):
 
 * ``main`` — Standard FT, Upsampled FT, VL-ERM, VL-GDRO, Spurious-Aware,
   RaVL, and RaVL with the ``correlated`` form of the region loss;
+* ``ablation`` — only ``main``'s Upsampled FT and RaVL (both forms): the
+  comparison SPEC §3.5 asks for, cheap enough to run on many seeds;
 * ``lambda`` — RaVL at λ 0.5, 0.7, 0.9 (0.8 is ``main``'s RaVL, 1.0 is
   Upsampled FT, the same training without the region terms);
 * ``batch`` — Upsampled FT and RaVL at batch 32 and 256 (128 in ``main``);
@@ -123,6 +125,7 @@ PLANS: dict[str, list[Run]] = {
     "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="correlated")],
+    "ablation": [Run("upsampled"), Run("ravl"), Run("ravl", region_loss="correlated")],
     "sampler": [Run(m, max_repeat=k, features=f) for k in (None, 8) for f in (None, "oracle")
                 for m in ("upsampled", "ravl")],
 }
