@@ -41,7 +41,7 @@ def register(sub) -> None:
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | features | oracle | "
-                        "sampler (see the module docstring)")
+                        "order | sampler (see the module docstring)")
     b.add_argument("--out", default="runs/bench-mitigation",
                    help="output folder; each setting in its own subfolder (resumes a partial run)")
     b.add_argument("--trace-seeds", type=int, nargs="*", default=[0],

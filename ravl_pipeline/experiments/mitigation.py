@@ -24,6 +24,9 @@ Plans (:data:`PLANS`):
 * ``oracle`` — Upsampled FT and RaVL (both forms) given the ground-truth
   spurious regions of the fine-tuning set instead of Stage 1's: Stage 2
   alone, free of discovery errors (a diagnostic; it never sees ``test``);
+* ``order`` — Upsampled FT and RaVL with five other training seeds (data
+  order and sampling; same setting, audited model and findings): how much
+  of the spread over seeds comes from training alone;
 * ``sampler`` — Upsampled FT and RaVL with group-balanced sampling as SPEC
   §3.6 has it and capped at 8 draws of one image per pass (``max_repeat``),
   each with the default selection and with the oracle's.
@@ -85,12 +88,13 @@ class Run:
     features: str | None = None
     region_loss: str | None = None
     max_repeat: int | None = None
+    order_seed: int | None = None  # the training seed (data order, sampling) instead of the setting's
 
     @property
     def key(self) -> str:
         changes = [f"{k}={v}" for k, v in (("lam", self.lam), ("batch", self.batch_size),
                                            ("features", self.features), ("loss", self.region_loss),
-                                           ("repeat", self.max_repeat)) if v is not None]
+                                           ("repeat", self.max_repeat), ("order", self.order_seed)) if v is not None]
         return self.method + (f"[{','.join(changes)}]" if changes else "")
 
     @classmethod
@@ -100,13 +104,14 @@ class Run:
         return cls(method, lam=float(fields["lam"]) if "lam" in fields else None,
                    batch_size=int(fields["batch"]) if "batch" in fields else None,
                    features=fields.get("features"), region_loss=fields.get("loss"),
-                   max_repeat=int(fields["repeat"]) if "repeat" in fields else None)
+                   max_repeat=int(fields["repeat"]) if "repeat" in fields else None,
+                   order_seed=int(fields["order"]) if "order" in fields else None)
 
     def train_overrides(self) -> dict:
         """The fine-tuning configuration fields this run changes."""
         return {k: v for k, v in (("lam", self.lam), ("batch_size", self.batch_size),
-                                  ("region_loss", self.region_loss), ("max_repeat", self.max_repeat))
-                if v is not None}
+                                  ("region_loss", self.region_loss), ("max_repeat", self.max_repeat),
+                                  ("seed", self.order_seed)) if v is not None}
 
     @property
     def ablation(self) -> "Run | None":
@@ -114,7 +119,8 @@ class Run:
         same batch size, feature selection and sampling; ``None`` for other methods."""
         if self.method != REFERENCE:
             return None
-        return Run("upsampled", batch_size=self.batch_size, features=self.features, max_repeat=self.max_repeat)
+        return Run("upsampled", batch_size=self.batch_size, features=self.features, max_repeat=self.max_repeat,
+                   order_seed=self.order_seed)
 
 
 PLANS: dict[str, list[Run]] = {
@@ -126,6 +132,7 @@ PLANS: dict[str, list[Run]] = {
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="correlated")],
     "ablation": [Run("upsampled"), Run("ravl"), Run("ravl", region_loss="correlated")],
+    "order": [Run(m, order_seed=k) for k in (101, 102, 103, 104, 105) for m in ("upsampled", "ravl")],
     "sampler": [Run(m, max_repeat=k, features=f) for k in (None, 8) for f in (None, "oracle")
                 for m in ("upsampled", "ravl")],
 }
@@ -207,7 +214,7 @@ def probes(built: BuiltSetting, lm, classes: Sequence[str], per_group: int = 64)
 def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: int, root: Path, *,
                       trace: bool = False, keep_models: bool = False, progress: bool = False) -> dict:
     """Train one run, evaluate it on ``test``; the result row."""
-    cfg = replace(built.finetune, method=run.method, seed=seed, **run.train_overrides())
+    cfg = replace(built.finetune, **({"method": run.method, "seed": seed} | run.train_overrides()))
     selection = run.features or DEFAULT_FEATURE_SELECTION
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
     assignment = None

@@ -184,6 +184,9 @@ def test_run_keys_and_plans():
     capped = mitigation.Run.from_key("ravl[features=oracle,repeat=8]")
     assert capped.max_repeat == 8 and capped.train_overrides() == {"max_repeat": 8}
     assert capped.ablation == mitigation.Run("upsampled", features="oracle", max_repeat=8)
+    reordered = mitigation.Run.from_key("ravl[order=101]")
+    assert reordered.train_overrides() == {"seed": 101}
+    assert reordered.ablation == mitigation.Run("upsampled", order_seed=101)
 
 
 def test_each_ravl_run_is_paired_with_its_ablation():
