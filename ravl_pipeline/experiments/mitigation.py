@@ -412,7 +412,39 @@ def summarise(rows: Sequence[dict]) -> dict:
                          for r in rows if r.get("method") == "assignment" and "quality" in r]
     out["group_sizes"] = sorted({g["n"] for r in trained for g in r.get("groups", []) if g.get("n")})
     out["validity"] = {r["seed"]: r["validity"] for r in rows if r.get("method") == "validity"}
+    out["reliance"] = reliance(rows)
     return out
+
+
+def feature_gaps(groups: Sequence[dict], correlated_class: str) -> dict | None:
+    """How much a model's image accuracy still depends on the feature, from
+    its (class, feature present) groups: the correlated class's accuracy with
+    − without it, and the mean of that difference over the other classes
+    (the quantities of SPEC §4.1's validity; 0 and 0 when the feature no
+    longer matters). ``None`` when a needed group is missing."""
+    acc = {(g["label"], bool(g["feature_present"])): g["image_acc"] for g in groups}
+    labels = sorted({label for label, _ in acc})
+    gaps = {y: acc[(y, True)] - acc[(y, False)] for y in labels
+            if acc.get((y, True)) is not None and acc.get((y, False)) is not None}
+    others = [v for y, v in gaps.items() if y != correlated_class]
+    if correlated_class not in gaps or not others:
+        return None
+    return {"correlated_gap": gaps[correlated_class], "other_mean_gap": float(np.mean(others))}
+
+
+def reliance(rows: Sequence[dict]) -> dict:
+    """Per run, the mean over seeds of :func:`feature_gaps` on ``test``
+    (single-feature settings whose validity rows name the class)."""
+    cls = {r["seed"]: next(iter(r["validity"].values()))["correlated_class"] for r in rows
+           if r.get("method") == "validity" and len(r["validity"]) == 1}
+    per_run: dict[str, list[dict]] = {}
+    for r in rows:
+        if "groups" in r and r["seed"] in cls:
+            gaps = feature_gaps(r["groups"], cls[r["seed"]])
+            if gaps is not None:
+                per_run.setdefault(r["run"], []).append(gaps)
+    return {run: {k: float(np.mean([g[k] for g in gs])) for k in ("correlated_gap", "other_mean_gap")}
+            | {"n": len(gs)} for run, gs in per_run.items()}
 
 
 def valid_seeds(rows: Sequence[dict]) -> list[int] | None:
@@ -482,6 +514,13 @@ def summary_markdown(summary: dict, setting: str) -> str:
             lines.append(f"| {a['seed']} | {a['selection']} | " + " | ".join(
                 _pct(a.get(k)) for k in ("region_precision", "region_recall", "image_precision", "image_recall"))
                 + " | " + ", ".join(f"{k} {v}" for k, v in list((a.get("flagged_labels") or {}).items())[:4]) + " |")
+    if summary.get("reliance"):
+        lines += ["", "Reliance on the feature on `test`, mean over seeds: image accuracy with − without it, "
+                  "correlated class / mean of the other classes (0 / 0: the feature no longer matters):", "",
+                  "| run | n | correlated class | other classes |", "|---|---|---|---|"]
+        for k in [k for k in keys if k in summary["reliance"]]:
+            g = summary["reliance"][k]
+            lines.append(f"| {k} | {g['n']} | {_signed(g['correlated_gap'])} | {_signed(g['other_mean_gap'])} |")
     if summary.get("validity"):
         lines += ["", "Validity of each seed's audited model on `val` (SPEC §4.1: accuracy with − without the "
                   "feature, correlated class / mean of the others):", ""]

@@ -203,6 +203,24 @@ def test_each_ravl_run_is_paired_with_its_ablation():
     assert "| ravl[batch=32] | upsampled[batch=32] | 2 | +15.0 [+10.0, +20.0]" in mitigation.summary_markdown(s, "x")
 
 
+def test_feature_gaps_and_reliance_by_hand():
+    def group(label, present, acc):
+        return {"label": label, "feature_present": present, "n": 100, "image_acc": acc}
+
+    groups = [group("nine", True, 0.9), group("nine", False, 0.3), group("one", True, 0.2),
+              group("one", False, 0.8), group("two", True, 0.7), group("two", False, 0.7)]
+    gaps = mitigation.feature_gaps(groups, "nine")
+    assert gaps["correlated_gap"] == pytest.approx(0.6) and gaps["other_mean_gap"] == pytest.approx(-0.3)
+    assert mitigation.feature_gaps(groups[2:], "nine") is None  # the correlated class missing
+    validity = {"run": "validity", "method": "validity", "seed": 0,
+                "validity": {"red square": {"valid": True, "correlated_class": "nine"}}}
+    rows = [validity, {**validity, "seed": 1}, {"run": "ravl", "seed": 0, "groups": groups},
+            {"run": "ravl", "seed": 1, "groups": [group("nine", True, 0.5), group("nine", False, 0.5),
+                                                  group("one", True, 0.4), group("one", False, 0.5)]}]
+    r = mitigation.reliance(rows)["ravl"]
+    assert r["n"] == 2 and r["correlated_gap"] == pytest.approx(0.3) and r["other_mean_gap"] == pytest.approx(-0.2)
+
+
 def test_invalid_seeds_are_named_and_left_out_of_a_second_table(tmp_path):
     def metrics(v):
         return {"image_overall": v, "image_worst_group": v, "region_overall": v, "region_worst_group": v}
