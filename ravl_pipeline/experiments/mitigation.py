@@ -67,6 +67,7 @@ from ..pipeline import stages
 from .bench import _append_row, _read_rows
 from .diagnostics import LossTrace, assignment_quality, summarise_trace
 from .recipe import DEFAULT_RECIPE, SCENES_RECIPE, Recipe, build_audited_model
+from .scenes import ScenesConfig
 
 __all__ = ["Run", "PLANS", "SETTINGS", "register_setting", "run_mitigation_bench", "summarise", "summary_markdown"]
 
@@ -151,6 +152,7 @@ class BuiltSetting:
     eval_dir: Path  # val (discovery) and test (metrics) splits
     finetune: TrainConfig  # the audited model's fine-tuning configuration
     features: list[tuple[str, str]]  # ground-truth (feature, correlated class) pairs, [] when unknown
+    proposer: str = RegionsConfig.proposer  # the regions Stage 1 and Stage 2 work on
 
 
 def recipe_setting(recipe: Recipe) -> Callable[[Path, int], BuiltSetting]:
@@ -160,7 +162,8 @@ def recipe_setting(recipe: Recipe) -> Callable[[Path, int], BuiltSetting]:
         paths = build_audited_model(root, r)
         eval_dir = paths["setting"] / "eval"
         return BuiltSetting(f"local-dir:{paths['pretrained']}", f"local-dir:{paths['audited']}",
-                            paths["setting"] / "finetune", eval_dir, r.finetune, induced_pairs(eval_dir))
+                            paths["setting"] / "finetune", eval_dir, r.finetune, induced_pairs(eval_dir),
+                            proposer="boxes" if isinstance(r.synth, ScenesConfig) else RegionsConfig.proposer)
     return build
 
 
@@ -189,7 +192,8 @@ def discover(built: BuiltSetting, seed: int, root: Path, mode: str = RegionsConf
     ds = load_dataset(built.eval_dir, split="val", require_labels=True)
     classes = ds.classes()
     findings = stages.stage1(load_model(built.audited), ds, classes, templates=stages.templates_for(built.eval_dir),
-                             regions=RegionsConfig(mode=mode), discovery=DiscoveryConfig(seed=seed)).findings
+                             regions=RegionsConfig(proposer=built.proposer, mode=mode),
+                             discovery=DiscoveryConfig(seed=seed)).findings
     write_findings(findings, path)
     return findings
 

@@ -203,6 +203,32 @@ def test_each_ravl_run_is_paired_with_its_ablation():
     assert "| ravl[batch=32] | upsampled[batch=32] | 2 | +15.0 [+10.0, +20.0]" in mitigation.summary_markdown(s, "x")
 
 
+def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypatch):
+    """Scenes carry COCO boxes: discovery there must run on the boxes, not on quadrants."""
+    monkeypatch.setattr(mitigation, "build_audited_model",
+                        lambda root, recipe: {k: tmp_path / k for k in ("setting", "pretrained", "audited")})
+    monkeypatch.setattr(mitigation, "induced_pairs", lambda eval_dir: [("red square", "nine")])
+    assert mitigation.SETTINGS["scenes"](tmp_path, 0).proposer == "boxes"
+    assert mitigation.SETTINGS["default"](tmp_path, 0).proposer == "quadrants"
+    assert mitigation.SETTINGS["default-clip"](tmp_path, 0).proposer == "quadrants"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def stage1(model, ds, classes, *, regions, **kwargs):
+        seen["proposer"] = regions.proposer
+        raise Stop
+
+    monkeypatch.setattr(mitigation, "load_dataset", lambda *a, **k: type("DS", (), {"classes": lambda self: []})())
+    monkeypatch.setattr(mitigation, "load_model", lambda spec: None)
+    monkeypatch.setattr(mitigation.stages, "templates_for", lambda d: ["{}"])
+    monkeypatch.setattr(mitigation.stages, "stage1", stage1)
+    with pytest.raises(Stop):
+        mitigation.discover(mitigation.SETTINGS["scenes"](tmp_path, 0), 0, tmp_path)
+    assert seen["proposer"] == "boxes"
+
+
 def test_feature_gaps_and_reliance_by_hand():
     def group(label, present, acc):
         return {"label": label, "feature_present": present, "n": 100, "image_acc": acc}
