@@ -412,8 +412,9 @@ def summarise(rows: Sequence[dict]) -> dict:
                                                                   [partner[s][m] for s in common])
         out["runs"][key] = entry
     out["skipped"] = [{"run": r["run"], "seed": r["seed"], "why": r["skipped"]} for r in rows if "skipped" in r]
-    out["assignment"] = [{"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
-                         for r in rows if r.get("method") == "assignment" and "quality" in r]
+    out["assignment"] = sorted(({"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
+                                for r in rows if r.get("method") == "assignment" and "quality" in r),
+                               key=lambda a: (a["seed"], a["selection"]))
     out["group_sizes"] = sorted({g["n"] for r in trained for g in r.get("groups", []) if g.get("n")})
     out["validity"] = {r["seed"]: r["validity"] for r in rows if r.get("method") == "validity"}
     out["reliance"] = reliance(rows)
