@@ -39,7 +39,9 @@ def region_aware_loss(region_feats: torch.Tensor, region_image: torch.Tensor, sp
     (``s(r, y_i)``), so spurious regions are pushed away from every class
     text and every class text away from them. ``form="correlated"`` pushes a
     spurious region away from the text of its feature's correlated class only
-    (``spurious_class`` [M], class index per region, −1 where not spurious):
+    (``spurious_class`` [M], class index per region, −1 where not spurious
+    or where the feature's class is not among ``text_feats``: such a region
+    enters neither denominator):
     ``s(r, c(r))`` in L_R, and in L_A only for the images of that class.
     ``parts=True`` returns ``(L_R, L_A)`` (each averaged the same way).
     """
@@ -72,7 +74,9 @@ def region_aware_loss(region_feats: torch.Tensor, region_image: torch.Tensor, sp
         spur_a = spur[:, lab_pos].T  # [i, r] = log s(r, y_i)
     else:
         cls = spurious_class[spurious]
-        own_text = (f[spurious] * g[cls]).sum(-1) / tau  # log s(r, c(r))
+        # a spurious region whose feature has no class among the texts (−1) has nothing to be pushed from
+        own_text = (f[spurious] * g[cls.clamp(min=0)]).sum(-1) / tau  # log s(r, c(r))
+        own_text = own_text.masked_fill(cls < 0, neg_inf)
         spur_r = own_text[None, :].expand(n_images, -1)
         spur_a = own_text[None, :].masked_fill(labels[:, None] != cls[None, :], neg_inf)
     loss_r = torch.logsumexp(torch.cat([log_sigma, spur_r], dim=1), dim=1) - own

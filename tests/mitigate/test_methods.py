@@ -47,7 +47,7 @@ def direct_loss(f, region_image, spurious, labels, g, tau, spurious_class=None):
             spur_r = sum(max(s(r, y) for y in Y_B) for r in spur)
             spur_a = sum(s(r, yi) for r in spur)
         else:
-            spur_r = sum(s(r, spurious_class[r]) for r in spur)
+            spur_r = sum(s(r, spurious_class[r]) for r in spur if spurious_class[r] >= 0)
             spur_a = sum(s(r, yi) for r in spur if spurious_class[r] == yi)
         den_r = sum(sigma(i, y) for y in Y_B) + spur_r
         den_a = num + sum(sigma(j, yi) for j in range(B) if labels[j] != yi) + spur_a
@@ -514,6 +514,21 @@ def test_correlated_region_loss_matches_direct_formulas(tau):
                                      parts=True)[1]
     spec_a = region_aware_loss(*tf, tau=tau, parts=True)[1]
     assert correlated_a.item() < spec_a.item()  # SPEC's form pushes every text from them; this one none here
+
+
+def test_correlated_region_loss_ignores_a_spurious_region_without_a_class():
+    """A spurious region whose feature's class is not among the texts (−1)
+    enters neither denominator: not pushed from the last class text by
+    negative indexing."""
+    f, region_image, spurious, labels, g = hand_batch()
+    spurious_class = np.where(spurious, [0, 0, 0, 0, 0, -1, 0], -1)  # region 5: spurious, no class
+    got = region_aware_loss(*as_torch(f, region_image, spurious, labels, g), tau=0.5, form="correlated",
+                            spurious_class=torch.tensor(spurious_class)).item()
+    assert got == pytest.approx(direct_loss(f, region_image, spurious, labels, g, 0.5, spurious_class), rel=1e-10)
+    keep = np.arange(len(f)) != 5  # the same batch without region 5 at all
+    without = region_aware_loss(*as_torch(f[keep], region_image[keep], spurious[keep], labels, g), tau=0.5,
+                                form="correlated", spurious_class=torch.tensor(spurious_class[keep])).item()
+    assert got == pytest.approx(without, rel=1e-12)
 
 
 def test_region_loss_parts_add_up_to_the_spec_loss():
