@@ -122,7 +122,7 @@ def test_the_trace_does_not_change_training(tiny_finetune_set):
         lm = load_model("ravl-tiny-rn", seed=0)
         data = build_train_data(lm, ds, "a {}", classes=["one", "nine"])
         attach_class_tokens(data, lm, "a {}")
-        attach_region_extras(data, lm, ds, a)
+        attach_region_extras(data, lm, ds, a, cluster_class={0: 1})  # the red square's cluster ↔ "nine"
         hook = LossTrace({"x": (data.pixels[:4], data.labels[:4])}, data.extras["class_tokens"], every=1) \
             if traced else None
         hist = finetune(lm, data, TrainConfig(method="ravl", max_steps=2, batch_size=10), progress=False,

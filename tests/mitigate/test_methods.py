@@ -253,6 +253,7 @@ def tiny_batch(lm, n=4, classes=("zero", "one", "two")):
     data = TrainData(pixels, tokens, labels, list(classes))
     data.extras["boxes"] = [quads.clone() for _ in range(n)]
     data.extras["spurious"] = [torch.tensor([False, True, False, False]) for _ in range(n)]
+    data.extras["spurious_class"] = [torch.tensor([-1, 0, -1, -1]) for _ in range(n)]  # tied to class 0
     data.extras["groups"] = group_ids(labels, np.array([k % 2 == 0 for k in range(n)]))
     data.extras["class_tokens"] = lm.tokenizer([f"a {c}" for c in classes])
     data.extras["attribute_tokens"] = lm.tokenizer(["a red square"])

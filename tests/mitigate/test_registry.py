@@ -84,8 +84,8 @@ def train_data_for(method: Method, lm, ds) -> TrainData:
     data = build_train_data(lm, ds, TEMPLATE, classes=CLASSES)
     if method.needs_labels:
         attach_class_tokens(data, lm, TEMPLATE)
-    if method.needs_findings:
-        attach_region_extras(data, lm, ds, hand_assignment(ds))
+    if method.needs_findings:  # the spurious cluster (0) tied to the second class
+        attach_region_extras(data, lm, ds, hand_assignment(ds), cluster_class={0: 1})
     if method.needs_attribute_text:
         attach_attribute_tokens(data, lm, ["red square"])
     return data
