@@ -284,13 +284,14 @@ def audited_row(built: BuiltSetting, seed: int) -> dict:
             "groups": metrics["groups"], "warnings": metrics["warnings"]}
 
 
-def validity_row(built: BuiltSetting, seed: int) -> dict:
+def validity_row(findings: Findings, seed: int) -> dict:
     """Whether this seed's audited model learned the planted correlation, on
-    ``val`` (SPEC §4.1): a seed whose model did not has nothing to mitigate."""
-    found = stages.setting_validity(built.audited, built.eval_dir, split="val")
+    ``val`` (SPEC §4.1), as Stage 1 recorded it in the findings' ground
+    truth: a seed whose model did not has nothing to mitigate."""
     return {"run": "validity", "method": "validity", "seed": seed,
-            "validity": {f: {k: v[k] for k in ("valid", "correlated_class", "correlated_gap", "other_mean_gap")}
-                         for f, v in found.items()}}
+            "validity": {f: {k: gt["validity"][k] for k in ("valid", "correlated_class", "correlated_gap",
+                                                             "other_mean_gap")}
+                         for f, gt in findings.ground_truth.items()}}
 
 
 def assignment_rows(built: BuiltSetting, findings: Findings, seed: int, root: Path,
@@ -357,8 +358,8 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
             findings = discover(built, seed, root, mode)
             if not done(seed, "audited"):
                 add(audited_row(built, seed))
-            if built.features and not done(seed, "validity"):
-                add(validity_row(built, seed))
+            if findings.ground_truth and not done(seed, "validity"):
+                add(validity_row(findings, seed))
             for row in assignment_rows(built, findings, seed, root, selections):
                 if not done(seed, row["run"]):
                     add(row)

@@ -348,18 +348,6 @@ def evaluate(model: str, data_dir, split: str | None = "test", features: Sequenc
     return metrics
 
 
-def setting_validity(model: str, data_dir, split: str = "val") -> dict[str, dict]:
-    """Whether ``model`` learned each induced correlation of a synthetic
-    setting (SPEC §4.1), measured on ``split``: feature name → validity."""
-    ds = load_dataset(data_dir, split=split, require_labels=True)
-    classes = list((dataset_setting(data_dir) or {}).get("classes") or ds.classes())
-    image_pred = _predictions(load_model(model), ds, classes, check_templates(templates_for(data_dir)),
-                              RegionsConfig.batch_size, False)[0]
-    labels = label_indices(ds, classes)
-    return {feature: validity(labels, image_pred, feature_presence(ds.region_labels, feature), classes, cls)
-            for feature, cls in induced_pairs(data_dir)}
-
-
 def _predictions(lm, ds, classes, templates, batch_size, progress):
     """Image predictions for every row; core-region predictions where the
     manifest annotates regions (``None`` when no row does)."""
