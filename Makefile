@@ -50,8 +50,11 @@ setup-redis:
 demo: setup
 	$(BIN)/ravl demo
 
+# Two workers (pytest-xdist), a test file to a worker: most of the long tests
+# wait on Dagster runs, servers and subprocesses, so two overlap well on 2 cores.
+TEST_WORKERS ?= 2
 test: setup setup-dvc setup-chromium setup-redis
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
