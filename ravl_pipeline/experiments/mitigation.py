@@ -18,6 +18,9 @@ Plans (:data:`PLANS`):
 * ``lambda`` — RaVL at λ 0.5, 0.7, 0.9 (0.8 is ``main``'s RaVL, 1.0 is
   Upsampled FT, the same training without the region terms);
 * ``batch`` — Upsampled FT and RaVL at batch 32 and 256 (128 in ``main``);
+* ``steps`` — Upsampled FT and RaVL with 16 epochs, four times the recipes' 4:
+  batch 32's number of steps at ``main``'s batch size, which tells the
+  batch size's effect from the step count's;
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
   cluster (``rank1``, the reference code), every kept cluster (``all``,
   SPEC §3.1) and every called one (``significant``); ``main`` uses the
@@ -91,12 +94,14 @@ class Run:
     region_loss: str | None = None
     max_repeat: int | None = None
     order_seed: int | None = None  # the training seed (data order, sampling) instead of the setting's
+    epochs: float | None = None
 
     @property
     def key(self) -> str:
         changes = [f"{k}={v}" for k, v in (("lam", self.lam), ("batch", self.batch_size),
                                            ("features", self.features), ("loss", self.region_loss),
-                                           ("repeat", self.max_repeat), ("order", self.order_seed)) if v is not None]
+                                           ("repeat", self.max_repeat), ("order", self.order_seed),
+                                           ("epochs", self.epochs)) if v is not None]
         return self.method + (f"[{','.join(changes)}]" if changes else "")
 
     @classmethod
@@ -107,13 +112,14 @@ class Run:
                    batch_size=int(fields["batch"]) if "batch" in fields else None,
                    features=fields.get("features"), region_loss=fields.get("loss"),
                    max_repeat=int(fields["repeat"]) if "repeat" in fields else None,
-                   order_seed=int(fields["order"]) if "order" in fields else None)
+                   order_seed=int(fields["order"]) if "order" in fields else None,
+                   epochs=float(fields["epochs"]) if "epochs" in fields else None)
 
     def train_overrides(self) -> dict:
         """The fine-tuning configuration fields this run changes."""
         return {k: v for k, v in (("lam", self.lam), ("batch_size", self.batch_size),
                                   ("region_loss", self.region_loss), ("max_repeat", self.max_repeat),
-                                  ("seed", self.order_seed)) if v is not None}
+                                  ("seed", self.order_seed), ("epochs", self.epochs)) if v is not None}
 
     @property
     def ablation(self) -> "Run | None":
@@ -122,7 +128,7 @@ class Run:
         if self.method != REFERENCE:
             return None
         return Run("upsampled", batch_size=self.batch_size, features=self.features, max_repeat=self.max_repeat,
-                   order_seed=self.order_seed)
+                   order_seed=self.order_seed, epochs=self.epochs)
 
 
 PLANS: dict[str, list[Run]] = {
@@ -130,6 +136,7 @@ PLANS: dict[str, list[Run]] = {
     + [Run("ravl", region_loss="spec")],
     "lambda": [Run("ravl", lam=x) for x in (0.5, 0.7, 0.9)],
     "batch": [Run(m, batch_size=b) for b in (32, 256) for m in ("upsampled", "ravl")],
+    "steps": [Run(m, epochs=16.0) for m in ("upsampled", "ravl")],
     "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="spec")],

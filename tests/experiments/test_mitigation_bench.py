@@ -187,6 +187,9 @@ def test_run_keys_and_plans():
     reordered = mitigation.Run.from_key("ravl[order=101]")
     assert reordered.train_overrides() == {"seed": 101}
     assert reordered.ablation == mitigation.Run("upsampled", order_seed=101)
+    longer = mitigation.Run.from_key("ravl[epochs=16.0]")
+    assert longer.train_overrides() == {"epochs": 16.0} and longer.key == "ravl[epochs=16.0]"
+    assert longer.ablation == mitigation.Run("upsampled", epochs=16.0)
 
 
 def test_each_ravl_run_is_paired_with_its_ablation():
