@@ -98,37 +98,37 @@ class Run:
 
     @property
     def key(self) -> str:
-        changes = [f"{k}={v}" for k, v in (("lam", self.lam), ("batch", self.batch_size),
-                                           ("features", self.features), ("loss", self.region_loss),
-                                           ("repeat", self.max_repeat), ("order", self.order_seed),
-                                           ("epochs", self.epochs)) if v is not None]
+        changes = [f"{label}={getattr(self, attr)}" for attr, label, _, _ in RUN_FIELDS
+                   if getattr(self, attr) is not None]
         return self.method + (f"[{','.join(changes)}]" if changes else "")
 
     @classmethod
     def from_key(cls, key: str) -> "Run":
         method, _, rest = key.partition("[")
         fields = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(",") if kv)
-        return cls(method, lam=float(fields["lam"]) if "lam" in fields else None,
-                   batch_size=int(fields["batch"]) if "batch" in fields else None,
-                   features=fields.get("features"), region_loss=fields.get("loss"),
-                   max_repeat=int(fields["repeat"]) if "repeat" in fields else None,
-                   order_seed=int(fields["order"]) if "order" in fields else None,
-                   epochs=float(fields["epochs"]) if "epochs" in fields else None)
+        return cls(method, **{attr: parse(fields[label]) for attr, label, _, parse in RUN_FIELDS if label in fields})
 
     def train_overrides(self) -> dict:
         """The fine-tuning configuration fields this run changes."""
-        return {k: v for k, v in (("lam", self.lam), ("batch_size", self.batch_size),
-                                  ("region_loss", self.region_loss), ("max_repeat", self.max_repeat),
-                                  ("seed", self.order_seed), ("epochs", self.epochs)) if v is not None}
+        return {train: getattr(self, attr) for attr, _, train, _ in RUN_FIELDS
+                if train is not None and getattr(self, attr) is not None}
 
     @property
     def ablation(self) -> "Run | None":
-        """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with the
-        same batch size, feature selection and sampling; ``None`` for other methods."""
+        """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with
+        everything else of this run (batch size, feature selection, sampling,
+        order, epochs); ``None`` for other methods."""
         if self.method != REFERENCE:
             return None
-        return Run("upsampled", batch_size=self.batch_size, features=self.features, max_repeat=self.max_repeat,
-                   order_seed=self.order_seed, epochs=self.epochs)
+        return replace(self, method="upsampled", lam=None, region_loss=None)
+
+
+# What a run can change: its attribute, its label in the run key, the
+# TrainConfig field it sets (None: not a training field), and its parser.
+RUN_FIELDS = (("lam", "lam", "lam", float), ("batch_size", "batch", "batch_size", int),
+              ("features", "features", None, str), ("region_loss", "loss", "region_loss", str),
+              ("max_repeat", "repeat", "max_repeat", int), ("order_seed", "order", "seed", int),
+              ("epochs", "epochs", "epochs", float))
 
 
 PLANS: dict[str, list[Run]] = {
