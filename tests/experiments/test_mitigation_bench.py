@@ -175,6 +175,10 @@ def test_run_keys_and_plans():
                                                              "spurious-aware", "ravl"}
     assert {r.lam for r in mitigation.PLANS["lambda"]} == {0.5, 0.7, 0.9}
     assert {r.batch_size for r in mitigation.PLANS["batch"]} == {32, 256}
+    # the larger budget trains every method of main once, and includes the steps plan's pair
+    steps_main = mitigation.PLANS["steps-main"]
+    assert {r.method for r in steps_main} == {r.method for r in mitigation.PLANS["main"]}
+    assert {r.epochs for r in steps_main} == {16.0} and set(mitigation.PLANS["steps"]) <= set(steps_main)
     for key in keys:
         assert mitigation.Run.from_key(key).key == key
     run = mitigation.Run.from_key("ravl[lam=0.5,batch=32,features=all,loss=correlated]")
