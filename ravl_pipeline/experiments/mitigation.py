@@ -124,6 +124,16 @@ class Run:
             return None
         return replace(self, method="upsampled", lam=None, region_loss=None)
 
+    @property
+    def counterpart(self) -> "Run | None":
+        """RaVL (default form and λ) with everything else of this run: the
+        RaVL run a baseline trained at another batch size, budget or selection
+        is compared with; ``None`` for RaVL runs and for runs that change
+        nothing (those are compared with ``main``'s RaVL already)."""
+        if self.method == REFERENCE or self == Run(self.method):
+            return None
+        return replace(self, method=REFERENCE)
+
 
 # What a run can change: its attribute, its label in the run key, the
 # TrainConfig field it sets (None: not a training field), and its parser.
@@ -398,8 +408,10 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
 def summarise(rows: Sequence[dict]) -> dict:
     """Mean ± sd per run and metric over seeds; the paired difference
     ``RaVL − run`` per metric with its bootstrap interval over the seeds
-    both have; and for every RaVL run the paired difference to its own
-    ablation (:attr:`Run.ablation`, ``run − ablation``)."""
+    both have; for every RaVL run the paired difference to its own
+    ablation (:attr:`Run.ablation`, ``run − ablation``); and for every
+    baseline run that changes the training, the difference from RaVL with the
+    same change (:attr:`Run.counterpart`, ``counterpart − run``)."""
     trained = [r for r in rows if "metrics" in r]
     by_run: dict[str, dict[int, dict]] = {}
     for r in trained:
@@ -416,7 +428,8 @@ def summarise(rows: Sequence[dict]) -> dict:
             if key != REFERENCE and common:
                 entry[m]["ravl_minus"] = paired_difference_ci([ref[s][m] for s in common],
                                                               [per_seed[s][m] for s in common])
-        ablation = Run.from_key(key).ablation
+        run = Run.from_key(key)
+        ablation = run.ablation
         if ablation is not None and ablation.key in by_run:
             partner = by_run[ablation.key]
             common = sorted(set(partner) & set(per_seed))
@@ -424,6 +437,14 @@ def summarise(rows: Sequence[dict]) -> dict:
             for m in METRICS:
                 entry[m]["minus_ablation"] = paired_difference_ci([per_seed[s][m] for s in common],
                                                                   [partner[s][m] for s in common])
+        counterpart = run.counterpart
+        if counterpart is not None and counterpart.key in by_run:
+            partner = by_run[counterpart.key]
+            common = sorted(set(partner) & set(per_seed))
+            entry["counterpart"] = counterpart.key
+            for m in METRICS:
+                entry[m]["counterpart_minus"] = paired_difference_ci([partner[s][m] for s in common],
+                                                                     [per_seed[s][m] for s in common])
         out["runs"][key] = entry
     out["skipped"] = [{"run": r["run"], "seed": r["seed"], "why": r["skipped"]} for r in rows if "skipped" in r]
     out["assignment"] = sorted(({"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
@@ -525,6 +546,16 @@ def summary_markdown(summary: dict, setting: str) -> str:
             e = runs[k]
             lines.append(f"| {k} | {e['ablation']} | {e[METRICS[0]]['minus_ablation']['n']} | " + " | ".join(
                 _diff(e[m].get("minus_ablation")) for m in METRICS) + " |")
+    paired = [k for k in keys if "counterpart" in runs[k]]
+    if paired:
+        lines += ["", "Baselines trained with a change against RaVL with the same change (batch size, epochs, "
+                  "selection), RaVL − run, percentage points, mean [bootstrap 95% CI]:", "",
+                  "| run | RaVL run | n | image overall | image worst-group | region overall | region worst-group |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in paired:
+            e = runs[k]
+            lines.append(f"| {k} | {e['counterpart']} | {e[METRICS[0]]['counterpart_minus']['n']} | " + " | ".join(
+                _diff(e[m].get("counterpart_minus")) for m in METRICS) + " |")
     if summary["assignment"]:
         lines += ["", "Spurious-region assignment on the fine-tuning set vs ground truth:", "",
                   "| seed | selection | region precision | region recall | image precision | image recall | "

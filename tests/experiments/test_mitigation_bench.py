@@ -165,6 +165,26 @@ def test_summarise_pairs_by_seed():
     assert "test group sizes [100, 120]" in md
 
 
+def test_summarise_pairs_baselines_with_ravl_at_the_same_budget():
+    rows = _rows()
+    for seed, (ravl, std) in enumerate([(0.6, 0.2), (0.5, 0.5), (0.9, 0.4)]):
+        for run, wg in (("ravl[epochs=16.0]", ravl), ("standard[epochs=16.0]", std), ("standard", 0.0)):
+            rows.append({"run": run, "seed": seed, "metrics": {"image_overall": 0.7, "image_worst_group": wg,
+                                                              "region_overall": 0.5, "region_worst_group": None}})
+    s = mitigation.summarise(rows)
+    std = s["runs"]["standard[epochs=16.0]"]
+    assert std["counterpart"] == "ravl[epochs=16.0]"
+    d = std["image_worst_group"]["counterpart_minus"]
+    # differences +0.4, 0.0, +0.5: mean 0.3, the default RaVL (0.5, 0.4, 0.6) is not the partner
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.3) and d["ci"] == pytest.approx([0.0, 0.5])
+    assert std["image_worst_group"]["ravl_minus"]["mean"] == pytest.approx(0.4 / 3)  # 0.3, −0.1, 0.2
+    # an unchanged baseline and RaVL runs have no counterpart; the upsampled run is RaVL's ablation
+    assert "counterpart" not in s["runs"]["standard"] and "counterpart" not in s["runs"]["ravl[epochs=16.0]"]
+    assert mitigation.Run.from_key("upsampled[batch=32]").counterpart == mitigation.Run("ravl", batch_size=32)
+    md = mitigation.summary_markdown(s, "default")
+    assert "| standard[epochs=16.0] | ravl[epochs=16.0] | 3 | +0.0 [+0.0, +0.0] | +30.0 [+0.0, +50.0] |" in md
+
+
 def test_run_keys_and_plans():
     assert mitigation.Run("ravl").key == "ravl"
     assert mitigation.Run("ravl", lam=0.5, batch_size=32).key == "ravl[lam=0.5,batch=32]"
