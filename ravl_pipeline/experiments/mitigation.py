@@ -424,27 +424,15 @@ def summarise(rows: Sequence[dict]) -> dict:
             vals = [v[m] for v in per_seed.values() if v.get(m) is not None]
             entry[m] = {"mean": float(np.mean(vals)) if vals else None,
                         "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)}
-            common = sorted(set(ref) & set(per_seed))
-            if key != REFERENCE and common:
-                entry[m]["ravl_minus"] = paired_difference_ci([ref[s][m] for s in common],
-                                                              [per_seed[s][m] for s in common])
+        if key != REFERENCE and set(ref) & set(per_seed):
+            _add_paired(entry, "ravl_minus", ref, per_seed)
         run = Run.from_key(key)
-        ablation = run.ablation
-        if ablation is not None and ablation.key in by_run:
-            partner = by_run[ablation.key]
-            common = sorted(set(partner) & set(per_seed))
-            entry["ablation"] = ablation.key
-            for m in METRICS:
-                entry[m]["minus_ablation"] = paired_difference_ci([per_seed[s][m] for s in common],
-                                                                  [partner[s][m] for s in common])
-        counterpart = run.counterpart
-        if counterpart is not None and counterpart.key in by_run:
-            partner = by_run[counterpart.key]
-            common = sorted(set(partner) & set(per_seed))
-            entry["counterpart"] = counterpart.key
-            for m in METRICS:
-                entry[m]["counterpart_minus"] = paired_difference_ci([partner[s][m] for s in common],
-                                                                     [per_seed[s][m] for s in common])
+        if run.ablation is not None and run.ablation.key in by_run:
+            entry["ablation"] = run.ablation.key
+            _add_paired(entry, "minus_ablation", per_seed, by_run[run.ablation.key])
+        if run.counterpart is not None and run.counterpart.key in by_run:
+            entry["counterpart"] = run.counterpart.key
+            _add_paired(entry, "counterpart_minus", by_run[run.counterpart.key], per_seed)
         out["runs"][key] = entry
     out["skipped"] = [{"run": r["run"], "seed": r["seed"], "why": r["skipped"]} for r in rows if "skipped" in r]
     out["assignment"] = sorted(({"seed": r["seed"], "selection": r["selection"], **_pr(r["quality"])}
@@ -454,6 +442,13 @@ def summarise(rows: Sequence[dict]) -> dict:
     out["validity"] = {r["seed"]: r["validity"] for r in rows if r.get("method") == "validity"}
     out["reliance"] = reliance(rows)
     return out
+
+
+def _add_paired(entry: dict, field: str, first: dict[int, dict], second: dict[int, dict]) -> None:
+    """``entry[m][field]``: ``first − second`` per metric, paired over the seeds both have."""
+    common = sorted(set(first) & set(second))
+    for m in METRICS:
+        entry[m][field] = paired_difference_ci([first[s][m] for s in common], [second[s][m] for s in common])
 
 
 def feature_gaps(groups: Sequence[dict], correlated_class: str) -> dict | None:
