@@ -531,26 +531,12 @@ def summary_markdown(summary: dict, setting: str) -> str:
             continue
         n = e[METRICS[0]]["ravl_minus"]["n"]
         lines.append(f"| {k} | {n} | " + " | ".join(_diff(e[m].get("ravl_minus")) for m in METRICS) + " |")
-    ablated = [k for k in keys if "ablation" in runs[k]]
-    if ablated:
-        lines += ["", "RaVL runs against their ablation (Upsampled FT, λ = 1, same batch and selection), run − "
-                  "ablation, percentage points, mean [bootstrap 95% CI]:", "",
-                  "| run | ablation | n | image overall | image worst-group | region overall | region worst-group |",
-                  "|---|---|---|---|---|---|---|"]
-        for k in ablated:
-            e = runs[k]
-            lines.append(f"| {k} | {e['ablation']} | {e[METRICS[0]]['minus_ablation']['n']} | " + " | ".join(
-                _diff(e[m].get("minus_ablation")) for m in METRICS) + " |")
-    paired = [k for k in keys if "counterpart" in runs[k]]
-    if paired:
-        lines += ["", "Baselines trained with a change against RaVL with the same change (batch size, epochs, "
-                  "selection), RaVL − run, percentage points, mean [bootstrap 95% CI]:", "",
-                  "| run | RaVL run | n | image overall | image worst-group | region overall | region worst-group |",
-                  "|---|---|---|---|---|---|---|"]
-        for k in paired:
-            e = runs[k]
-            lines.append(f"| {k} | {e['counterpart']} | {e[METRICS[0]]['counterpart_minus']['n']} | " + " | ".join(
-                _diff(e[m].get("counterpart_minus")) for m in METRICS) + " |")
+    lines += _pair_table(runs, keys, "ablation", "minus_ablation",
+                         "RaVL runs against their ablation (Upsampled FT, λ = 1, same batch and selection), run − "
+                         "ablation, percentage points, mean [bootstrap 95% CI]:")
+    lines += _pair_table(runs, keys, "counterpart", "counterpart_minus",
+                         "Baselines trained with a change against RaVL with the same change (batch size, epochs, "
+                         "selection), RaVL − run, percentage points, mean [bootstrap 95% CI]:", partner="RaVL run")
     if summary["assignment"]:
         lines += ["", "Spurious-region assignment on the fine-tuning set vs ground truth:", "",
                   "| seed | selection | region precision | region recall | image precision | image recall | "
@@ -576,6 +562,22 @@ def summary_markdown(summary: dict, setting: str) -> str:
     for s in summary["skipped"]:
         lines.append(f"- skipped: {s['run']} on seed {s['seed']}: {s['why']}")
     return "\n".join(lines) + "\n"
+
+
+def _pair_table(runs: dict, keys: Sequence[str], name: str, field: str, title: str,
+                partner: str | None = None) -> list[str]:
+    """Markdown lines of the runs paired with ``runs[k][name]`` (the
+    differences in ``field``); none when no run has such a partner."""
+    paired = [k for k in keys if name in runs[k]]
+    if not paired:
+        return []
+    lines = ["", title, "", f"| run | {partner or name} | n | image overall | image worst-group | region overall | "
+             "region worst-group |", "|---|---|---|---|---|---|---|"]
+    for k in paired:
+        e = runs[k]
+        lines.append(f"| {k} | {e[name]} | {e[METRICS[0]][field]['n']} | "
+                     + " | ".join(_diff(e[m].get(field)) for m in METRICS) + " |")
+    return lines
 
 
 def _signed(x) -> str:
