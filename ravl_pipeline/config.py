@@ -244,8 +244,8 @@ class MitigationConfig:
 
     method: str = _f("ravl", "ravl | upsampled | vl-erm | vl-gdro | spurious-aware | standard")
     lam: float | None = _f(0.8, "λ of the region-aware loss (SPEC §3.3)", UNIT)
-    # correlated is at least as good as SPEC's form on image worst-group and region overall on both model
-    # families and the scenes setting, and better with the interval above 0 on each (BENCHMARKS.md §Mitigation)
+    # correlated is ahead of SPEC's form on image worst-group and image overall on both model families and the
+    # scenes setting, with the interval above 0 on at least one metric of each (BENCHMARKS.md §Mitigation)
     region_loss: str | None = _f("correlated", "form of the region-aware loss: correlated (spurious regions pushed "
                                                "from their feature's class text only) | spec (SPEC §3.3 as written: "
                                                "from every class text)")

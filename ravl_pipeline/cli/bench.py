@@ -20,7 +20,8 @@ def register(sub) -> None:
     b = bench.add_parser("discovery", help="RaVL vs image-level baselines over synthetic settings (SPEC §4)")
     b.add_argument("--grid", default="small", choices=list(GRIDS),
                    help="small (CI) | full (the 44-setting grid) | extra (null and two-feature settings "
-                        "on four more seeds) | evidence (single and null settings on two model families)")
+                        "on four more seeds) | evidence (single and null settings on two model families) | "
+                        "scenes (COCO-style photos with boxes)")
     b.add_argument("--out", default="runs/bench-discovery", help="output folder (resumes a partial run)")
     b.add_argument("--limit", type=flag_type(COUNT), default=None, help="run only the first N settings of the grid")
     b.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))

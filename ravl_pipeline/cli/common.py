@@ -21,7 +21,7 @@ def fmt(x, spec: str = ".3f") -> str:
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
-                   help="ravl-tiny-rn | ravl-tiny-vit | an open_clip name | local-dir:PATH")
+                   help="ravl-tiny-rn | ravl-tiny-rn-clip | ravl-tiny-vit | an open_clip name | local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file")
 
 
