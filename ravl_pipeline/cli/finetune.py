@@ -32,7 +32,7 @@ def register(sub) -> None:
                        help="discovered features treated as spurious: called (significant ones where the findings "
                             "carry significance, else all kept, less those the masking check does not support) | "
                             "significant (every called one) | all (every kept cluster) | top1 (the first called one) | "
-                            "rank1 (the top-ranked kept cluster, as the reference code) | K "
+                            "rank1 (the top-ranked kept cluster, as the reference code) | N (the first N called ones) "
                             f"(default: {DEFAULT_FEATURE_SELECTION})")
         p.add_argument("--attribute-text", action="append", default=None, metavar="TEXT",
                        help="the spurious attribute in words, for --method spurious-aware (repeatable; default: "
