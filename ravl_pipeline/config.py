@@ -254,6 +254,10 @@ class MitigationConfig:
     batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)", COUNT)
     seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)", INTEGER)
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
+    # 256 steps: 16 epochs of the built-in settings' 2,000 fine-tuning images at batch 128, where RaVL gains on
+    # every metric over the audited model's 64 steps on both model families (BENCHMARKS.md §The Stage 2 step floor)
+    min_steps: int | None = _f(256, "train at least this many steps, whatever the epochs give (null: as the "
+                                    "audited model's fine-tuning, usually no floor)", COUNT)
     max_repeat: int | None = _f(None, "group-balanced sampling draws one image at most this many times per pass "
                                       "(default: no limit, full balance, SPEC §3.6)", COUNT)
 
@@ -281,6 +285,8 @@ class TrainConfig:
     tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", POSITIVE)
     region_loss: str = _f(MitigationConfig.region_loss, "form of the region-aware loss: correlated | spec")
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
+    min_steps: int | None = _f(None, "train at least this many steps, whatever the epochs give (none: the epochs "
+                                     "alone; max_steps, when set, wins)", COUNT)
     max_repeat: int | None = _f(MitigationConfig.max_repeat, "group-balanced sampling: the most times one image "
                                 "is drawn per pass (none: no limit, every group as large as the largest)", COUNT)
 

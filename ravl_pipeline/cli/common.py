@@ -65,6 +65,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=sorted(METHODS), **option(TrainConfig, "method"))
     p.add_argument("--epochs", **option(TrainConfig, "epochs"))
     p.add_argument("--max-steps", **option(TrainConfig, "max_steps"))
+    p.add_argument("--min-steps", **option(TrainConfig, "min_steps"))
     p.add_argument("--batch-size", **option(TrainConfig, "batch_size"))
     p.add_argument("--lr", **option(TrainConfig, "lr"))
     p.add_argument("--lam", **option(TrainConfig, "lam"))
@@ -83,7 +84,7 @@ def train_config(args, caption_template: str) -> TrainConfig:
     return TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, lock_text=args.lock_text, caption_template=caption_template,
                        lam=args.lam, tau=args.tau, region_loss=args.region_loss, max_steps=args.max_steps,
-                       max_repeat=args.max_repeat)
+                       min_steps=args.min_steps, max_repeat=args.max_repeat)
 
 
 def print_findings(findings: Findings, path) -> None:

@@ -20,7 +20,9 @@ Plans (:data:`PLANS`):
 * ``batch`` — Upsampled FT and RaVL at batch 32 and 256 (128 in ``main``);
 * ``steps`` — Upsampled FT and RaVL with 16 epochs, four times the recipes' 4:
   batch 32's number of steps at ``main``'s batch size, which tells the
-  batch size's effect from the step count's;
+  batch size's effect from the step count's; on the built-in settings' 2,000
+  fine-tuning images these are the 256 steps of the pipeline's Stage 2 floor
+  (``mitigation.min_steps``), batch for batch;
 * ``steps-main`` — every method of ``main`` (RaVL in its default form) with
   those 16 epochs: the baselines at RaVL's larger budget;
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept

@@ -42,8 +42,7 @@ def epoch_order(n: int, gen: torch.Generator, data: TrainData, cfg: TrainConfig)
 
 def iter_batches(n: int, cfg: TrainConfig, gen: torch.Generator, data: TrainData):
     """Yield index tensors of each batch, epoch after epoch; fractional epochs allowed."""
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    total = total_steps(n, cfg)
     step = 0
     while step < total:
         order = epoch_order(n, gen, data, cfg)
@@ -58,9 +57,11 @@ def iter_batches(n: int, cfg: TrainConfig, gen: torch.Generator, data: TrainData
 
 
 def total_steps(n: int, cfg: TrainConfig) -> int:
+    """Steps of a run on ``n`` images: ``max_steps`` when set, else the
+    epochs' steps raised to ``min_steps``."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, round(cfg.epochs * max(1, math.ceil(n / cfg.batch_size))))
+    return max(1, round(cfg.epochs * max(1, math.ceil(n / cfg.batch_size))), cfg.min_steps or 0)
 
 
 def configure_trainable(model: torch.nn.Module, lock_text: bool) -> list[torch.nn.Parameter]:

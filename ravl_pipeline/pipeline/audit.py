@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import AuditedModelConfig, InputError, Params, train_config
+from ..config import AuditedModelConfig, InputError, Params, TrainConfig, train_config
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
 from ..core.embed import Embeddings
@@ -295,6 +295,12 @@ class Audit:
 
     # ------------------------------------------------------------------ Stage 2 and the closed loop
 
+    @cached_property
+    def stage2_config(self) -> TrainConfig:
+        """Stage 2's training configuration: the audited model's own fine-tuning
+        (SPEC §3.4) with the non-null values of ``params.mitigation`` on top."""
+        return train_config(self.audited.train, **dataclasses.asdict(self.params.mitigation))
+
     def mitigate(self) -> tuple[ModelRecord, dict]:
         """Stage 2 from the audited model's initialisation on its fine-tuning
         data (SPEC §3): the mitigated model's record and the training history
@@ -304,7 +310,7 @@ class Audit:
             raise AuditError("Stage 2 needs the audited model's initialisation and fine-tuning data: set "
                              "audited_model.init_model and audited_model.train_data in params.yaml")
         findings = read_findings(self.paths.findings)
-        cfg = train_config(record.train, **dataclasses.asdict(self.params.mitigation))
+        cfg = self.stage2_config
         chosen = []
         if get_method(cfg.method).needs_findings:
             try:
@@ -363,8 +369,7 @@ class Audit:
         method = self.mitigated.extra.get("method", "mitigated") if self.paths.mitigated_record.is_file() else None
         provenance = {"validation_set": self.name, "run_id": run_id, "audited_model": self.audited.model,
                       "mitigated_model": self.mitigated.model if method else None,
-                      "mitigation_method": train_config(self.audited.train,
-                                                        **dataclasses.asdict(self.params.mitigation)).method,
+                      "mitigation_method": self.stage2_config.method,
                       **({"note": note} if note else {})}
         drift = self.drift()
         summary = {"validation_set": self.name, "before": findings_summary(before),

@@ -264,6 +264,7 @@ CASES = [
     _flag("finetune-lr-0", FINETUNE, "--lr", "0"),
     _flag("finetune-epochs-negative", FINETUNE, "--epochs", "-1"),
     _flag("finetune-max-steps-0", FINETUNE, "--max-steps", "0"),
+    _flag("finetune-min-steps-0", FINETUNE, "--min-steps", "0"),
     _flag("evaluate-batch-0", EVALUATE, "--batch-size", "0"),
     _flag("evaluate-min-group-0", EVALUATE, "--min-group-size", "0"),
     _flag("synth-strength-2", SYNTH, "--strength", "2"),

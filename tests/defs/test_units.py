@@ -1,18 +1,24 @@
 """Pieces of the pipeline that need no model: params, fingerprints, checks'
 logic, the instance folder, and the shape of the definitions."""
+import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from ravl_pipeline.config import MASK_FILL_CHOICES, ParamsError, load_params, section_version
+from ravl_pipeline.config import (MASK_FILL_CHOICES, PARAMS_NAME, SECTIONS, Params, ParamsError, load_params,
+                                  section_version)
 from ravl_pipeline.core.evidence.fills import FILLS
 from ravl_pipeline.core.findings import Findings
 from ravl_pipeline.defs.resources import list_validation_sets
 from ravl_pipeline.io.files import atomic_dir
 from ravl_pipeline.io.hashing import dataset_fingerprint
 from ravl_pipeline.io.manifest import write_manifest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_params_defaults_overlay_and_section_versions(tmp_path):
@@ -37,6 +43,8 @@ def test_params_defaults_overlay_and_section_versions(tmp_path):
     ("discovery:\n  cluster_workers: 0\n", "discovery.cluster_workers"),
     ("discovery:\n  alpha: 1.5\n", "discovery.alpha"),
     ("discovery:\n  mask_fill: grey\n", "discovery.mask_fill"),
+    ("mitigation:\n  min_steps: 0\n", "mitigation.min_steps"),
+    ("mitigation:\n  min_steps: 2.5\n", "mitigation.min_steps"),
 ])
 def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
     path = tmp_path / "params.yaml"
@@ -44,6 +52,14 @@ def test_bad_params_name_the_file_and_key(tmp_path, text, needle):
     with pytest.raises(ParamsError) as err:
         load_params(path)
     assert str(path) in str(err.value) and needle in str(err.value)
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_the_shipped_params_file_lists_every_key_at_its_default(section):
+    # params.yaml is where users look for a knob; it must not drift from the
+    # defaults the library and the flags use when no params.yaml is given
+    shipped = yaml.safe_load((REPO / PARAMS_NAME).read_text())[section]
+    assert shipped == dataclasses.asdict(getattr(Params(), section))
 
 
 @pytest.mark.parametrize("fill", MASK_FILL_CHOICES)
