@@ -42,7 +42,8 @@ def run(args) -> int:
     if audit is not None and audit.paths.mitigated_record.is_file():
         record = audit.mitigated
         print(f"mitigated model: {record.extra.get('method')} on the called findings the masking check supports "
-              f"(ranks {', '.join(map(str, record.extra.get('feature_ranks') or []))})"
+              f"(ranks {', '.join(map(str, record.extra.get('feature_ranks') or []))}; "
+              f"{record.extra.get('steps', '?')} steps)"
               if record.extra.get("trained")
               else f"mitigated model: not trained ({record.extra.get('reason', 'nothing to mitigate')}); "
                    "the audited model is kept")

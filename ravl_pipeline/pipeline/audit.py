@@ -328,7 +328,7 @@ class Audit:
                                progress=self.progress)
         mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
                                 extra={"trained": True, "method": cfg.method,
-                                       "feature_ranks": [int(f.rank) for f in chosen]})
+                                       "feature_ranks": [int(f.rank) for f in chosen], "steps": history["steps"]})
         mitigated.write(self.paths.mitigated_record)
         return mitigated, history
 
