@@ -41,10 +41,10 @@ def run(args) -> int:
         print_findings(read_findings(audit.paths.findings), audit.paths.findings)
     if audit is not None and audit.paths.mitigated_record.is_file():
         record = audit.mitigated
+        ranks = ", ".join(map(str, record.extra.get("feature_ranks") or []))
+        steps = f"; {record.extra['steps']} steps" if "steps" in record.extra else ""  # absent in older records
         print(f"mitigated model: {record.extra.get('method')} on the called findings the masking check supports "
-              f"(ranks {', '.join(map(str, record.extra.get('feature_ranks') or []))}; "
-              f"{record.extra.get('steps', '?')} steps)"
-              if record.extra.get("trained")
+              f"(ranks {ranks}{steps})" if record.extra.get("trained")
               else f"mitigated model: not trained ({record.extra.get('reason', 'nothing to mitigate')}); "
                    "the audited model is kept")
     if audit is not None and audit.paths.metrics.is_file():

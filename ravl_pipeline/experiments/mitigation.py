@@ -19,7 +19,7 @@ Plans (:data:`PLANS`):
   Upsampled FT, the same training without the region terms);
 * ``batch`` — Upsampled FT and RaVL at batch 32 and 256 (128 in ``main``);
 * ``steps`` — Upsampled FT and RaVL with 16 epochs, four times the recipes' 4:
-  batch 32's number of steps at ``main``'s batch size, which tells the
+  about batch 32's number of steps at ``main``'s batch size, which tells the
   batch size's effect from the step count's; on the built-in settings' 2,000
   fine-tuning images these are the 256 steps of the pipeline's Stage 2 floor
   (``mitigation.min_steps``), batch for batch;
@@ -117,6 +117,12 @@ class Run:
         return {train: getattr(self, attr) for attr, _, train, _ in RUN_FIELDS
                 if train is not None and getattr(self, attr) is not None}
 
+    def train_config(self, finetune: TrainConfig, seed: int) -> TrainConfig:
+        """The run's training configuration: the setting's fine-tuning
+        ``finetune`` (its budget, without the pipeline's Stage 2 floor) with
+        this run's method, seed and changes."""
+        return replace(finetune, **({"method": self.method, "seed": seed} | self.train_overrides()))
+
     @property
     def ablation(self) -> "Run | None":
         """RaVL's own ablation (SPEC §3.5): Upsampled FT, i.e. λ = 1, with
@@ -146,7 +152,7 @@ RUN_FIELDS = (("lam", "lam", "lam", float), ("batch_size", "batch", "batch_size"
 
 
 METHODS = ("standard", "upsampled", "vl-erm", "vl-gdro", "spurious-aware", "ravl")  # SPEC §3.6's baselines and RaVL
-STEPS_EPOCHS = 16.0  # four times the recipes' 4 epochs: batch 32's number of steps at batch 128
+STEPS_EPOCHS = 16.0  # four times the recipes' 4 epochs: about batch 32's number of steps at batch 128
 
 PLANS: dict[str, list[Run]] = {
     "main": [Run(m) for m in METHODS] + [Run("ravl", region_loss="spec")],
@@ -243,7 +249,7 @@ def probes(built: BuiltSetting, lm, classes: Sequence[str], per_group: int = 64)
 def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: int, root: Path, *,
                       trace: bool = False, keep_models: bool = False, progress: bool = False) -> dict:
     """Train one run, evaluate it on ``test``; the result row."""
-    cfg = replace(built.finetune, **({"method": run.method, "seed": seed} | run.train_overrides()))
+    cfg = run.train_config(built.finetune, seed)
     selection = run.features or DEFAULT_FEATURE_SELECTION
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
     assignment = None

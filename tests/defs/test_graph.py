@@ -141,7 +141,7 @@ def test_full_graph_materializes_with_checks(pipeline):
     assert record["trained"] == bool(usable)
     if record["trained"]:
         assert record["feature_ranks"] == usable
-        assert record["steps"] == 2  # mitigation.max_steps wins over the default min_steps floor
+        assert record["steps"] == 2  # max_steps (params and the audited record) wins over the min_steps floor
     else:
         assert record["model"] == findings.model
         assert not feats or "significant" in record["reason"] or "masking check supports no" in record["reason"]

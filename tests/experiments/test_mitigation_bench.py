@@ -10,13 +10,14 @@ import torch
 
 from ravl_pipeline.config import TrainConfig
 from ravl_pipeline.experiments import mitigation
+from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
 from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
 from ravl_pipeline.experiments.synth import SynthConfig, make_setting
 from ravl_pipeline.io.dataset import induced_pairs, load_dataset
 from ravl_pipeline.mitigate.assign import RegionAssignment
 from ravl_pipeline.mitigate.data import TrainData
 from ravl_pipeline.mitigate.methods import METHODS, Method
-from ravl_pipeline.mitigate.train import finetune
+from ravl_pipeline.mitigate.train import finetune, total_steps
 from ravl_pipeline.models import load_model
 
 
@@ -214,6 +215,20 @@ def test_run_keys_and_plans():
     longer = mitigation.Run.from_key("ravl[epochs=16.0]")
     assert longer.train_overrides() == {"epochs": 16.0} and longer.key == "ravl[epochs=16.0]"
     assert longer.ablation == mitigation.Run("upsampled", epochs=16.0)
+
+
+@pytest.mark.parametrize("plan", sorted(mitigation.PLANS))
+@pytest.mark.parametrize("recipe", [DEFAULT_RECIPE, SCENES_RECIPE], ids=["default", "scenes"])
+def test_every_plan_trains_its_own_budget_not_the_pipeline_floor(plan, recipe):
+    # SPEC §3.4: every method of a plan at the same budget, the recipe's 4 epochs of 2,000 images at batch
+    # 128 (64 steps) unless the run changes it; Stage 2's default floor (mitigation.min_steps) stays out
+    n = recipe.synth.n_finetune
+    assert n == 2000
+    expected = {None: {None: 64, 32: 252, 256: 32}, mitigation.STEPS_EPOCHS: {None: 256}}
+    for run in mitigation.PLANS[plan]:
+        cfg = run.train_config(recipe.finetune, seed=3)
+        assert (cfg.method, cfg.seed, cfg.min_steps) == (run.method, run.order_seed or 3, None)
+        assert total_steps(n, cfg) == expected[run.epochs][run.batch_size], run.key
 
 
 def test_each_ravl_run_is_paired_with_its_ablation():

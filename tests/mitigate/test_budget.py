@@ -62,11 +62,14 @@ def test_a_null_floor_inherits_the_audited_models(tmp_path):
     assert inherited.min_steps == 100 and inherited.epochs == 2.0
 
 
-def test_a_recorded_configuration_without_the_floor_still_loads(tmp_path):
-    # checkpoints written before min_steps existed record no such key
+def test_a_record_from_before_the_floor_trains_its_epochs_with_a_null_floor(tmp_path):
+    # checkpoints written before min_steps existed record no such key: with
+    # min_steps null Stage 2 is the audited model's own 4 epochs, 64 steps
     old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "min_steps"}
     record = tmp_path / "audited_model.json"
     ModelRecord(model="ravl-tiny-rn", train=old).write(record)
-    audit = Audit(name="set", dataset_dir=tmp_path, out=tmp_path / "out", params=Params(), record_path=record,
-                  progress=False)
-    assert audit.stage2_config.min_steps == 256
+    path = tmp_path / "params.yaml"
+    path.write_text("mitigation:\n  min_steps: null\n")
+    cfg = Audit(name="set", dataset_dir=tmp_path, out=tmp_path / "out", params=load_params(path),
+                record_path=record, progress=False).stage2_config
+    assert cfg.min_steps is None and total_steps(2000, cfg) == 64
