@@ -25,6 +25,10 @@ Plans (:data:`PLANS`):
   (``mitigation.min_steps``), batch for batch;
 * ``steps-main`` — every method of ``main`` (RaVL in its default form) with
   those 16 epochs: the baselines at RaVL's larger budget;
+* ``floor`` — Upsampled FT and RaVL with the pipeline's Stage 2 step floor
+  (``mitigation.min_steps``) on top of the recipe's epochs: the pipeline's
+  default budget on any setting (the ``steps`` runs, batch for batch, on
+  2,000 fine-tuning images; 32 epochs on ``default-1k``'s 1,000);
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
   cluster (``rank1``, the reference code), every kept cluster (``all``,
   SPEC §3.1) and every called one (``significant``); ``main`` uses the
@@ -61,7 +65,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..config import DEFAULT_FEATURE_SELECTION, DiscoveryConfig, RegionsConfig, TrainConfig
+from ..config import DEFAULT_FEATURE_SELECTION, DiscoveryConfig, MitigationConfig, RegionsConfig, TrainConfig
 from ..core.embed import preprocess_images
 from ..core.evidence.stats import paired_difference_ci
 from ..core.findings import Feature, Findings, read_findings, write_findings
@@ -99,6 +103,7 @@ class Run:
     max_repeat: int | None = None
     order_seed: int | None = None  # the training seed (data order, sampling) instead of the setting's
     epochs: float | None = None
+    min_steps: int | None = None  # a floor on the steps, as the pipeline's Stage 2 has (mitigation.min_steps)
 
     @property
     def key(self) -> str:
@@ -148,7 +153,7 @@ class Run:
 RUN_FIELDS = (("lam", "lam", "lam", float), ("batch_size", "batch", "batch_size", int),
               ("features", "features", None, str), ("region_loss", "loss", "region_loss", str),
               ("max_repeat", "repeat", "max_repeat", int), ("order_seed", "order", "seed", int),
-              ("epochs", "epochs", "epochs", float))
+              ("epochs", "epochs", "epochs", float), ("min_steps", "min_steps", "min_steps", int))
 
 
 METHODS = ("standard", "upsampled", "vl-erm", "vl-gdro", "spurious-aware", "ravl")  # SPEC §3.6's baselines and RaVL
@@ -160,6 +165,7 @@ PLANS: dict[str, list[Run]] = {
     "batch": [Run(m, batch_size=b) for b in (32, 256) for m in ("upsampled", "ravl")],
     "steps": [Run(m, epochs=STEPS_EPOCHS) for m in ("upsampled", "ravl")],
     "steps-main": [Run(m, epochs=STEPS_EPOCHS) for m in METHODS],
+    "floor": [Run(m, min_steps=MitigationConfig.min_steps) for m in ("upsampled", "ravl")],
     "features": [Run(m, features=f) for f in ("rank1", "all", "significant") for m in ("upsampled", "ravl")],
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="spec")],
@@ -202,6 +208,8 @@ SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
     "default": recipe_setting(DEFAULT_RECIPE),
     # the same setting with the second model family (open_clip's default normalisation)
     "default-clip": recipe_setting(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")),
+    # the default setting with half the fine-tuning images (1,000): where the step floor means 32 epochs
+    "default-1k": recipe_setting(replace(DEFAULT_RECIPE, synth=replace(DEFAULT_RECIPE.synth, n_finetune=1000))),
     # the COCO-style scenes setting (SPEC §4.3): non-square photos, COCO boxes, the red square tied to "nine"
     "scenes": recipe_setting(SCENES_RECIPE),
 }

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ravl_pipeline.config import TrainConfig
+from ravl_pipeline.config import MitigationConfig, TrainConfig
 from ravl_pipeline.experiments import mitigation
 from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
 from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
@@ -212,6 +212,9 @@ def test_run_keys_and_plans():
     reordered = mitigation.Run.from_key("ravl[order=101]")
     assert reordered.train_overrides() == {"seed": 101}
     assert reordered.ablation == mitigation.Run("upsampled", order_seed=101)
+    floored = mitigation.Run.from_key("ravl[min_steps=256]")
+    assert floored.train_overrides() == {"min_steps": 256} and floored.key == "ravl[min_steps=256]"
+    assert floored.ablation == mitigation.Run("upsampled", min_steps=256)
     longer = mitigation.Run.from_key("ravl[epochs=16.0]")
     assert longer.train_overrides() == {"epochs": 16.0} and longer.key == "ravl[epochs=16.0]"
     assert longer.ablation == mitigation.Run("upsampled", epochs=16.0)
@@ -227,8 +230,12 @@ def test_every_plan_trains_its_own_budget_not_the_pipeline_floor(plan, recipe):
     expected = {None: {None: 64, 32: 252, 256: 32}, mitigation.STEPS_EPOCHS: {None: 256}}
     for run in mitigation.PLANS[plan]:
         cfg = run.train_config(recipe.finetune, seed=3)
-        assert (cfg.method, cfg.seed, cfg.min_steps) == (run.method, run.order_seed or 3, None)
-        assert total_steps(n, cfg) == expected[run.epochs][run.batch_size], run.key
+        assert (cfg.method, cfg.seed, cfg.min_steps) == (run.method, run.order_seed or 3, run.min_steps)
+        want = 256 if run.min_steps == MitigationConfig.min_steps else expected[run.epochs][run.batch_size]
+        assert total_steps(n, cfg) == want, run.key
+    # the floor on half the images: 4 epochs are 32 steps, the floor 256 (32 epochs)
+    half = mitigation.Run("ravl", min_steps=MitigationConfig.min_steps).train_config(recipe.finetune, seed=0)
+    assert total_steps(1000, half) == 256 and total_steps(1000, recipe.finetune) == 32
 
 
 def test_each_ravl_run_is_paired_with_its_ablation():
