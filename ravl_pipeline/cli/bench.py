@@ -38,7 +38,8 @@ def register(sub) -> None:
     b = bench.add_parser("mitigation", help="Stage 2 vs its baselines over seeds, with paired intervals (SPEC §3-4)")
     b.add_argument("--setting", default="default", choices=list(SETTINGS),
                    help="default (ravl-tiny-rn) | default-clip (the same setting, CLIP's standard "
-                        "normalisation) | scenes (COCO-style scenes with boxes, ravl-tiny-rn)")
+                        "normalisation) | default-1k (the default with 1,000 fine-tuning images instead of "
+                        "2,000) | scenes (COCO-style scenes with boxes, ravl-tiny-rn)")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | steps "
