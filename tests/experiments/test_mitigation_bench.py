@@ -260,6 +260,7 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     assert mitigation.SETTINGS["scenes"](tmp_path, 0).proposer == "boxes"
     assert mitigation.SETTINGS["default"](tmp_path, 0).proposer == "quadrants"
     assert mitigation.SETTINGS["default-clip"](tmp_path, 0).proposer == "quadrants"
+    assert mitigation.SETTINGS["default-1k"](tmp_path, 0).proposer == "quadrants"
     seen = {}
 
     class Stop(Exception):
@@ -276,6 +277,20 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     with pytest.raises(Stop):
         mitigation.discover(mitigation.SETTINGS["scenes"](tmp_path, 0), 0, tmp_path)
     assert seen["proposer"] == "boxes"
+
+
+@pytest.mark.parametrize("name", sorted(mitigation.SETTINGS))
+def test_every_setting_builds_its_recipe_with_the_seed(name, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(mitigation, "build_audited_model", lambda root, recipe: built.append(recipe) or
+                        {k: tmp_path / k for k in ("setting", "pretrained", "audited")})
+    monkeypatch.setattr(mitigation, "induced_pairs", lambda eval_dir: [("red square", "nine")])
+    setting = mitigation.SETTINGS[name](tmp_path, 7)
+    (recipe,) = built
+    assert recipe.synth.seed == recipe.finetune.seed == 7 and setting.finetune == recipe.finetune
+    assert setting.finetune.min_steps is None  # the protocol's budget, not the pipeline's floor
+    assert recipe.synth.n_finetune == (1000 if name == "default-1k" else 2000)
+    assert recipe.base_model == ("ravl-tiny-rn-clip" if name == "default-clip" else "ravl-tiny-rn")
 
 
 def test_feature_gaps_and_reliance_by_hand():
