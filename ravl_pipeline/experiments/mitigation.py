@@ -124,8 +124,8 @@ class Run:
 
     def train_config(self, finetune: TrainConfig, seed: int) -> TrainConfig:
         """The run's training configuration: the setting's fine-tuning
-        ``finetune`` (its budget, without the pipeline's Stage 2 floor) with
-        this run's method, seed and changes."""
+        ``finetune`` (its budget; the pipeline's Stage 2 floor only where the
+        run sets ``min_steps``) with this run's method, seed and changes."""
         return replace(finetune, **({"method": self.method, "seed": seed} | self.train_overrides()))
 
     @property

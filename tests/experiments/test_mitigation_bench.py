@@ -10,8 +10,8 @@ import torch
 
 from ravl_pipeline.config import MitigationConfig, TrainConfig
 from ravl_pipeline.experiments import mitigation
-from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
 from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
+from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
 from ravl_pipeline.experiments.synth import SynthConfig, make_setting
 from ravl_pipeline.io.dataset import induced_pairs, load_dataset
 from ravl_pipeline.mitigate.assign import RegionAssignment

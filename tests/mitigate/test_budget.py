@@ -37,9 +37,10 @@ def test_the_floor_trains_exactly_the_batches_of_the_epochs_it_implies():
     assert floored != batches(TrainConfig(epochs=4.0, batch_size=8, seed=6))
 
 
-def _audit(tmp_path, params: Params, recorded: TrainConfig) -> Audit:
+def _audit(tmp_path, params: Params, recorded: TrainConfig | dict) -> Audit:
     record = tmp_path / "audited_model.json"
-    ModelRecord(model="ravl-tiny-rn", train=recorded.to_dict()).write(record)
+    train = recorded.to_dict() if isinstance(recorded, TrainConfig) else recorded
+    ModelRecord(model="ravl-tiny-rn", train=train).write(record)
     return Audit(name="set", dataset_dir=tmp_path / "set", out=tmp_path / "out", params=params, record_path=record,
                  progress=False)
 
@@ -56,8 +57,8 @@ def test_a_null_floor_inherits_the_audited_models(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("mitigation:\n  min_steps: null\n  epochs: 2\n")
     params = load_params(path)
-    assert _audit(tmp_path, params, TrainConfig()).stage2_config.min_steps is None
-    assert total_steps(2000, _audit(tmp_path, params, TrainConfig()).stage2_config) == 32
+    cfg = _audit(tmp_path, params, TrainConfig()).stage2_config
+    assert cfg.min_steps is None and total_steps(2000, cfg) == 32
     inherited = _audit(tmp_path, params, TrainConfig(min_steps=100)).stage2_config
     assert inherited.min_steps == 100 and inherited.epochs == 2.0
 
@@ -66,10 +67,7 @@ def test_a_record_from_before_the_floor_trains_its_epochs_with_a_null_floor(tmp_
     # checkpoints written before min_steps existed record no such key: with
     # min_steps null Stage 2 is the audited model's own 4 epochs, 64 steps
     old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "min_steps"}
-    record = tmp_path / "audited_model.json"
-    ModelRecord(model="ravl-tiny-rn", train=old).write(record)
     path = tmp_path / "params.yaml"
     path.write_text("mitigation:\n  min_steps: null\n")
-    cfg = Audit(name="set", dataset_dir=tmp_path, out=tmp_path / "out", params=load_params(path),
-                record_path=record, progress=False).stage2_config
+    cfg = _audit(tmp_path, load_params(path), old).stage2_config
     assert cfg.min_steps is None and total_steps(2000, cfg) == 64
