@@ -28,7 +28,8 @@ Plans (:data:`PLANS`):
 * ``floor`` — Upsampled FT and RaVL with the pipeline's Stage 2 step floor
   (``mitigation.min_steps``) on top of the recipe's epochs: the pipeline's
   default budget on any setting (the ``steps`` runs, batch for batch, on
-  2,000 fine-tuning images; 32 epochs on ``default-1k``'s 1,000);
+  2,000 fine-tuning images; 32 epochs on ``default-1k``'s 1,000, 64 on
+  ``default-500``'s 500);
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
   cluster (``rank1``, the reference code), every kept cluster (``all``,
   SPEC §3.1) and every called one (``significant``); ``main`` uses the
@@ -204,12 +205,19 @@ def recipe_setting(recipe: Recipe) -> Callable[[Path, int], BuiltSetting]:
     return build
 
 
+def _with_finetune_images(recipe: Recipe, n: int) -> Recipe:
+    return replace(recipe, synth=replace(recipe.synth, n_finetune=n))
+
+
 SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
     "default": recipe_setting(DEFAULT_RECIPE),
     # the same setting with the second model family (open_clip's default normalisation)
     "default-clip": recipe_setting(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")),
-    # the default setting with half the fine-tuning images (1,000): where the step floor means 32 epochs
-    "default-1k": recipe_setting(replace(DEFAULT_RECIPE, synth=replace(DEFAULT_RECIPE.synth, n_finetune=1000))),
+    # the default setting with fewer fine-tuning images: where the step floor means more epochs
+    # (32 on 1,000 images, 64 on 500), on both model families
+    "default-1k": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 1000)),
+    "default-500": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 500)),
+    "default-500-clip": recipe_setting(_with_finetune_images(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip"), 500)),
     # the COCO-style scenes setting (SPEC §4.3): non-square photos, COCO boxes, the red square tied to "nine"
     "scenes": recipe_setting(SCENES_RECIPE),
 }

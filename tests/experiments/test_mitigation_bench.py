@@ -260,7 +260,8 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     assert mitigation.SETTINGS["scenes"](tmp_path, 0).proposer == "boxes"
     assert mitigation.SETTINGS["default"](tmp_path, 0).proposer == "quadrants"
     assert mitigation.SETTINGS["default-clip"](tmp_path, 0).proposer == "quadrants"
-    assert mitigation.SETTINGS["default-1k"](tmp_path, 0).proposer == "quadrants"
+    for name in ("default-1k", "default-500", "default-500-clip"):
+        assert mitigation.SETTINGS[name](tmp_path, 0).proposer == "quadrants"
     seen = {}
 
     class Stop(Exception):
@@ -279,6 +280,12 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     assert seen["proposer"] == "boxes"
 
 
+# what each built-in setting promises in its name: (fine-tuning images, base model)
+SETTING_RECIPES = {"default": (2000, "ravl-tiny-rn"), "default-clip": (2000, "ravl-tiny-rn-clip"),
+                   "default-1k": (1000, "ravl-tiny-rn"), "default-500": (500, "ravl-tiny-rn"),
+                   "default-500-clip": (500, "ravl-tiny-rn-clip"), "scenes": (2000, "ravl-tiny-rn")}
+
+
 @pytest.mark.parametrize("name", sorted(mitigation.SETTINGS))
 def test_every_setting_builds_its_recipe_with_the_seed(name, tmp_path, monkeypatch):
     built = []
@@ -289,8 +296,8 @@ def test_every_setting_builds_its_recipe_with_the_seed(name, tmp_path, monkeypat
     (recipe,) = built
     assert recipe.synth.seed == recipe.finetune.seed == 7 and setting.finetune == recipe.finetune
     assert setting.finetune.min_steps is None  # the protocol's budget, not the pipeline's floor
-    assert recipe.synth.n_finetune == (1000 if name == "default-1k" else 2000)
-    assert recipe.base_model == ("ravl-tiny-rn-clip" if name == "default-clip" else "ravl-tiny-rn")
+    n_finetune, base_model = SETTING_RECIPES[name]
+    assert (recipe.synth.n_finetune, recipe.base_model) == (n_finetune, base_model)
 
 
 def test_feature_gaps_and_reliance_by_hand():
