@@ -39,7 +39,8 @@ def register(sub) -> None:
     b.add_argument("--setting", default="default", choices=list(SETTINGS),
                    help="default (ravl-tiny-rn) | default-clip (the same setting, CLIP's standard "
                         "normalisation) | default-1k (the default with 1,000 fine-tuning images instead of "
-                        "2,000) | default-500, default-500-clip (500, on each family) | scenes (COCO-style scenes with boxes, ravl-tiny-rn)")
+                        "2,000) | default-500, default-500-clip (500, on each family) | scenes (COCO-style "
+                        "scenes with boxes, ravl-tiny-rn)")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | steps "

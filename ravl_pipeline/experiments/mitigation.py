@@ -209,15 +209,17 @@ def _with_finetune_images(recipe: Recipe, n: int) -> Recipe:
     return replace(recipe, synth=replace(recipe.synth, n_finetune=n))
 
 
+# the default setting with the second model family (open_clip's default normalisation)
+_CLIP_RECIPE = replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")
+
 SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
     "default": recipe_setting(DEFAULT_RECIPE),
-    # the same setting with the second model family (open_clip's default normalisation)
-    "default-clip": recipe_setting(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip")),
+    "default-clip": recipe_setting(_CLIP_RECIPE),
     # the default setting with fewer fine-tuning images: where the step floor means more epochs
     # (32 on 1,000 images, 64 on 500), on both model families
     "default-1k": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 1000)),
     "default-500": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 500)),
-    "default-500-clip": recipe_setting(_with_finetune_images(replace(DEFAULT_RECIPE, base_model="ravl-tiny-rn-clip"), 500)),
+    "default-500-clip": recipe_setting(_with_finetune_images(_CLIP_RECIPE, 500)),
     # the COCO-style scenes setting (SPEC §4.3): non-square photos, COCO boxes, the red square tied to "nine"
     "scenes": recipe_setting(SCENES_RECIPE),
 }
