@@ -257,11 +257,7 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     monkeypatch.setattr(mitigation, "build_audited_model",
                         lambda root, recipe: {k: tmp_path / k for k in ("setting", "pretrained", "audited")})
     monkeypatch.setattr(mitigation, "induced_pairs", lambda eval_dir: [("red square", "nine")])
-    assert mitigation.SETTINGS["scenes"](tmp_path, 0).proposer == "boxes"
-    assert mitigation.SETTINGS["default"](tmp_path, 0).proposer == "quadrants"
-    assert mitigation.SETTINGS["default-clip"](tmp_path, 0).proposer == "quadrants"
-    for name in ("default-1k", "default-500", "default-500-clip"):
-        assert mitigation.SETTINGS[name](tmp_path, 0).proposer == "quadrants"
+    assert mitigation.SETTINGS["scenes"](tmp_path, 0).proposer == "boxes"  # every setting's: below
     seen = {}
 
     class Stop(Exception):
@@ -280,10 +276,13 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
     assert seen["proposer"] == "boxes"
 
 
-# what each built-in setting promises in its name: (fine-tuning images, base model)
-SETTING_RECIPES = {"default": (2000, "ravl-tiny-rn"), "default-clip": (2000, "ravl-tiny-rn-clip"),
-                   "default-1k": (1000, "ravl-tiny-rn"), "default-500": (500, "ravl-tiny-rn"),
-                   "default-500-clip": (500, "ravl-tiny-rn-clip"), "scenes": (2000, "ravl-tiny-rn")}
+# what each built-in setting promises in its name: (fine-tuning images, base model, regions)
+SETTING_RECIPES = {"default": (2000, "ravl-tiny-rn", "quadrants"),
+                   "default-clip": (2000, "ravl-tiny-rn-clip", "quadrants"),
+                   "default-1k": (1000, "ravl-tiny-rn", "quadrants"),
+                   "default-500": (500, "ravl-tiny-rn", "quadrants"),
+                   "default-500-clip": (500, "ravl-tiny-rn-clip", "quadrants"),
+                   "scenes": (2000, "ravl-tiny-rn", "boxes")}
 
 
 @pytest.mark.parametrize("name", sorted(mitigation.SETTINGS))
@@ -296,8 +295,7 @@ def test_every_setting_builds_its_recipe_with_the_seed(name, tmp_path, monkeypat
     (recipe,) = built
     assert recipe.synth.seed == recipe.finetune.seed == 7 and setting.finetune == recipe.finetune
     assert setting.finetune.min_steps is None  # the protocol's budget, not the pipeline's floor
-    n_finetune, base_model = SETTING_RECIPES[name]
-    assert (recipe.synth.n_finetune, recipe.base_model) == (n_finetune, base_model)
+    assert (recipe.synth.n_finetune, recipe.base_model, setting.proposer) == SETTING_RECIPES[name]
 
 
 def test_feature_gaps_and_reliance_by_hand():
