@@ -420,3 +420,15 @@ def train_config(base: Mapping[str, Any] | None = None, **overrides: Any) -> Tra
     values = {k: v for k, v in (base or {}).items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
+
+
+def stage2_config(recorded: Mapping[str, Any] | None, mitigation: MitigationConfig | None = None,
+                  **overrides: Any) -> TrainConfig:
+    """Stage 2's training configuration (SPEC §3.4): the audited model's own
+    fine-tuning as ``recorded`` in its checkpoint (``None``: not recorded,
+    :class:`TrainConfig`'s defaults), the non-``None`` values of
+    ``mitigation`` (``params.yaml``'s section, e.g. the step floor) on top,
+    and the non-``None`` ``overrides`` (flags) over both. The pipeline's
+    Stage 2 and ``ravl finetune --findings`` both resolve it here."""
+    section = dataclasses.asdict(mitigation if mitigation is not None else MitigationConfig())
+    return train_config(recorded, **{**section, **{k: v for k, v in overrides.items() if v is not None}})

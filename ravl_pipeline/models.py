@@ -104,6 +104,15 @@ def untrained(spec: str, pretrained: str | None = None) -> bool:
     return kind == "name" and pretrained is None and open_clip.get_model_config(ident.replace("/", "-")) is not None
 
 
+def read_meta(spec: str) -> dict[str, Any]:
+    """What a ``local-dir:`` checkpoint records of how it was made
+    (``ravl_model.json``: its training configuration under ``train``); ``{}``
+    for any other model, or a checkpoint that records nothing."""
+    kind, ident = _parse_name(str(spec))
+    path = Path(ident) / RAVL_META_NAME
+    return read_json(path, ModelError) if kind == "local-dir" and path.is_file() else {}
+
+
 def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
                seed: int | None = None) -> LoadedModel:
     """Load a model by name (see module docstring). ``seed`` fixes random
@@ -121,8 +130,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
         config = read_json(path / CONFIG_NAME, ModelError)
         if not isinstance(config.get("model_cfg"), dict):
             raise ModelError(f"checkpoint {path / CONFIG_NAME}: no 'model_cfg' object")
-        if (path / RAVL_META_NAME).is_file():
-            meta = read_json(path / RAVL_META_NAME, ModelError)
+        meta = read_meta(spec)
         model_name, pretrained = f"local-dir:{path}", None
     else:
         model_name = ident

@@ -44,9 +44,8 @@ def register(sub) -> None:
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | steps "
-                        "(16 epochs) | steps-main (every method, 16 epochs) | floor (the pipeline's Stage 2 step floor) | "
-                        "features | oracle | order | sampler "
-                        "(see the module docstring)")
+                        "(16 epochs) | steps-main (every method, 16 epochs) | floor (the pipeline's Stage 2 step "
+                        "floor) | features | oracle | order | sampler (see the module docstring)")
     b.add_argument("--out", default="runs/bench-mitigation",
                    help="output folder; each setting in its own subfolder (resumes a partial run)")
     b.add_argument("--trace-seeds", type=int, nargs="*", default=[0],

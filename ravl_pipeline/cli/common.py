@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import REGION_LOSS_FORMS, InputError, TrainConfig, option
+from ..config import REGION_LOSS_FORMS, InputError, MitigationConfig, TrainConfig, option, stage2_config
+from ..config import train_config as config_train_config
 from ..core.findings import Findings
 from ..core.regions import ProposerError, parse_proposer
 from ..core.scores import check_templates
@@ -57,34 +58,64 @@ def flag_classes(text: str | None, flag: str = "--classes") -> list[str] | None:
     return classes
 
 
+# the TrainConfig fields ``ravl finetune`` takes as flags; each flag's default is None and resolved by train_config
+TRAINING_FLAGS = ("method", "epochs", "max_steps", "min_steps", "batch_size", "lr", "lam", "tau", "region_loss",
+                  "max_repeat", "seed", "lock_text")
+
+
+def training_option(name: str) -> dict:
+    """``argparse`` keywords of a training flag. Its default is ``None`` so
+    that :func:`train_config` can tell a flag given from one left out; the help
+    says what a left-out flag becomes: the definition's default, or with
+    ``--findings`` Stage 2's (the audited model's recorded fine-tuning under
+    ``params.yaml``'s mitigation defaults, as the pipeline resolves it)."""
+    out = option(TrainConfig, name)
+    plain = out.pop("default")
+    stage2 = getattr(MitigationConfig(), name, None)
+    text = out["help"].rsplit(" (default: ", 1)[0]
+    if stage2 is None:
+        with_findings = "the audited model's own fine-tuning where its checkpoint records it"
+    elif stage2 != plain:
+        with_findings = f"{stage2}, as the pipeline's Stage 2"
+    else:
+        with_findings = None
+    shown = "none" if plain is None else plain
+    out["help"] = f"{text} (default: {shown}" + (f"; with --findings: {with_findings})" if with_findings else ")")
+    return {**out, "default": None}
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The options of one fine-tuning run (read back by :func:`train_config`)."""
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None, choices=SPLITS, help="train on this split only (default: every row)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (replaces an earlier checkpoint there)")
     p.add_argument("--method", choices=sorted(METHODS), **option(TrainConfig, "method"))
-    p.add_argument("--epochs", **option(TrainConfig, "epochs"))
-    p.add_argument("--max-steps", **option(TrainConfig, "max_steps"))
-    p.add_argument("--min-steps", **option(TrainConfig, "min_steps"))
-    p.add_argument("--batch-size", **option(TrainConfig, "batch_size"))
-    p.add_argument("--lr", **option(TrainConfig, "lr"))
-    p.add_argument("--lam", **option(TrainConfig, "lam"))
-    p.add_argument("--tau", **option(TrainConfig, "tau"))
-    p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **option(TrainConfig, "region_loss"))
-    p.add_argument("--max-repeat", **option(TrainConfig, "max_repeat"))
-    p.add_argument("--seed", **option(TrainConfig, "seed"))
-    p.add_argument("--lock-text", action="store_true", help=option(TrainConfig, "lock_text")["help"])
+    p.add_argument("--epochs", **training_option("epochs"))
+    p.add_argument("--max-steps", **training_option("max_steps"))
+    p.add_argument("--min-steps", **training_option("min_steps"))
+    p.add_argument("--batch-size", **training_option("batch_size"))
+    p.add_argument("--lr", **training_option("lr"))
+    p.add_argument("--lam", **training_option("lam"))
+    p.add_argument("--tau", **training_option("tau"))
+    p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **training_option("region_loss"))
+    p.add_argument("--max-repeat", **training_option("max_repeat"))
+    p.add_argument("--seed", **training_option("seed"))
+    p.add_argument("--lock-text", action="store_true", help=training_option("lock_text")["help"], default=None)
     p.add_argument("--caption-template", default=None,
                    help="caption for rows without one, {} = label (default: the dataset's setting.json "
                         "template, else 'a photo of a {}.')")
     p.add_argument("--quiet", action="store_true")
 
 
-def train_config(args, caption_template: str) -> TrainConfig:
-    return TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       seed=args.seed, lock_text=args.lock_text, caption_template=caption_template,
-                       lam=args.lam, tau=args.tau, region_loss=args.region_loss, max_steps=args.max_steps,
-                       min_steps=args.min_steps, max_repeat=args.max_repeat)
+def train_config(args, caption_template: str, *, stage2: bool = False,
+                 recorded: dict | None = None) -> TrainConfig:
+    """The run's configuration: the flags given, over the definition's
+    defaults, or for Stage 2 (``stage2``) over the audited model's
+    ``recorded`` fine-tuning and the mitigation defaults (:func:`stage2_config`)."""
+    flags = {name: getattr(args, name) for name in TRAINING_FLAGS}
+    if stage2:
+        return stage2_config(recorded, caption_template=caption_template, **flags)
+    return config_train_config(None, caption_template=caption_template, **flags)
 
 
 def print_findings(findings: Findings, path) -> None:

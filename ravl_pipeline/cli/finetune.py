@@ -4,12 +4,13 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, check_template
+from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig, check_template
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
-from ..models import CONFIG_NAME
+from ..models import CONFIG_NAME, RAVL_META_NAME, read_meta
 from ..pipeline import stages
 from .common import add_model_args, add_training_args, train_config
 from .errors import check_output_dir, check_output_file
@@ -63,8 +64,8 @@ def run(args) -> int:
     if args.caption_template:
         check_template(args.caption_template, "--caption-template")
     template = args.caption_template or stages.templates_for(args.data)[0]
-    cfg = train_config(args, template)
     findings = read_findings(args.findings) if args.findings else None
+    cfg = stage2_train_config(args, template, findings) if findings is not None else train_config(args, template)
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
@@ -79,3 +80,29 @@ def run(args) -> int:
         print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
     return 0
+
+
+def stage2_train_config(args, template: str, findings) -> TrainConfig:
+    """With ``--findings`` the run is Stage 2 and resolves flags left out as
+    the pipeline's Stage 2 does: the audited model's recorded fine-tuning
+    (when its checkpoint records one) under the mitigation defaults, e.g.
+    the 256-step floor; it says where its budget came from."""
+    audited = args.audited_model or findings.model
+    meta = read_meta(audited) if audited else {}
+    where = f"{Path(str(audited).removeprefix('local-dir:')) / RAVL_META_NAME}"
+    recorded = meta.get("train") if isinstance(meta, dict) else meta
+    if recorded is not None and not isinstance(recorded, dict):
+        raise InputError(f"{where}: expected an object with the training configuration under 'train'")
+    where += ", key 'train'"
+    try:
+        cfg = train_config(args, template, stage2=True, recorded=recorded)
+    except ParamsError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    if not args.quiet:
+        source = (f"the audited model's fine-tuning ({audited})" if recorded is not None
+                  else f"the defaults: {audited or 'the audited model'} records no fine-tuning")
+        floor = f", at least {cfg.min_steps} steps" if cfg.min_steps else ""
+        print(f"Stage 2: {cfg.epochs:g} epochs at batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}{floor} "
+              f"(flags left out: {source})")
+    return cfg
+

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import AuditedModelConfig, InputError, Params, TrainConfig, train_config
+from ..config import AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
 from ..core.embed import Embeddings
@@ -299,7 +299,7 @@ class Audit:
     def stage2_config(self) -> TrainConfig:
         """Stage 2's training configuration: the audited model's own fine-tuning
         (SPEC §3.4) with the non-null values of ``params.mitigation`` on top."""
-        return train_config(self.audited.train, **dataclasses.asdict(self.params.mitigation))
+        return stage2_config(self.audited.train, self.params.mitigation)
 
     def mitigate(self) -> tuple[ModelRecord, dict]:
         """Stage 2 from the audited model's initialisation on its fine-tuning

@@ -453,6 +453,51 @@ def test_cli_finetune_mitigated_and_its_errors(tiny_stage2, tmp_path, capsys):
     assert meta["method"] == "vl-gdro" and meta["findings"]["file_sha256"] is not None
 
 
+
+def test_cli_stage2_resolves_left_out_flags_as_the_pipeline(tiny_stage2, tmp_path, capsys):
+    """``ravl finetune --findings`` takes what its flags leave out from the
+    audited model's recorded fine-tuning and Stage 2's defaults (the step
+    floor), as the pipeline's Stage 2 does; flags given win; without
+    ``--findings`` the definition's defaults stand; a recorded configuration
+    out of range is refused naming the checkpoint, nothing written."""
+    from ravl_pipeline.cli import main
+    from ravl_pipeline.config import MitigationConfig, stage2_config
+    from ravl_pipeline.models import save_model
+
+    root, _ = tiny_stage2
+    recorded = TrainConfig(epochs=2.5, batch_size=16, lr=1e-4, seed=7, max_steps=1, tau=0.05).to_dict()
+    save_model(load_model(f"local-dir:{root / 'audited'}"), tmp_path / "audited", {"train": recorded})
+    data = ["--model", f"local-dir:{root / 'init'}", "--data", str(root / "setting" / "finetune")]
+    stage2 = ["finetune", *data, "--method", "ravl", "--findings", str(root / "findings.json"),
+              "--audited-model", f"local-dir:{tmp_path / 'audited'}"]
+
+    def trained(name):
+        return json.loads((tmp_path / name / "ravl_model.json").read_text())
+
+    assert main(stage2 + ["--out", str(tmp_path / "a")]) == 0
+    assert "at least 256 steps (flags left out: the audited model's fine-tuning" in capsys.readouterr().out
+    train = trained("a")["train"]
+    assert (train["epochs"], train["batch_size"], train["lr"], train["seed"], train["tau"]) == (2.5, 16, 1e-4, 7, 0.05)
+    assert train["min_steps"] == MitigationConfig.min_steps == 256 and train["method"] == "ravl"
+    assert trained("a")["history"]["steps"] == 1  # the recorded max_steps wins over the floor
+    assert train == stage2_config(recorded, method="ravl", caption_template=train["caption_template"]).to_dict()
+
+    assert main(stage2 + ["--out", str(tmp_path / "b"), "--lr", "2e-4", "--min-steps", "3", "--seed", "1",
+                          "--quiet"]) == 0
+    train = trained("b")["train"]
+    assert (train["lr"], train["min_steps"], train["seed"], train["epochs"]) == (2e-4, 3, 1, 2.5)
+
+    assert main(["finetune", *data, "--out", str(tmp_path / "c"), "--max-steps", "1", "--quiet"]) == 0
+    train = trained("c")["train"]
+    assert (train["epochs"], train["min_steps"], train["seed"], train["lr"]) == (4.0, None, 0, 5e-4)
+
+    save_model(load_model(f"local-dir:{root / 'audited'}"), tmp_path / "bad", {"train": dict(recorded, lr=-1)})
+    capsys.readouterr()
+    assert main(stage2[:-1] + [f"local-dir:{tmp_path / 'bad'}", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad' / 'ravl_model.json'}, key 'train'" in err and "lr" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
 def with_region_views(lm, data, every: int = 2):
     """Give every ``every``-th image of ``data`` a landscape region view (a
     non-square photo), its boxes the view's quadrants."""
