@@ -38,9 +38,9 @@ def register(sub) -> None:
     b = bench.add_parser("mitigation", help="Stage 2 vs its baselines over seeds, with paired intervals (SPEC §3-4)")
     b.add_argument("--setting", default="default", choices=list(SETTINGS),
                    help="default (ravl-tiny-rn) | default-clip (the same setting, CLIP's standard "
-                        "normalisation) | default-1k (the default with 1,000 fine-tuning images instead of "
-                        "2,000) | default-500, default-500-clip (500, on each family) | scenes (COCO-style "
-                        "scenes with boxes, ravl-tiny-rn)")
+                        "normalisation) | default-1k, default-500, default-250 (the default with 1,000, 500 or "
+                        "250 fine-tuning images instead of 2,000) and each with -clip (on the second family) | "
+                        "scenes (COCO-style scenes with boxes, ravl-tiny-rn)")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     b.add_argument("--plans", nargs="+", default=["main"], choices=list(PLANS),
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | steps "

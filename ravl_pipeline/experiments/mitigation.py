@@ -29,7 +29,7 @@ Plans (:data:`PLANS`):
   (``mitigation.min_steps``) on top of the recipe's epochs: the pipeline's
   default budget on any setting (the ``steps`` runs, batch for batch, on
   2,000 fine-tuning images; 32 epochs on ``default-1k``'s 1,000, 64 on
-  ``default-500``'s 500);
+  ``default-500``'s 500, 128 on ``default-250``'s 250);
 * ``features`` — Upsampled FT and RaVL mitigating the top-ranked kept
   cluster (``rank1``, the reference code), every kept cluster (``all``,
   SPEC §3.1) and every called one (``significant``); ``main`` uses the
@@ -216,10 +216,13 @@ SETTINGS: dict[str, Callable[[Path, int], BuiltSetting]] = {
     "default": recipe_setting(DEFAULT_RECIPE),
     "default-clip": recipe_setting(_CLIP_RECIPE),
     # the default setting with fewer fine-tuning images: where the step floor means more epochs
-    # (32 on 1,000 images, 64 on 500), on both model families
+    # (32 on 1,000 images, 64 on 500, 128 on 250), on both model families
     "default-1k": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 1000)),
+    "default-1k-clip": recipe_setting(_with_finetune_images(_CLIP_RECIPE, 1000)),
     "default-500": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 500)),
     "default-500-clip": recipe_setting(_with_finetune_images(_CLIP_RECIPE, 500)),
+    "default-250": recipe_setting(_with_finetune_images(DEFAULT_RECIPE, 250)),
+    "default-250-clip": recipe_setting(_with_finetune_images(_CLIP_RECIPE, 250)),
     # the COCO-style scenes setting (SPEC §4.3): non-square photos, COCO boxes, the red square tied to "nine"
     "scenes": recipe_setting(SCENES_RECIPE),
 }

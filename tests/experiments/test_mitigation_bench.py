@@ -280,8 +280,11 @@ def test_each_setting_names_the_regions_stage1_and_stage2_use(tmp_path, monkeypa
 SETTING_RECIPES = {"default": (2000, "ravl-tiny-rn", "quadrants"),
                    "default-clip": (2000, "ravl-tiny-rn-clip", "quadrants"),
                    "default-1k": (1000, "ravl-tiny-rn", "quadrants"),
+                   "default-1k-clip": (1000, "ravl-tiny-rn-clip", "quadrants"),
                    "default-500": (500, "ravl-tiny-rn", "quadrants"),
                    "default-500-clip": (500, "ravl-tiny-rn-clip", "quadrants"),
+                   "default-250": (250, "ravl-tiny-rn", "quadrants"),
+                   "default-250-clip": (250, "ravl-tiny-rn-clip", "quadrants"),
                    "scenes": (2000, "ravl-tiny-rn", "boxes")}
 
 
