@@ -257,8 +257,9 @@ class MitigationConfig:
     # 256 steps: 16 epochs of the built-in settings' 2,000 fine-tuning images at batch 128. Over the audited model's
     # 64 steps RaVL gains on image overall, region overall and region worst-group (intervals above 0) on both model
     # families, and leads its ablation on image worst-group (+5.5 [+2.6, +8.8], 23 seeds); on 1,000 images
-    # (32 epochs) on all four metrics, both families; on 500 (64 epochs) and 250 (128) on image overall and both region metrics,
-    # both families, at the price of more reliance on the feature (BENCHMARKS.md §The Stage 2 step floor)
+    # (32 epochs) on all four metrics, both families; on 500 (64 epochs) and 250 (128) on image overall and both
+    # region metrics, both families, at the price of more reliance on the feature (BENCHMARKS.md §The Stage 2 step
+    # floor)
     min_steps: int | None = _f(256, "train at least this many steps, whatever the epochs give (null: as the "
                                     "audited model's fine-tuning, usually no floor)", COUNT)
     max_repeat: int | None = _f(None, "group-balanced sampling draws one image at most this many times per pass "
