@@ -104,13 +104,19 @@ def untrained(spec: str, pretrained: str | None = None) -> bool:
     return kind == "name" and pretrained is None and open_clip.get_model_config(ident.replace("/", "-")) is not None
 
 
-def read_meta(spec: str) -> dict[str, Any]:
-    """What a ``local-dir:`` checkpoint records of how it was made
-    (``ravl_model.json``: its training configuration under ``train``); ``{}``
-    for any other model, or a checkpoint that records nothing."""
+def meta_path(spec: str) -> Path | None:
+    """Where a ``local-dir:`` checkpoint records how it was made
+    (``ravl_model.json``); ``None`` for any other model."""
     kind, ident = _parse_name(str(spec))
-    path = Path(ident) / RAVL_META_NAME
-    return read_json(path, ModelError) if kind == "local-dir" and path.is_file() else {}
+    return Path(ident) / RAVL_META_NAME if kind == "local-dir" else None
+
+
+def read_meta(spec: str) -> dict[str, Any]:
+    """What a checkpoint records of how it was made (:func:`meta_path`; its
+    training configuration under ``train``); ``{}`` for any other model, or a
+    checkpoint that records nothing."""
+    path = meta_path(spec)
+    return read_json(path, ModelError) if path is not None and path.is_file() else {}
 
 
 def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import REGION_LOSS_FORMS, InputError, MitigationConfig, TrainConfig, option, stage2_config
-from ..config import train_config as config_train_config
+from ..config import REGION_LOSS_FORMS, InputError, MitigationConfig, TrainConfig, option
 from ..core.findings import Findings
 from ..core.regions import ProposerError, parse_proposer
 from ..core.scores import check_templates
@@ -58,14 +57,15 @@ def flag_classes(text: str | None, flag: str = "--classes") -> list[str] | None:
     return classes
 
 
-# the TrainConfig fields ``ravl finetune`` takes as flags; each flag's default is None and resolved by train_config
+# the TrainConfig fields ``ravl finetune`` takes as flags; each flag's default is None (left out), resolved by
+# config.train_config or, for Stage 2, config.stage2_config
 TRAINING_FLAGS = ("method", "epochs", "max_steps", "min_steps", "batch_size", "lr", "lam", "tau", "region_loss",
                   "max_repeat", "seed", "lock_text")
 
 
 def training_option(name: str) -> dict:
     """``argparse`` keywords of a training flag. Its default is ``None`` so
-    that :func:`train_config` can tell a flag given from one left out; the help
+    that a flag given can be told from one left out (:func:`training_flags`); the help
     says what a left-out flag becomes: the definition's default, or with
     ``--findings`` Stage 2's (the audited model's recorded fine-tuning under
     ``params.yaml``'s mitigation defaults, as the pipeline resolves it)."""
@@ -85,7 +85,7 @@ def training_option(name: str) -> dict:
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    """The options of one fine-tuning run (read back by :func:`train_config`)."""
+    """The options of one fine-tuning run (read back by :func:`training_flags`)."""
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None, choices=SPLITS, help="train on this split only (default: every row)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (replaces an earlier checkpoint there)")
@@ -107,15 +107,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def train_config(args, caption_template: str, *, stage2: bool = False,
-                 recorded: dict | None = None) -> TrainConfig:
-    """The run's configuration: the flags given, over the definition's
-    defaults, or for Stage 2 (``stage2``) over the audited model's
-    ``recorded`` fine-tuning and the mitigation defaults (:func:`stage2_config`)."""
-    flags = {name: getattr(args, name) for name in TRAINING_FLAGS}
-    if stage2:
-        return stage2_config(recorded, caption_template=caption_template, **flags)
-    return config_train_config(None, caption_template=caption_template, **flags)
+def training_flags(args, caption_template: str) -> dict:
+    """The training configuration's values as given on the command line
+    (``None``: left out) and the caption template, for ``config.train_config``
+    or ``config.stage2_config`` to lay over their defaults."""
+    return {**{name: getattr(args, name) for name in TRAINING_FLAGS}, "caption_template": caption_template}
 
 
 def print_findings(findings: Findings, path) -> None:

@@ -4,15 +4,15 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..config import DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig, check_template
+from ..config import (DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig,
+                      check_template, stage2_config, train_config)
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
-from ..models import CONFIG_NAME, RAVL_META_NAME, read_meta
+from ..models import CONFIG_NAME, meta_path, read_meta
 from ..pipeline import stages
-from .common import add_model_args, add_training_args, train_config
+from .common import add_model_args, add_training_args, training_flags
 from .errors import check_output_dir, check_output_file
 
 HELP = "fine-tune a CLIP model (Stage 2 with --method ravl --findings); data-parallel under torchrun"
@@ -65,7 +65,8 @@ def run(args) -> int:
         check_template(args.caption_template, "--caption-template")
     template = args.caption_template or stages.templates_for(args.data)[0]
     findings = read_findings(args.findings) if args.findings else None
-    cfg = stage2_train_config(args, template, findings) if findings is not None else train_config(args, template)
+    flags = training_flags(args, template)
+    cfg = stage2_train_config(args, flags, findings) if findings is not None else train_config(None, **flags)
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
@@ -82,22 +83,20 @@ def run(args) -> int:
     return 0
 
 
-def stage2_train_config(args, template: str, findings) -> TrainConfig:
+def stage2_train_config(args, flags: dict, findings) -> TrainConfig:
     """With ``--findings`` the run is Stage 2 and resolves flags left out as
     the pipeline's Stage 2 does: the audited model's recorded fine-tuning
     (when its checkpoint records one) under the mitigation defaults, e.g.
     the 256-step floor; it says where its budget came from."""
     audited = args.audited_model or findings.model
     meta = read_meta(audited) if audited else {}
-    where = f"{Path(str(audited).removeprefix('local-dir:')) / RAVL_META_NAME}"
-    recorded = meta.get("train") if isinstance(meta, dict) else meta
+    recorded = meta.get("train") if isinstance(meta, dict) else meta  # only a local-dir checkpoint records one
     if recorded is not None and not isinstance(recorded, dict):
-        raise InputError(f"{where}: expected an object with the training configuration under 'train'")
-    where += ", key 'train'"
+        raise InputError(f"{meta_path(audited)}: expected an object with the training configuration under 'train'")
     try:
-        cfg = train_config(args, template, stage2=True, recorded=recorded)
+        cfg = stage2_config(recorded, **flags)
     except ParamsError as exc:
-        raise InputError(f"{where}: {exc}") from None
+        raise InputError(f"{meta_path(audited)}, key 'train': {exc}") from None
     if not args.quiet:
         source = (f"the audited model's fine-tuning ({audited})" if recorded is not None
                   else f"the defaults: {audited or 'the audited model'} records no fine-tuning")
@@ -105,4 +104,3 @@ def stage2_train_config(args, template: str, findings) -> TrainConfig:
         print(f"Stage 2: {cfg.epochs:g} epochs at batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}{floor} "
               f"(flags left out: {source})")
     return cfg
-

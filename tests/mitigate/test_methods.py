@@ -453,7 +453,6 @@ def test_cli_finetune_mitigated_and_its_errors(tiny_stage2, tmp_path, capsys):
     assert meta["method"] == "vl-gdro" and meta["findings"]["file_sha256"] is not None
 
 
-
 def test_cli_stage2_resolves_left_out_flags_as_the_pipeline(tiny_stage2, tmp_path, capsys):
     """``ravl finetune --findings`` takes what its flags leave out from the
     audited model's recorded fine-tuning and Stage 2's defaults (the step
@@ -497,6 +496,7 @@ def test_cli_stage2_resolves_left_out_flags_as_the_pipeline(tiny_stage2, tmp_pat
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad' / 'ravl_model.json'}, key 'train'" in err and "lr" in err and err.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
 
 def with_region_views(lm, data, every: int = 2):
     """Give every ``every``-th image of ``data`` a landscape region view (a
