@@ -11,7 +11,7 @@ import torch
 from ..config import COUNT, EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, flag_type, option
 from ..experiments.bench import GRIDS, run_bench, significance_calibration
 from .errors import check_output_dir
-from ..experiments.mitigation import PLANS, SETTINGS, run_mitigation_bench
+from ..experiments.mitigation import METHODS, PLANS, SETTINGS, run_mitigation_bench
 
 
 def register(sub) -> None:
@@ -46,6 +46,8 @@ def register(sub) -> None:
                    help="main (every method) | ablation (Upsampled FT and RaVL only) | lambda | batch | steps "
                         "(16 epochs) | steps-main (every method, 16 epochs) | floor (the pipeline's Stage 2 step "
                         "floor) | features | oracle | order | sampler (see the module docstring)")
+    b.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="run only these methods of the chosen plans (default: every one)")
     b.add_argument("--out", default="runs/bench-mitigation",
                    help="output folder; each setting in its own subfolder (resumes a partial run)")
     b.add_argument("--trace-seeds", type=int, nargs="*", default=[0],
@@ -73,7 +75,7 @@ def run_mitigation(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_mitigation_bench(args.setting, args.seeds, args.plans, args.out, trace_seeds=args.trace_seeds,
-                                   mode=args.mode, keep_models=args.keep_models)
+                                   mode=args.mode, keep_models=args.keep_models, methods=args.methods)
     print((Path(args.out) / args.setting / "summary.md").read_text(), end="")
     return 0 if summary["runs"] else 1
 

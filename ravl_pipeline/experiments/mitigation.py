@@ -82,7 +82,8 @@ from .diagnostics import LossTrace, assignment_quality, summarise_trace
 from .recipe import DEFAULT_RECIPE, SCENES_RECIPE, Recipe, build_audited_model
 from .scenes import ScenesConfig
 
-__all__ = ["Run", "PLANS", "SETTINGS", "register_setting", "run_mitigation_bench", "summarise", "summary_markdown"]
+__all__ = ["Run", "PLANS", "SETTINGS", "register_setting", "run_mitigation_bench", "select_runs", "summarise",
+           "summary_markdown"]
 
 METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 NAMES = {"audited": "Audited model", "standard": "Standard FT", "upsampled": "Upsampled FT", "vl-erm": "VL-ERM",
@@ -368,21 +369,34 @@ def assignment_rows(built: BuiltSetting, findings: Findings, seed: int, root: Pa
 
 # --------------------------------------------------------------------------- the benchmark
 
-def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1, 2, 3, 4),
-                         plans: Sequence[str] = ("main",), out_dir: str | Path = "runs/bench-mitigation", *,
-                         trace_seeds: Sequence[int] = (), mode: str = RegionsConfig.mode, keep_models: bool = False,
-                         progress: bool = True) -> dict:
-    """Run (or resume) the benchmark on one setting; returns the summary."""
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+def select_runs(plans: Sequence[str], methods: Sequence[str] | None = None) -> list[Run]:
+    """The runs of ``plans`` in plan order, each once; only those of
+    ``methods`` when given (e.g. RaVL and the one baseline a test is about)."""
     unknown = [p for p in plans if p not in PLANS]
     if unknown:
         raise ValueError(f"unknown plan(s) {unknown}; expected any of {', '.join(PLANS)}")
+    unknown = [m for m in methods or () if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; expected any of {', '.join(METHODS)}")
+    runs = list(dict.fromkeys(r for p in plans for r in PLANS[p] if methods is None or r.method in methods))
+    if not runs:
+        raise ValueError(f"plan(s) {', '.join(plans)} have no run of method(s) {', '.join(methods or ())}")
+    return runs
+
+
+def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1, 2, 3, 4),
+                         plans: Sequence[str] = ("main",), out_dir: str | Path = "runs/bench-mitigation", *,
+                         trace_seeds: Sequence[int] = (), mode: str = RegionsConfig.mode, keep_models: bool = False,
+                         methods: Sequence[str] | None = None, progress: bool = True) -> dict:
+    """Run (or resume) the benchmark on one setting; returns the summary.
+    ``methods``, when given, keeps only those methods' runs of the plans."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+    runs = select_runs(plans, methods)
     out = Path(out_dir) / setting
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     rows = _read_rows(results)
-    runs = list(dict.fromkeys(r for p in plans for r in PLANS[p]))
     selections = sorted({r.features or DEFAULT_FEATURE_SELECTION for r in runs} - {ORACLE})
 
     def done(seed: int, key: str) -> bool:

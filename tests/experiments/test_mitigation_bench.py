@@ -220,6 +220,21 @@ def test_run_keys_and_plans():
     assert longer.ablation == mitigation.Run("upsampled", epochs=16.0)
 
 
+def test_select_runs_keeps_the_named_methods_in_plan_order():
+    every = mitigation.select_runs(["ablation", "steps-main"])
+    assert every == list(dict.fromkeys(mitigation.PLANS["ablation"] + mitigation.PLANS["steps-main"]))
+    two = mitigation.select_runs(["ablation", "steps-main"], ["vl-gdro", "ravl"])
+    assert [r.key for r in two] == ["ravl", "ravl[loss=spec]", "vl-gdro[epochs=16.0]", "ravl[epochs=16.0]"]
+    # the baseline kept is paired with RaVL trained the same way (its counterpart), which is kept too
+    assert two[2].counterpart == two[3]
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['gdro'\]"):
+        mitigation.select_runs(["main"], ["gdro"])
+    with pytest.raises(ValueError, match="plan\\(s\\) lambda have no run of method\\(s\\) vl-gdro"):
+        mitigation.select_runs(["lambda"], ["vl-gdro"])
+    with pytest.raises(ValueError, match="unknown plan"):
+        mitigation.select_runs(["nope"])
+
+
 @pytest.mark.parametrize("plan", sorted(mitigation.PLANS))
 @pytest.mark.parametrize("recipe", [DEFAULT_RECIPE, SCENES_RECIPE], ids=["default", "scenes"])
 def test_every_plan_trains_its_own_budget_not_the_pipeline_floor(plan, recipe):
