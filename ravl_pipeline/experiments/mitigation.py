@@ -66,7 +66,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..config import DEFAULT_FEATURE_SELECTION, DiscoveryConfig, MitigationConfig, RegionsConfig, TrainConfig
+from ..config import (DEFAULT_FEATURE_SELECTION, DiscoveryConfig, InputError, MitigationConfig, RegionsConfig,
+                      TrainConfig)
 from ..core.embed import preprocess_images
 from ..core.evidence.stats import paired_difference_ci
 from ..core.findings import Feature, Findings, read_findings, write_findings
@@ -380,7 +381,7 @@ def select_runs(plans: Sequence[str], methods: Sequence[str] | None = None) -> l
         raise ValueError(f"unknown method(s) {unknown}; expected any of {', '.join(METHODS)}")
     runs = list(dict.fromkeys(r for p in plans for r in PLANS[p] if methods is None or r.method in methods))
     if not runs:
-        raise ValueError(f"plan(s) {', '.join(plans)} have no run of method(s) {', '.join(methods or ())}")
+        raise InputError(f"--plans {' '.join(plans)} has no run of --methods {' '.join(methods or ())}")
     return runs
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ravl_pipeline.config import MitigationConfig, TrainConfig
+from ravl_pipeline.cli import main as cli_main
+from ravl_pipeline.config import InputError, MitigationConfig, TrainConfig
 from ravl_pipeline.experiments import mitigation
 from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
 from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
@@ -229,10 +230,18 @@ def test_select_runs_keeps_the_named_methods_in_plan_order():
     assert two[2].counterpart == two[3]
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['gdro'\]"):
         mitigation.select_runs(["main"], ["gdro"])
-    with pytest.raises(ValueError, match="plan\\(s\\) lambda have no run of method\\(s\\) vl-gdro"):
+    with pytest.raises(InputError, match="--plans lambda has no run of --methods vl-gdro"):
         mitigation.select_runs(["lambda"], ["vl-gdro"])
     with pytest.raises(ValueError, match="unknown plan"):
         mitigation.select_runs(["nope"])
+
+
+def test_cli_refuses_methods_no_plan_runs_in_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main(["bench", "mitigation", "--plans", "lambda", "--methods", "vl-gdro", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "ravl bench: error: --plans lambda has no run of --methods vl-gdro"
+    assert not out.exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("plan", sorted(mitigation.PLANS))
