@@ -50,6 +50,8 @@ RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a count
 DEFAULT_FEATURE_SELECTION = "called"  # what Stage 2 mitigates unless told (BENCHMARKS.md §Mitigation)
 REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: fp32 on the CPU, bf16 (else fp16) autocast on accelerators
 
 
 # --------------------------------------------------------------------------- user errors
@@ -273,6 +275,24 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """Where models run and how images are loaded: changes speed, not what is
+    computed (on the CPU, results are byte-identical whatever is set here; an
+    accelerator's mixed precision rounds differently and is recorded in each
+    output). Not a versioned source: changing it makes nothing stale."""
+
+    device: str = _f("auto", "auto (CUDA when present, else Apple MPS, else the CPU) | cpu | cuda | cuda:N | mps")
+    precision: str = _f("auto", "auto (fp32 on the CPU; bf16 autocast on accelerators that support it, else fp16 "
+                                "with a gradient scaler in training) | fp32 | bf16 | fp16")
+    workers: int = _f(0, "image decoding/preprocessing worker processes per loader (0: in the main process)",
+                      NON_NEGATIVE_INT)
+    shards: int = _f(1, "split the embedding of one validation set into this many parallel steps (same result)",
+                     COUNT)
+    checkpoint_every: int | None = _f(50, "save Stage 2's state this often (steps) so an interrupted run resumes "
+                                          "(null: never)", COUNT)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run (SPEC §3.2–3.6): every method shares the loop and these."""
 
@@ -305,8 +325,10 @@ class TrainConfig:
 
 SECTION_TYPES = {"audited_model": AuditedModelConfig, "regions": RegionsConfig, "labels": LabelsConfig,
                  "scores": ScoresConfig, "discovery": DiscoveryConfig, "mitigation": MitigationConfig,
-                 "evaluation": EvaluationConfig}
+                 "evaluation": EvaluationConfig, "compute": ComputeConfig}
 SECTIONS = tuple(SECTION_TYPES)
+# the sections that change results, each observed as a source asset; `compute` says where and how fast
+VERSIONED_SECTIONS = tuple(name for name in SECTIONS if name != "compute")
 
 
 @dataclass(frozen=True)
@@ -320,6 +342,7 @@ class Params:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -403,6 +426,12 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          disc.mask_fill)
     need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",
          f"one of {', '.join(REGION_LOSS_FORMS)}", params.mitigation.region_loss)
+    device = str(params.compute.device).lower()
+    need(device.partition(":")[0] in DEVICE_CHOICES and (":" not in device or device.startswith("cuda:")
+                                                          and device[5:].isdigit()),
+         "compute.device", f"one of {', '.join(DEVICE_CHOICES)} or cuda:N", params.compute.device)
+    need(params.compute.precision in PRECISIONS, "compute.precision", f"one of {', '.join(PRECISIONS)}",
+         params.compute.precision)
     for i, template in enumerate(params.scores.templates or []):
         problem = template_problem(template)
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .compute import CPU, Compute
 from .config import InputError, first_line
 from .io.files import atomic_dir, read_json
 
@@ -70,6 +71,7 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False  # no trained weights: a built-in or an open_clip name without `pretrained`
     pretrained: str | None = None  # the tag or weights file the model was loaded with
+    compute: Compute = CPU  # the device it sits on, its precision and its image-loading workers
 
     @property
     def image_size(self) -> int:
@@ -119,11 +121,14 @@ def read_meta(spec: str) -> dict[str, Any]:
     return read_json(path, ModelError) if path is not None and path.is_file() else {}
 
 
-def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
+def load_model(spec: str, pretrained: str | None = None, compute: Compute | None = None,
                seed: int | None = None) -> LoadedModel:
-    """Load a model by name (see module docstring). ``seed`` fixes random
-    init; a model without trained weights (a built-in or an open_clip name
-    without ``pretrained``) says so in ``random_init``."""
+    """Load a model by name (see module docstring) onto ``compute``'s device
+    (default: the CPU, fp32). ``seed`` fixes random init (drawn on the CPU,
+    so the same weights on every device); a model without trained weights
+    (a built-in or an open_clip name without ``pretrained``) says so in
+    ``random_init``."""
+    compute = compute or CPU
     kind, ident = _parse_name(str(spec))
     meta: dict[str, Any] = {}
     if kind == "local-dir":
@@ -158,7 +163,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     try:
         with _without_random_init_warning(quiet):
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, device=device, weights_only=True, **overrides)
+                model_name, pretrained=pretrained, device=compute.device, weights_only=True, **overrides)
     except pickle.UnpicklingError as exc:
         raise ModelError(_refused_pickle(pretrained, exc)) from exc
     except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
@@ -170,7 +175,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "cpu",
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
     return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta,
-                       random_init=untrained(spec, pretrained), pretrained=pretrained)
+                       random_init=untrained(spec, pretrained), pretrained=pretrained, compute=compute)
 
 
 def _refused_pickle(pretrained: str | None, exc: Exception) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,12 +39,13 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from ..config import EMBEDDING_MODES as MODES
-from ..config import InputError
+from ..config import InputError, RegionsConfig
 from ..io.files import atomic_dir
 from ..io.tables import fixed_list, matrix
 from ..models import LoadedModel, visual_architecture
+from .loader import stream
 from .regions import propose_dataset
-from .views import DEFAULT_REGION_VIEW, ViewError, input_boxes, region_view  # noqa: F401 (input_boxes: API)
+from .views import DEFAULT_REGION_VIEW, ViewError, ViewSpec, input_boxes, region_view  # noqa: F401 (input_boxes: API)
 
 ROI_SCALE = {"roi": 1.0, "roi-half": 0.5}
 
@@ -266,44 +267,114 @@ class Embeddings:
 
 def preprocess_images(lm: LoadedModel, ds, indices: Sequence[int] | None = None,
                       progress: bool = False) -> torch.Tensor:
-    """Stack the evaluation transform of the chosen images: [B, 3, S, S]."""
+    """Stack the evaluation transform of the chosen images: [B, 3, S, S]
+    (all in memory: for small sets and tests; the stages stream)."""
     indices = range(len(ds)) if indices is None else indices
     it = tqdm(indices, desc="load images", leave=False, disable=not progress)
     return torch.stack([lm.preprocess(ds.load_image(i)) for i in it])
 
 
+@dataclass(frozen=True)
+class ImageItem:
+    """Loader item: image ``i`` through the model's own evaluation transform."""
+
+    transform: Callable
+
+    def __call__(self, ds, i: int) -> torch.Tensor:
+        return self.transform(ds.load_image(i))
+
+
+@dataclass(frozen=True)
+class RoiItem:
+    """Loader item of the RoI modes: image ``i``'s own input, its region view
+    (None when the input shows the whole image) and its boxes in the view's
+    pixels (:func:`region_inputs`)."""
+
+    transform: Callable
+    spec: ViewSpec
+    proposals: Sequence[np.ndarray]
+    view: str = DEFAULT_REGION_VIEW
+
+    def __call__(self, ds, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        image = ds.load_image(i)
+        return (self.transform(image), *region_inputs(self.spec, ds, i, self.proposals[i], self.view, image))
+
+
+@dataclass(frozen=True)
+class CropItem:
+    """Loader item of ``crop`` mode: image ``i``'s own input and each box cropped and preprocessed."""
+
+    transform: Callable
+    proposals: Sequence[np.ndarray]
+
+    def __call__(self, ds, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        image = ds.load_image(i)
+        crops = [self.transform(image.crop((float(x1), float(y1), float(x2), float(y2))))
+                 for x1, y1, x2, y2 in self.proposals[i]]
+        return self.transform(image), crops
+
+
+def shard_rows(n: int, shards: int, index: int) -> range:
+    """Rows ``[start, stop)`` of shard ``index`` of ``shards`` contiguous
+    shards of ``n`` rows (the first ``n % shards`` take one more); merged in
+    shard order they give back every row once, in order."""
+    if not 0 <= index < shards:
+        raise EmbedError(f"shard {index} does not exist; shards are 0..{shards - 1}")
+    base, extra = divmod(n, shards)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (1 if index < extra else 0))
+
+
+def merge_embeddings(parts: Sequence["Embeddings"]) -> "Embeddings":
+    """One :class:`Embeddings` from those of consecutive shards of a set
+    (:func:`shard_rows`), rows in shard order."""
+    if not parts:
+        raise EmbedError("no shard embeddings to merge")
+    first = parts[0]
+    if any(p.mode != first.mode or p.proposer != first.proposer for p in parts):
+        raise EmbedError("shard embeddings were made with different modes or proposers; re-embed the set")
+    offsets = np.cumsum([0] + [len(p.image_ids) for p in parts[:-1]])
+    return Embeddings(
+        image_ids=[i for p in parts for i in p.image_ids],
+        image_emb=np.concatenate([p.image_emb for p in parts]),
+        region_emb=np.concatenate([p.region_emb for p in parts]),
+        region_image=np.concatenate([p.region_image + o for p, o in zip(parts, offsets)]).astype(np.int64),
+        region_index=np.concatenate([p.region_index for p in parts]).astype(np.int64),
+        boxes=np.concatenate([p.boxes for p in parts]),
+        mode=first.mode, proposer=first.proposer)
+
+
 def embed_dataset(lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
-                  batch_size: int = 64, progress: bool = True, cache=None,
+                  batch_size: int = RegionsConfig.batch_size, progress: bool = True, cache=None,
                   view: str = DEFAULT_REGION_VIEW) -> Embeddings:
     """Image and region embeddings of every image of ``ds`` (SPEC §1.2).
 
     Images come from the model's own preprocessing; in the RoI modes the
     boxes of a non-square image are read from its region ``view`` of the
     whole image (:mod:`.views`), so a box outside the model's centre crop
-    still sees its own pixels. With ``cache`` (an
-    :class:`~ravl_pipeline.core.cache.EmbeddingCache`), images already
-    embedded under the same model, boxes, mode and view are read back and
-    only the others are computed (and added to the cache).
+    still sees its own pixels. Images are streamed (:mod:`.loader`) by
+    ``lm.compute``'s workers to its device, and encoded in its precision.
+    With ``cache`` (an :class:`~ravl_pipeline.core.cache.EmbeddingCache`),
+    images already embedded under the same model, boxes, mode and view are
+    read back and only the others are computed (and added to the cache).
     """
     if cache is not None:
         return cache.embed(lm, ds, proposer=proposer, mode=mode, batch_size=batch_size, progress=progress,
                            view=view)
     mode = resolve_mode(lm.model, mode)
     proposals = propose_dataset(ds, proposer)
-    device = next(lm.model.parameters()).device
+    compute = lm.compute
     image_out, region_out = [], []
     lm.model.eval()
+    roi = mode in ROI_SCALE
+    item = RoiItem(lm.preprocess, ViewSpec.of(lm), proposals, view) if roi else CropItem(lm.preprocess, proposals)
     bar = tqdm(total=len(ds), desc=f"embed ({mode})", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for start in range(0, len(ds), batch_size):
-            idx = list(range(start, min(start + batch_size, len(ds))))
-            if mode in ROI_SCALE:
-                img, reg = _embed_batch_roi(lm, ds, idx, proposals, device, ROI_SCALE[mode], view)
-            else:
-                img, reg = _embed_batch_crop(lm, ds, idx, proposals, device)
+    with torch.inference_mode(), compute.autocast():
+        for batch in stream(ds, item, batch_size=batch_size, compute=compute):
+            img, reg = (_encode_roi(lm, batch, ROI_SCALE[mode]) if roi else _encode_crops(lm, batch))
             image_out.append(F.normalize(img.float(), dim=-1).cpu().numpy())
             region_out.append(F.normalize(reg.float(), dim=-1).cpu().numpy())
-            bar.update(len(idx))
+            bar.update(len(batch))
     bar.close()
     return assemble(ds.image_ids, image_out, region_out, proposals, mode, proposer, int(lm.model_cfg["embed_dim"]))
 
@@ -326,12 +397,13 @@ def assemble(image_ids: Sequence[str], image_emb: list[np.ndarray], region_emb: 
     )
 
 
-def region_inputs(lm: LoadedModel, ds, i: int, boxes: np.ndarray, view: str = DEFAULT_REGION_VIEW,
+def region_inputs(lm: "LoadedModel | ViewSpec", ds, i: int, boxes: np.ndarray, view: str = DEFAULT_REGION_VIEW,
                   image=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Image ``i``'s region view for :func:`encode_image_and_regions` (None
     when the model's own input shows the whole image) and ``boxes``
     (original pixels) in the view's pixels; an :class:`EmbedError` naming
-    the row for a box with no area there."""
+    the row for a box with no area there. ``lm`` is the model or its
+    :class:`~.views.ViewSpec`."""
     rv = region_view(lm, ds.load_image(i) if image is None else image, view)
     try:
         mapped = rv.boxes(boxes, f"{ds.manifest_file}: row {i} (image_id {ds.image_ids[i]!r})")
@@ -340,28 +412,16 @@ def region_inputs(lm: LoadedModel, ds, i: int, boxes: np.ndarray, view: str = DE
     return rv.pixels, torch.from_numpy(mapped)
 
 
-def image_and_region_inputs(lm: LoadedModel, ds, i: int, boxes: np.ndarray, view: str = DEFAULT_REGION_VIEW
-                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The model's own input of image ``i`` and its :func:`region_inputs`."""
-    image = ds.load_image(i)
-    return (lm.preprocess(image), *region_inputs(lm, ds, i, boxes, view, image))
-
-
-def _embed_batch_roi(lm, ds, idx, proposals, device, roi_scale: float = 1.0, view: str = DEFAULT_REGION_VIEW):
-    inputs = [image_and_region_inputs(lm, ds, i, proposals[i], view) for i in idx]
-    pixels = torch.stack([p for p, _, _ in inputs]).to(device)
-    views = [None if v is None else v.to(device) for _, v, _ in inputs]
-    boxes = [b.to(device) for _, _, b in inputs]
+def _encode_roi(lm, batch, roi_scale: float = 1.0):
+    compute = lm.compute
+    pixels = compute.to(torch.stack([p for p, _, _ in batch]))
+    views = [compute.to(v) for _, v, _ in batch]
+    boxes = [compute.to(b) for _, _, b in batch]
     return encode_image_and_regions(lm.model, pixels, boxes, roi_scale, views)
 
 
-def _embed_batch_crop(lm, ds, idx, proposals, device):
-    whole, crops = [], []
-    for i in idx:
-        image = ds.load_image(i)
-        whole.append(lm.preprocess(image))
-        for x1, y1, x2, y2 in proposals[i]:
-            crops.append(lm.preprocess(image.crop((float(x1), float(y1), float(x2), float(y2)))))
-    img = lm.model.encode_image(torch.stack(whole).to(device))
-    reg = lm.model.encode_image(torch.stack(crops).to(device))
+def _encode_crops(lm, batch):
+    compute = lm.compute
+    img = lm.model.encode_image(compute.to(torch.stack([whole for whole, _ in batch])))
+    reg = lm.model.encode_image(compute.to(torch.stack([c for _, crops in batch for c in crops])))
     return img, reg

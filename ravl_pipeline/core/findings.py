@@ -147,6 +147,7 @@ class Findings:
     lead_rank: int | None = None  # written whenever the masking check ran; null: no lead finding
     seconds: float | None = None
     ground_truth: dict | None = None  # synthetic settings: Precision@k and validity per induced feature
+    compute: dict | None = None  # device and precision, when not the CPU in fp32 (ravl_pipeline.compute)
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 

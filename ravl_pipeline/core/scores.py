@@ -36,8 +36,8 @@ def class_text_embeddings(lm: LoadedModel, classes: Sequence[str],
     texts = [t.format(c) for c in classes for t in templates]
     device = next(lm.model.parameters()).device
     tokens = lm.tokenizer(texts).to(device)
-    with torch.set_grad_enabled(grad):
-        emb = F.normalize(lm.model.encode_text(tokens), dim=-1)
+    with torch.set_grad_enabled(grad), lm.compute.autocast():
+        emb = F.normalize(lm.model.encode_text(tokens).float(), dim=-1)
         emb = emb.reshape(len(classes), len(templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 

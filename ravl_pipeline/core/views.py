@@ -82,6 +82,23 @@ def shows_whole_image(width: int, height: int, preprocess_cfg: dict) -> bool:
     return width == height or preprocess_cfg.get("resize_mode", "shortest") in ("squash", "longest")
 
 
+@dataclass(frozen=True)
+class ViewSpec:
+    """What a region view needs of a model, small and picklable (image
+    loaders build views in worker processes): its input size, its
+    preprocessing configuration and the stride its region views keep to."""
+
+    image_size: int
+    preprocess_cfg: dict
+    stride: int
+
+    @classmethod
+    def of(cls, lm: "LoadedModel | ViewSpec") -> "ViewSpec":
+        if isinstance(lm, ViewSpec):
+            return lm
+        return cls(lm.image_size, dict(lm.preprocess_cfg), view_stride(lm))
+
+
 def view_stride(lm: LoadedModel) -> int:
     """The size a region view's sides are multiples of: the ResNet trunk's
     stride or the ViT's patch size."""
@@ -121,18 +138,19 @@ class RegionView:
         return out
 
 
-def region_view(lm: LoadedModel, image: Image.Image, view: str = DEFAULT_REGION_VIEW) -> RegionView:
-    """The region view of ``image`` under ``lm`` (module docstring)."""
+def region_view(lm: "LoadedModel | ViewSpec", image: Image.Image, view: str = DEFAULT_REGION_VIEW) -> RegionView:
+    """The region view of ``image`` under ``lm`` (a model or its :class:`ViewSpec`; module docstring)."""
     if view not in REGION_VIEWS:
         raise ValueError(f"unknown region view {view!r}; expected one of {', '.join(REGION_VIEWS)}")
+    spec = ViewSpec.of(lm)
     w, h = image.size
-    s = lm.image_size
-    cfg = lm.preprocess_cfg
+    s = spec.image_size
+    cfg = spec.preprocess_cfg
     if shows_whole_image(w, h, cfg):
         return RegionView(None, *own_transform(w, h, cfg, s), s, s)
     resample = _INTERPOLATION.get(str(cfg.get("interpolation", "bicubic")), Image.BICUBIC)
     if view == "aspect":
-        m = view_stride(lm)
+        m = spec.stride
         scale = s / min(w, h)
         vw, vh = (max(m, int(round(side * scale / m)) * m) for side in (w, h))
         resized = image.convert("RGB").resize((vw, vh), resample)

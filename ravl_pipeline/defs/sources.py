@@ -12,7 +12,7 @@ import warnings
 
 import dagster as dg
 
-from ..config import SECTIONS, section_version
+from ..config import VERSIONED_SECTIONS, section_version
 from ..io.hashing import dataset_fingerprint
 from .partitions import validation_sets
 from .resources import RavlProject
@@ -52,7 +52,7 @@ def _params_source(section: str) -> dg.SourceAsset:
     return _observe
 
 
-PARAMS_SOURCES = {section: _params_source(section) for section in SECTIONS}
+PARAMS_SOURCES = {section: _params_source(section) for section in VERSIONED_SECTIONS}
 params_audited_model = PARAMS_SOURCES["audited_model"]
 params_regions = PARAMS_SOURCES["regions"]
 params_labels = PARAMS_SOURCES["labels"]

@@ -1,17 +1,28 @@
-"""What one fine-tuning run trains on, held in memory: preprocessed pixels,
-tokenised captions, labels and the extras a method needs."""
+"""What one fine-tuning run trains on: tokenised captions, labels, the
+extras a method needs, and the pixels — streamed from the dataset one batch
+at a time (:class:`StreamedImages`), or, for small tensors made in code, held
+in memory.
+
+Streaming keeps memory flat in the number of images: the per-image extras
+(boxes, spurious flags, groups) are small arrays, and pixels (with the
+region views and mapped boxes of methods that embed regions) are produced
+per batch by the loader's workers (:mod:`~ravl_pipeline.core.loader`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..config import InputError
-from ..core.embed import preprocess_images
+from ..core.embed import region_inputs
+from ..core.views import DEFAULT_REGION_VIEW, ViewSpec
 from ..models import LoadedModel
 
-__all__ = ["TrainError", "MitigationError", "TrainData", "captions_for", "build_train_data"]
+__all__ = ["TrainError", "MitigationError", "StreamedImages", "TrainItem", "TrainData", "captions_for",
+           "build_train_data"]
 
 
 class TrainError(InputError):
@@ -22,18 +33,56 @@ class MitigationError(InputError):
     """Findings, models or data that Stage 2 cannot use."""
 
 
+@dataclass(frozen=True)
+class StreamedImages:
+    """Pixels read from the rows of ``ds`` through ``transform`` when a batch
+    needs them; ``spec`` places region boxes in their region views."""
+
+    ds: Any
+    transform: Callable
+    spec: ViewSpec
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """Loader item of a training run: image ``i``'s pixels and, for a method
+    that embeds regions (``region_boxes``: each image's boxes in original
+    pixels), its region view and boxes in the view's pixels — the same
+    inputs discovery reads (:func:`~ravl_pipeline.core.embed.region_inputs`)."""
+
+    images: StreamedImages
+    region_boxes: Sequence[np.ndarray] | None = None
+    view: str = DEFAULT_REGION_VIEW
+
+    def __call__(self, ds, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        image = ds.load_image(i)
+        pixels = self.images.transform(image)
+        if self.region_boxes is None:
+            return pixels, None, None
+        view, boxes = region_inputs(self.images.spec, ds, i, self.region_boxes[i], self.view, image)
+        return pixels, view, boxes
+
+
 @dataclass
 class TrainData:
-    """Everything the loop needs, held in memory as tensors."""
+    """Everything the loop needs: ``pixels`` streamed (:class:`StreamedImages`)
+    or in memory (``[N, 3, S, S]``), captions, labels and method extras."""
 
-    pixels: torch.Tensor  # [N, 3, S, S]
+    pixels: torch.Tensor | StreamedImages
     tokens: torch.Tensor  # [N, L]
     labels: torch.Tensor | None  # [N] class index, or None
     classes: list[str] | None
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific (boxes, groups, …)
 
     def __len__(self) -> int:
-        return int(self.pixels.shape[0])
+        return int(self.tokens.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.pixels, StreamedImages)
 
 
 def captions_for(ds, template: str) -> list[str]:
@@ -53,13 +102,13 @@ def captions_for(ds, template: str) -> list[str]:
     return out
 
 
-def build_train_data(lm: LoadedModel, ds, template: str,
-                     classes: list[str] | None = None, progress: bool = False) -> TrainData:
-    pixels = preprocess_images(lm, ds, progress=progress)
+def build_train_data(lm: LoadedModel, ds, template: str, classes: list[str] | None = None) -> TrainData:
+    """A run's data over the rows of ``ds``, pixels streamed through the
+    model's own evaluation transform."""
     tokens = lm.tokenizer(captions_for(ds, template))
     labels = None
     if ds.labels is not None:
         classes = classes or sorted(set(ds.labels))
         index = {c: k for k, c in enumerate(classes)}
         labels = torch.tensor([index[y] for y in ds.labels], dtype=torch.long)
-    return TrainData(pixels, tokens, labels, classes)
+    return TrainData(StreamedImages(ds, lm.preprocess, ViewSpec.of(lm)), tokens, labels, classes)

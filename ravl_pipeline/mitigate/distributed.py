@@ -1,4 +1,5 @@
-"""Data-parallel fine-tuning under ``torchrun`` (DDP, gloo on CPU).
+"""Data-parallel fine-tuning under ``torchrun`` (DDP: NCCL on CUDA, one GPU
+per process by ``LOCAL_RANK``; gloo on the CPU).
 
 The single-process loop of :mod:`~ravl_pipeline.mitigate.train` defines what
 training means; this module reproduces it across ``WORLD_SIZE`` processes:
@@ -13,7 +14,8 @@ training means; this module reproduces it across ``WORLD_SIZE`` processes:
 * BatchNorm statistics are reduced across ranks for the same reason
   (``torch.nn.SyncBatchNorm`` refuses CPU tensors);
 * DDP averages gradients; rank 0 alone saves the checkpoint and writes the
-  history.
+  history;
+* each process streams only its own slice of every batch from disk.
 
 Gradient scale: every rank computes the same global loss ``L``. The backward
 of each cross-rank reduction sums the ranks' gradients, so rank ``r`` holds
@@ -38,13 +40,14 @@ from ..config import TrainConfig
 from .data import TrainData, TrainError
 from .losses import clip_loss
 from .methods import METHODS, get_method
-from .train import build_optimizer, configure_trainable, iter_batches, optimizer_step, set_seed, total_steps
+from .train import batches, build_optimizer, configure_trainable, optimizer_step, set_seed, total_steps
 
 
 @dataclass(frozen=True)
 class WorldInfo:
     rank: int
     world_size: int
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +57,16 @@ class WorldInfo:
 def world_from_env() -> WorldInfo:
     """Rank and world size as ``torchrun`` sets them (1 process otherwise)."""
     try:
-        return WorldInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        return WorldInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                         int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError as exc:
-        raise TrainError(f"RANK/WORLD_SIZE must be integers: {exc}") from exc
+        raise TrainError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from exc
 
 
-def is_distributed_launch() -> bool:
-    return world_from_env().world_size > 1
+def process_device(world: WorldInfo, device: str) -> str:
+    """This process's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU
+    per process, as ``torchrun --nproc-per-node`` starts them)."""
+    return f"cuda:{world.local_rank}" if device == "cuda" else device
 
 
 # --------------------------------------------------------------------------- batch split
@@ -135,7 +141,7 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = (0, 2, 3)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
         stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
@@ -197,20 +203,25 @@ def finetune_distributed(lm, data: TrainData, cfg: TrainConfig, world: WorldInfo
                          "every rank needs at least one sample per step")
     gen = set_seed(cfg.seed)
     model = lm.model
+    compute = lm.compute
     params = configure_trainable(model, cfg.lock_text)
     use_global_batchnorm(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    on_gpu = compute.kind == "cuda"
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[compute.torch_device.index] if on_gpu else None)
     n_steps = total_steps(len(data), cfg)
     opt, sched = build_optimizer(params, cfg, n_steps)
+    scaler = compute.grad_scaler()
     losses: list[float] = []
     seen: list[list[list[int]]] = []
     model.train()
     t0 = time.perf_counter()
-    for step, idx in iter_batches(len(data), cfg, gen, data):
-        mine = local_slice(idx, world)
-        sizes = [b - a for a, b in shard_bounds(len(idx), world.world_size)]
-        loss = distributed_clip_loss(ddp, data.pixels[mine], data.tokens[mine], sizes, world.rank)
-        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (rank {world.rank})"))
+    for step, batch in batches(data, cfg, gen, compute, select=lambda idx: local_slice(idx, world)):
+        mine = batch["index"]
+        sizes = [b - a for a, b in shard_bounds(batch["global_size"], world.world_size)]
+        with compute.autocast():
+            loss = distributed_clip_loss(ddp, batch["pixels"], batch["tokens"], sizes, world.rank)
+        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (rank {world.rank})", scaler))
         if record_indices:
             per_rank: list = [None] * world.world_size
             dist.all_gather_object(per_rank, mine.tolist())
@@ -227,6 +238,10 @@ def finetune_distributed(lm, data: TrainData, cfg: TrainConfig, world: WorldInfo
     return history
 
 
-def init_process_group(world: WorldInfo) -> None:
+def init_process_group(world: WorldInfo, device: str = "cpu") -> None:
+    """NCCL between GPUs, gloo on the CPU."""
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", rank=world.rank, world_size=world.world_size)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", rank=world.rank,
+                                world_size=world.world_size)

@@ -154,7 +154,8 @@ def group_dro_step(per_sample: torch.Tensor, groups: torch.Tensor, q: torch.Tens
     groups absent from the batch), ``q ← q·exp(η·loss_g)`` renormalised, and
     the loss ``Σ_g q_g·loss_g``. Returns (loss, new q)."""
     n_groups = len(q)
-    sums = torch.zeros(n_groups, dtype=per_sample.dtype).index_add(0, groups, per_sample)
+    groups, q = groups.to(per_sample.device), q.to(per_sample.device)
+    sums = torch.zeros(n_groups, dtype=per_sample.dtype, device=per_sample.device).index_add(0, groups, per_sample)
     counts = torch.bincount(groups, minlength=n_groups).to(per_sample.dtype)
     group_loss = sums / counts.clamp(min=1)
     q = q * torch.exp(step_size * group_loss.detach())

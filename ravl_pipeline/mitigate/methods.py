@@ -91,6 +91,15 @@ def _extra(data: TrainData, key: str, method: str):
     return data.extras[key]
 
 
+def _per_image(batch: dict, data: TrainData, key: str, method: str) -> list:
+    """Per image of the batch: ``batch[key]`` as the loop put it there (on the
+    model's device), else ``data.extras[key]`` at the batch's indices."""
+    if key in batch:
+        return batch[key]
+    values = _extra(data, key, method)
+    return [values[i] for i in batch["index"].tolist()]
+
+
 def _batch_labels(batch: dict, method: str) -> torch.Tensor:
     if "labels" not in batch:
         raise TrainError(f"method {method!r} needs class labels in the training manifest")
@@ -98,7 +107,11 @@ def _batch_labels(batch: dict, method: str) -> torch.Tensor:
 
 
 def _class_text(model, data: TrainData, method: str) -> torch.Tensor:
-    return model.encode_text(_extra(data, "class_tokens", method))
+    return model.encode_text(_on_model(model, _extra(data, "class_tokens", method)))
+
+
+def _on_model(model, tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.to(model.logit_scale.device)
 
 
 def upsampled_order(groups: torch.Tensor, gen: torch.Generator, max_repeat: int | None = None) -> torch.Tensor:
@@ -183,11 +196,13 @@ def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict
     picks the form, see :func:`losses.region_aware_loss`); one backbone pass
     gives both the image and the region features. The weighted terms are
     left in ``state["terms"]`` (with their graphs) for diagnostics."""
-    idx = batch["index"].tolist()
-    boxes = [_extra(data, "boxes", cfg.method)[i] for i in idx]
-    views = [data.extras["views"][i] for i in idx] if "views" in data.extras else None
-    spurious = torch.cat([data.extras["spurious"][i] for i in idx])
-    region_image = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(b) for b in boxes]))
+    boxes = _per_image(batch, data, "boxes", cfg.method)
+    views = batch["views"] if "views" in batch else (_per_image(batch, data, "views", cfg.method)
+                                                     if "views" in data.extras else None)
+    spurious = torch.cat(_per_image(batch, data, "spurious", cfg.method))
+    device = batch["pixels"].device
+    region_image = torch.repeat_interleave(torch.arange(len(boxes), device=device),
+                                           torch.tensor([len(b) for b in boxes], device=device))
     with region_pass_keeps_batchnorm_stats(model):
         image, regions = encode_image_and_regions(model, batch["pixels"], boxes, views=views)
     text = model.encode_text(batch["tokens"])
@@ -197,7 +212,7 @@ def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict
         return l_clip
     spurious_class = None
     if cfg.region_loss == "correlated":
-        spurious_class = torch.cat([_extra(data, "spurious_class", cfg.method)[i] for i in idx])
+        spurious_class = torch.cat(_per_image(batch, data, "spurious_class", cfg.method))
     l_r, l_a = region_aware_loss(regions, region_image, spurious, _batch_labels(batch, cfg.method),
                                  _class_text(model, data, cfg.method), cfg.tau, form=cfg.region_loss,
                                  spurious_class=spurious_class, parts=True)
@@ -219,7 +234,7 @@ def vl_erm_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: di
 
 @register_method("vl-gdro", needs_findings=True, needs_labels=True, prepare=prepare_group_dro)
 def vl_gdro_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict) -> torch.Tensor:
-    groups = _extra(data, "groups", cfg.method)[batch["index"]]
+    groups = batch["groups"] if "groups" in batch else _extra(data, "groups", cfg.method)[batch["index"]]
     logits = class_prompt_logits(model, batch["pixels"], _class_text(model, data, cfg.method))
     per_sample = F.cross_entropy(logits, _batch_labels(batch, cfg.method), reduction="none")
     loss, state["q"] = group_dro_step(per_sample, groups, state["q"], GDRO_STEP_SIZE)
@@ -247,7 +262,7 @@ def spurious_aware_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, s
     image = model.encode_image(batch["pixels"])
     l_clip = clip_loss(image, model.encode_text(batch["tokens"]), model.logit_scale.exp())
     terms = spurious_aware_terms(image, labels, _class_text(model, data, cfg.method),
-                                 model.encode_text(_extra(data, "attribute_tokens", cfg.method)))
+                                 model.encode_text(_on_model(model, _extra(data, "attribute_tokens", cfg.method))))
     state["terms"] = {"clip": l_clip, **terms}
     return l_clip + sum(terms.values())
 
@@ -257,23 +272,23 @@ def spurious_aware_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, s
 def attach_region_extras(data: TrainData, lm: LoadedModel, ds, assignment: RegionAssignment,
                          region_pass: bool = True, cluster_class: dict[int, int] | None = None) -> None:
     """Spurious flags and groups for the loop; with ``region_pass`` (a
-    method that embeds regions), per-image region views and boxes in the
-    view's pixels, as discovery reads them (:func:`embed.region_inputs`).
-    Images whose own input shows them whole have no view (None). With
+    method that embeds regions), each image's boxes (``region_boxes``, in
+    original pixels), which the loop's loader places in the image's region
+    view per batch, as discovery reads them (:func:`embed.region_inputs`).
+    Data held in memory gets its views and mapped boxes here (``views``,
+    ``boxes``; images whose own input shows them whole have no view). With
     ``cluster_class`` (spurious cluster id → its feature's correlated class
     index) also the correlated class of every spurious region (−1
     elsewhere), which the ``correlated`` form of the region loss reads."""
     if list(assignment.image_ids) != list(ds.image_ids):
         raise MitigationError(f"spurious-region assignment does not match the images of {ds.root}")
-    views, boxes = [], []
-    for i, b in enumerate(assignment.per_image(assignment.boxes) if region_pass else []):
-        view, mapped = region_inputs(lm, ds, i, b)
-        views.append(view)
-        boxes.append(mapped)
-    if any(v is not None for v in views):
-        data.extras["views"] = views
     if region_pass:
-        data.extras["boxes"] = boxes
+        data.extras["region_boxes"] = assignment.per_image(assignment.boxes)
+    if region_pass and not data.streamed:
+        inputs = [region_inputs(lm, ds, i, b) for i, b in enumerate(data.extras["region_boxes"])]
+        if any(view is not None for view, _ in inputs):
+            data.extras["views"] = [view for view, _ in inputs]
+        data.extras["boxes"] = [boxes for _, boxes in inputs]
     data.extras["spurious"] = [torch.from_numpy(np.asarray(s, dtype=bool))
                                for s in assignment.per_image(assignment.spurious)]
     data.extras["groups"] = group_ids(data.labels, assignment.image_has_feature())

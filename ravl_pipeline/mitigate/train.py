@@ -5,24 +5,43 @@ over a batch. The batch holds preprocessed pixels, tokenised captions,
 labels and, for methods that need them, per-image boxes and spurious-region
 flags. Every method sees the same data order, seed, steps and batch size, so
 they compare fairly.
+
+Pixels are streamed (:func:`batches`): the model's ``compute`` workers
+decode and preprocess the next batches while the device trains on this one,
+and nothing holds the whole set. On an accelerator the forward passes run
+under autocast in the model's precision, with loss scaling in fp16. With a
+``resume`` path the loop saves everything a run needs to go on (weights,
+optimiser, schedule, scaler, the method's state and the losses so far) every
+``checkpoint_every`` steps; a run started again with the same path and
+fingerprint goes on from there and ends with the same weights as one that
+never stopped.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
-from typing import Any, Callable
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..compute import CPU, Compute
 from ..config import TrainConfig
+from ..core.loader import stream
 from ..models import LoadedModel
-from .data import TrainData, TrainError
+from .data import TrainData, TrainError, TrainItem
 from .methods import get_method
 
-__all__ = ["finetune", "iter_batches", "total_steps", "configure_trainable", "build_optimizer", "optimizer_step",
-           "set_seed"]
+__all__ = ["finetune", "iter_batches", "batches", "total_steps", "configure_trainable", "build_optimizer",
+           "optimizer_step", "set_seed", "load_resume_state"]
+
+# per-image extras a method reads, carried into each batch (on the model's device)
+PER_IMAGE_EXTRAS = ("boxes", "views", "spurious", "spurious_class")
 
 
 # --------------------------------------------------------------------------- loop
@@ -54,6 +73,67 @@ def iter_batches(n: int, cfg: TrainConfig, gen: torch.Generator, data: TrainData
             step += 1
             if step >= total:
                 return
+
+
+def batches(data: TrainData, cfg: TrainConfig, gen: torch.Generator, compute: Compute = CPU, *,
+            region_pass: bool = False, start: int = 0,
+            select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[int, dict]]:
+    """``(step, batch)`` of every step from ``start`` on (earlier steps'
+    orders are drawn, so the order is that of an uninterrupted run, but
+    their images are not read), the batch on ``compute``'s device: index,
+    pixels, tokens, labels and the per-image extras a method reads; for
+    streamed data with ``region_pass`` the loader makes each image's region
+    view and mapped boxes too. ``select`` keeps part of each batch (one
+    process's slice under torchrun); ``global_size`` is the whole batch's."""
+    sizes: dict[int, int] = {}
+
+    def chosen():
+        for step, idx in iter_batches(len(data), cfg, gen, data):
+            if step >= start:
+                sizes[step] = len(idx)
+                yield step, idx if select is None else select(idx)
+
+    for step, batch in _load(data, chosen(), compute, region_pass):
+        batch["global_size"] = sizes.pop(step)
+        yield step, batch
+
+
+def _load(data: TrainData, steps, compute: Compute, region_pass: bool) -> Iterator[tuple[int, dict]]:
+    """The batches of ``steps`` (``(step, index tensor)``), pixels from memory or streamed."""
+    if not data.streamed:
+        for step, idx in steps:
+            yield step, _with_extras({"index": idx, "pixels": data.pixels[idx]}, data, idx, compute)
+        return
+    pending: deque = deque()
+
+    def sampler():
+        for step, idx in steps:
+            pending.append((step, idx))
+            yield idx.tolist()
+
+    region_boxes = data.extras.get("region_boxes") if region_pass else None
+    item = TrainItem(data.pixels, region_boxes)
+    for items in stream(data.pixels.ds, item, batches=sampler(), compute=compute):
+        step, idx = pending.popleft()
+        batch = {"index": idx, "pixels": torch.stack([p for p, _, _ in items])}
+        if region_boxes is not None:
+            batch["views"] = [v for _, v, _ in items]
+            batch["boxes"] = [b for _, _, b in items]
+        yield step, _with_extras(batch, data, idx, compute)
+
+
+def _with_extras(batch: dict, data: TrainData, idx: torch.Tensor, compute: Compute) -> dict:
+    batch["tokens"] = data.tokens[idx]
+    if data.labels is not None:
+        batch["labels"] = data.labels[idx]
+    rows = idx.tolist()
+    for key in PER_IMAGE_EXTRAS:
+        if key not in batch and key in data.extras:
+            batch[key] = [data.extras[key][i] for i in rows]
+    if "groups" in data.extras:
+        batch["groups"] = data.extras["groups"][idx]
+    return {k: v if k in ("index", "global_size") else [compute.to(x) for x in v] if isinstance(v, list)
+            else compute.to(v) for k, v in batch.items()}
 
 
 def total_steps(n: int, cfg: TrainConfig) -> int:
@@ -90,13 +170,20 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, n_steps:
     return opt, sched
 
 
-def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where: str) -> float:
-    """One update shared by every training loop; returns the loss value."""
+def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where: str,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """One update shared by every training loop (through ``scaler`` when it
+    scales fp16 losses); returns the loss value."""
     if not torch.isfinite(loss):
         raise TrainError(f"non-finite loss {loss.item()} at {where}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
     sched.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the learned temperature
@@ -105,37 +192,49 @@ def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where
 
 def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool = True,
              on_step: Callable[[int, float], None] | None = None,
-             inspect: Callable[[int, torch.nn.Module, dict, dict, torch.Tensor], None] | None = None) -> dict[str, Any]:
-    """Train ``lm.model`` in place with ``cfg.method``; return the history.
+             inspect: Callable[[int, torch.nn.Module, dict, dict, torch.Tensor], None] | None = None, *,
+             resume: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+             fingerprint: str = "") -> dict[str, Any]:
+    """Train ``lm.model`` in place with ``cfg.method`` on ``lm.compute``;
+    return the history.
 
     ``inspect(step, model, batch, state, loss)`` runs after the loss of a
     step and before its update (diagnostics: the loss still has its graph,
     and a method may leave its weighted terms in ``state["terms"]``); it
-    must not change the model."""
+    must not change the model. With ``resume`` (a file path), the run's
+    state is saved there every ``checkpoint_every`` steps, and a state
+    found there with the same ``fingerprint`` is resumed (module docstring);
+    the caller removes the file once the result is saved."""
     method = get_method(cfg.method)
     if len(data) < 2:
         raise TrainError("fine-tuning needs at least two images")
     gen = set_seed(cfg.seed)
     model = lm.model
+    compute = lm.compute
     params = configure_trainable(model, cfg.lock_text)
     n_steps = total_steps(len(data), cfg)
     opt, sched = build_optimizer(params, cfg, n_steps)
+    scaler = compute.grad_scaler()
     state: dict[str, Any] = {}
     if method.prepare is not None:
         method.prepare(data, cfg, state)
-    loss_fn = method.loss
     losses: list[float] = []
+    saved = load_resume_state(resume, fingerprint) if resume is not None else None
+    if saved is not None:
+        losses = _restore(saved, model, opt, sched, scaler, state)
+    start = len(losses)
+    loss_fn = method.loss
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, desc=f"finetune ({cfg.method})", disable=not progress, leave=False)
-    for step, idx in iter_batches(len(data), cfg, gen, data):
-        batch = {"index": idx, "pixels": data.pixels[idx], "tokens": data.tokens[idx]}
-        if data.labels is not None:
-            batch["labels"] = data.labels[idx]
-        loss = loss_fn(model, batch, data, cfg, state)
+    bar = tqdm(total=n_steps, initial=start, desc=f"finetune ({cfg.method})", disable=not progress, leave=False)
+    for step, batch in batches(data, cfg, gen, compute, region_pass=method.region_pass, start=start):
+        with compute.autocast():
+            loss = loss_fn(model, batch, data, cfg, state)
         if inspect is not None:
             inspect(step, model, batch, state, loss)
-        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (method {cfg.method})"))
+        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (method {cfg.method})", scaler))
+        if resume is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
+            _save_resume_state(resume, fingerprint, model, opt, sched, scaler, state, losses)
         if on_step is not None:
             on_step(step, losses[-1])
         bar.update(1)
@@ -143,9 +242,64 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
     bar.close()
     model.eval()
     elapsed = time.perf_counter() - t0
-    return {"config": cfg.to_dict(), "steps": len(losses), "losses": losses,
-            "seconds": elapsed, "seconds_per_step": elapsed / max(1, len(losses)),
-            "n_images": len(data)}
+    history = {"config": cfg.to_dict(), "steps": len(losses), "losses": losses,
+               "seconds": elapsed, "seconds_per_step": elapsed / max(1, len(losses) - start),
+               "n_images": len(data)}
+    if start:
+        history["resumed_at_step"] = start
+    if compute.record() is not None:
+        history["compute"] = compute.record()
+    return history
+
+
+# --------------------------------------------------------------------------- resuming
+
+def _save_resume_state(path, fingerprint: str, model, opt, sched, scaler, state: dict, losses: list[float]) -> None:
+    """Everything the loop needs to go on after ``len(losses)`` steps, written
+    to a temporary file and renamed (a kill leaves the previous state whole)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"fingerprint": fingerprint, "losses": list(losses), "model": model.state_dict(),
+               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+               "method_state": {k: v for k, v in state.items() if torch.is_tensor(v)},
+               "torch_rng": torch.get_rng_state()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_resume_state(path, fingerprint: str) -> dict | None:
+    """The saved state at ``path`` when it belongs to the same run
+    (``fingerprint``), else ``None``. Read with ``weights_only``: tensors
+    and plain values, never arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start afresh rather than fail
+        print(f"note: {path} is not a readable resume state ({type(exc).__name__}); training from step 0",
+              file=sys.stderr)
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        print(f"note: {path} was saved by a different run (configuration, data or model); training from step 0",
+              file=sys.stderr)
+        return None
+    return saved
+
+
+def _restore(saved: dict, model, opt, sched, scaler, state: dict) -> list[float]:
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    state.update(saved["method_state"])
+    torch.set_rng_state(saved["torch_rng"])
+    print(f"resuming from step {len(saved['losses'])} ({len(saved['losses'])} steps were saved)", file=sys.stderr)
+    return list(saved["losses"])
 
 
 def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..compute import CPU, Compute, resolve_compute
 from ..config import AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
@@ -99,8 +100,8 @@ class ModelRecord:
     train: dict | None = None  # its own fine-tuning configuration
     extra: dict = field(default_factory=dict)
 
-    def load(self) -> LoadedModel:
-        return load_model(self.model, self.pretrained)
+    def load(self, compute: Compute = CPU) -> LoadedModel:
+        return load_model(self.model, self.pretrained, compute=compute)
 
     def to_dict(self) -> dict[str, Any]:
         """``model`` and ``pretrained`` always; the other fields when known."""
@@ -214,6 +215,11 @@ class Audit:
     def classes(self) -> list[str]:
         return stages.classes_for(self.data, self.params.labels)
 
+    @cached_property
+    def compute(self) -> Compute:
+        """Where this audit's models run (``params.yaml``'s ``compute`` section)."""
+        return resolve_compute(self.params.compute, where="params.yaml: compute.")
+
     # ------------------------------------------------------------------ Stage 1
 
     def propose(self) -> pa.Table:
@@ -231,7 +237,7 @@ class Audit:
     def embed(self) -> tuple[Embeddings, float]:
         """Image and region embeddings (SPEC §1.2) and the seconds they took."""
         t0 = time.perf_counter()
-        emb = stages.embed(self.audited.load(), self.data, self.params.regions, progress=self.progress)
+        emb = stages.embed(self.audited.load(self.compute), self.data, self.params.regions, progress=self.progress)
         seconds = time.perf_counter() - t0
         n_proposals = pq.read_metadata(self.paths.proposals / "proposals.parquet").num_rows
         if n_proposals != emb.n_regions:
@@ -244,7 +250,7 @@ class Audit:
         """Zero-shot probabilities (SPEC §1.3–1.4) and the images' class indices."""
         emb = Embeddings.load(self.paths.embeddings)
         templates = stages.templates_for(self.dataset_dir, self.params.scores)
-        sc = stages.score(self.audited.load(), emb, self.classes, templates, self.params.scores)
+        sc = stages.score(self.audited.load(self.compute), emb, self.classes, templates, self.params.scores)
         labels = label_indices(self.data, self.classes)
         sc.save(self.paths.scores, emb.image_ids, labels)
         return sc, labels
@@ -263,7 +269,8 @@ class Audit:
         if sc.classes != self.classes:
             raise AuditError(f"{self.paths.scores} was computed for classes {sc.classes}, not {self.classes}; "
                              "re-materialize zero_shot_scores")
-        findings = stages.find(self.audited.load(), self.data, emb, sc, Clustering.load(self.paths.clusters),
+        findings = stages.find(self.audited.load(self.compute), self.data, emb, sc,
+                               Clustering.load(self.paths.clusters),
                                self.params.discovery, dataset_name=self.name,
                                batch_size=self.params.regions.batch_size)
         induced = induced_pairs(self.dataset_dir)
@@ -325,7 +332,8 @@ class Audit:
         history = stages.train(record.init_model, record.train_data, self.paths.mitigated_model, cfg,
                                findings=findings, findings_path=self.paths.findings, audited_model=record.model,
                                audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache,
-                               progress=self.progress)
+                               progress=self.progress, compute=self.compute,
+                               checkpoint_every=self.params.compute.checkpoint_every)
         mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
                                 extra={"trained": True, "method": cfg.method,
                                        "feature_ranks": [int(f.rank) for f in chosen], "steps": history["steps"]})
@@ -341,7 +349,8 @@ class Audit:
         def metrics_of(record: ModelRecord) -> dict:
             return stages.evaluate(record.model, self.dataset_dir, split=self.evaluation_split,
                                    classes=self.params.labels.classes, pretrained=record.pretrained,
-                                   min_group_size=self.params.evaluation.min_group_size, progress=self.progress)
+                                   min_group_size=self.params.evaluation.min_group_size, progress=self.progress,
+                                   compute=self.compute)
 
         metrics = {"split": self.evaluation_split, "audited": metrics_of(self.audited),
                    "mitigated": metrics_of(self.mitigated)}
@@ -353,7 +362,7 @@ class Audit:
     def reaudit(self) -> Findings:
         """Stage 1 again, on the mitigated model: what is left after mitigation."""
         p = self.params
-        findings = stages.stage1(self.mitigated.load(), self.data, self.classes,
+        findings = stages.stage1(self.mitigated.load(self.compute), self.data, self.classes,
                                  templates=stages.templates_for(self.dataset_dir, p.scores), regions=p.regions,
                                  scores=p.scores, discovery=p.discovery, dataset_name=self.name,
                                  progress=self.progress).findings

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch.distributed as torch_dist
 
+from ..compute import CPU, Compute
 from ..config import (DEFAULT_FEATURE_SELECTION, DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig,
                      RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
 from ..core.cluster import Clustering, cluster_regions
@@ -30,13 +31,16 @@ from ..core.scores import Scores, check_templates, label_indices
 from ..core.scores import score as score_regions
 from ..io.dataset import Dataset, dataset_setting, induced_pairs, load_dataset, setting_templates
 from ..io.files import write_json_atomic
-from ..io.hashing import file_sha256, json_sha256
+from ..io.hashing import file_sha256, json_sha256, memo_file_sha256
 from ..models import LoadedModel, check_same_architecture, load_model, save_model, untrained
 from ..mitigate import distributed
-from ..mitigate.assign import assign_spurious_regions, cached_assignment, check_stage2_findings, select_features
+from ..mitigate.assign import (assign_spurious_regions, cached_assignment, check_stage2_findings, model_fingerprint,
+                               select_features)
 from ..mitigate.data import MitigationError, build_train_data
 from ..mitigate.methods import attach_attribute_tokens, attach_class_tokens, attach_region_extras, get_method
 from ..mitigate.train import finetune
+
+RESUME_SUFFIX = ".resume.pt"  # beside a Stage 2 checkpoint while its run is unfinished
 
 __all__ = ["Stage1Result", "classes_for", "templates_for", "embed", "score", "cluster", "find", "stage1",
            "ground_truth", "train", "evaluate"]
@@ -100,6 +104,7 @@ def find(lm: LoadedModel, ds: Dataset, emb: Embeddings, sc: Scores, clustering: 
     findings.pretrained = lm.pretrained
     findings.templates = list(sc.templates)
     findings.image_accuracy = float((sc.image_pred == labels).mean())
+    findings.compute = lm.compute.record()
     if discovery.evidence:
         add_evidence(findings, lm, ds, emb, sc, clustering.labels, discovery, vocab=vocab, batch_size=batch_size)
     return findings
@@ -196,7 +201,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
           audited_model: str | None = None, audited_pretrained: str | None = None,
           features: str | int = DEFAULT_FEATURE_SELECTION, attribute_text: Sequence[str] | None = None,
           assignment=None, cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
-          inspect=None, progress: bool = False) -> dict:
+          inspect=None, progress: bool = False, compute: Compute = CPU, checkpoint_every: int | None = None) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
     ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
 
@@ -214,7 +219,11 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     keeps which samples each process saw, in the history; ``inspect`` is
     :func:`mitigate.train.finetune`'s diagnostics hook, one process only). The checkpoint's
     ``ravl_model.json`` records the configuration, the findings used
-    (content and sha256) and the history. Returns the history.
+    (content and sha256) and the history. Models run on ``compute`` (under
+    torchrun, ``cuda`` is each process's own GPU). With ``checkpoint_every``
+    (one process), the run's state is saved to ``<out_dir>.resume.pt`` that
+    often, and the same call after an interruption resumes from it; the file
+    is removed once the checkpoint is written. Returns the history.
     """
     method = get_method(cfg.method)
     world = distributed.world_from_env()
@@ -237,7 +246,9 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     classes = list(findings.classes) if findings is not None else (ds.classes() or None)
     if ds.labels is not None and classes:
         _check_labels(ds, classes, where if findings is not None else None)
-    base = load_model(base_model, pretrained, seed=cfg.seed)
+    if world.world_size > 1:
+        compute = Compute(distributed.process_device(world, compute.device), compute.precision, compute.workers)
+    base = load_model(base_model, pretrained, compute=compute, seed=cfg.seed)
     audited = None
     if method.needs_findings and assignment is None:  # the audited model assigns the spurious regions
         if not audited_model:  # the model the findings came from, with the weights it was loaded with
@@ -245,10 +256,10 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         if not audited_model:
             raise MitigationError(f"{where}: names no audited model ('model'); pass --audited-model, the model "
                                   "the findings came from")
-        audited = load_model(audited_model, audited_pretrained)
+        audited = load_model(audited_model, audited_pretrained, compute=compute)
         check_same_architecture(audited, base)
         check_stage2_findings(findings, where, embed_dim=int(audited.model_cfg["embed_dim"]))
-    data = build_train_data(base, ds, cfg.caption_template, classes=classes, progress=progress)
+    data = build_train_data(base, ds, cfg.caption_template, classes=classes)
     if method.needs_labels:
         attach_class_tokens(data, base, cfg.caption_template)
     if method.needs_attribute_text:
@@ -264,8 +275,11 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass, cluster_class=cluster_class)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
+    resume = None
+    if checkpoint_every and world.world_size == 1:
+        resume = Path(out_dir).with_name(Path(out_dir).name + RESUME_SUFFIX)
     if world.world_size > 1:
-        distributed.init_process_group(world)
+        distributed.init_process_group(world, compute.device)
         try:
             history = distributed.finetune_distributed(base, data, cfg, world, progress=progress and world.is_main,
                                                        record_indices=record_indices)
@@ -273,7 +287,13 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
     else:
-        history = finetune(base, data, cfg, progress=progress, inspect=inspect)
+        fingerprint = json_sha256({"config": cfg.to_dict(), "base_model": model_fingerprint(base_model, pretrained),
+                                   "data": memo_file_sha256(ds.manifest_file), "split": split,
+                                   "image_ids": ds.image_ids, "findings": _findings_sha(findings),
+                                   "features": str(features), "attributes": attributes,
+                                   "assignment": _assignment_sha(assignment), "compute": compute.record()})
+        history = finetune(base, data, cfg, progress=progress, inspect=inspect, resume=resume,
+                           checkpoint_every=checkpoint_every, fingerprint=fingerprint)
     if world.is_main:
         meta = {"base_model": base_model, "pretrained": pretrained, "train_data": str(Path(train_dir).resolve()),
                 "split": split, "method": cfg.method, "train": cfg.to_dict(), "world_size": world.world_size,
@@ -282,9 +302,24 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
                 "spurious_regions": spurious,
                 "attribute_text": attributes if method.needs_attribute_text else None,
                 "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")},
+                **({"compute": compute.record()} if compute.record() else {}),
                 **(extra_meta or {})}
         save_model(base, out_dir, meta)
+        if resume is not None:
+            resume.unlink(missing_ok=True)
     return history
+
+
+def _findings_sha(findings: Findings | None) -> str | None:
+    return None if findings is None else json_sha256(findings.to_dict())
+
+
+def _assignment_sha(assignment) -> str | None:
+    """A content hash of a spurious-region assignment (None when there is none)."""
+    if assignment is None:
+        return None
+    return json_sha256({"image_ids": list(assignment.image_ids), "cluster": assignment.cluster.tolist(),
+                        "spurious": assignment.spurious.tolist(), "boxes": assignment.boxes.tolist()})
 
 
 def _feature_names(chosen) -> list[str]:
@@ -323,7 +358,7 @@ def _findings_record(findings: Findings, path, chosen, which) -> dict[str, Any]:
 def evaluate(model: str, data_dir, split: str | None = "test", features: Sequence[str] | None = None,
              templates: Sequence[str] | None = None, *, pretrained: str | None = None,
              classes: Sequence[str] | None = None, min_group_size: int = EvaluationConfig.min_group_size,
-             batch_size: int = RegionsConfig.batch_size, progress: bool = False) -> dict:
+             batch_size: int = RegionsConfig.batch_size, progress: bool = False, compute: Compute = CPU) -> dict:
     """``metrics.json`` of a model on a dataset split (SPEC §4.2, §5).
 
     Groups are (class, any of ``features`` present), ``features`` defaulting
@@ -337,7 +372,8 @@ def evaluate(model: str, data_dir, split: str | None = "test", features: Sequenc
     classes = list(classes or setting.get("classes") or ds.classes())
     templates = check_templates(list(templates or templates_for(data_dir)))
     features = list(features) if features else [name for name, _ in induced_pairs(data_dir)]
-    lm = load_model(model, pretrained, seed=0 if untrained(model, pretrained) else None)  # the same each run
+    lm = load_model(model, pretrained, compute=compute,
+                    seed=0 if untrained(model, pretrained) else None)  # the same each run
     labels = label_indices(ds, classes)
     image_pred, core_image, core_pred, notes = _predictions(lm, ds, classes, templates, batch_size, progress)
     presence, feature_notes = _presence(ds, features)
@@ -345,6 +381,8 @@ def evaluate(model: str, data_dir, split: str | None = "test", features: Sequenc
     metrics["warnings"] = notes + feature_notes + metrics["warnings"]
     metrics.update({"model": lm.name, "dataset": str(ds.root), "split": split, "classes": classes,
                     "features": features, "templates": templates, "tau": ScoresConfig.tau})
+    if compute.record() is not None:
+        metrics["compute"] = compute.record()
     return metrics
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ravl_pipeline.cli import main as cli_main
 from ravl_pipeline.config import InputError, MitigationConfig, TrainConfig
+from ravl_pipeline.core.embed import preprocess_images
 from ravl_pipeline.experiments import mitigation
 from ravl_pipeline.experiments.diagnostics import LossTrace, assignment_quality, parameter_block
 from ravl_pipeline.experiments.recipe import DEFAULT_RECIPE, SCENES_RECIPE
@@ -125,7 +126,8 @@ def test_the_trace_does_not_change_training(tiny_finetune_set):
         data = build_train_data(lm, ds, "a {}", classes=["one", "nine"])
         attach_class_tokens(data, lm, "a {}")
         attach_region_extras(data, lm, ds, a, cluster_class={0: 1})  # the red square's cluster ↔ "nine"
-        hook = LossTrace({"x": (data.pixels[:4], data.labels[:4])}, data.extras["class_tokens"], every=1) \
+        hook = LossTrace({"x": (preprocess_images(lm, ds, range(4)), data.labels[:4])}, data.extras["class_tokens"],
+                         every=1) \
             if traced else None
         hist = finetune(lm, data, TrainConfig(method="ravl", max_steps=2, batch_size=10), progress=False,
                         inspect=hook)

@@ -103,7 +103,7 @@ def test_the_hand_made_groups_are_balanced(tiny_dataset):
     data = build_train_data(lm, ds, TEMPLATE, classes=CLASSES)
     attach_region_extras(data, lm, ds, hand_assignment(ds))
     assert data.extras["groups"].tolist() == groups.tolist()
-    assert [b.shape for b in data.extras["boxes"]] == [(4, 4)] * N_IMAGES
+    assert [b.shape for b in data.extras["region_boxes"]] == [(4, 4)] * N_IMAGES  # placed per batch by the loader
     assert [s.tolist() for s in data.extras["spurious"]] == [[False, bool(p), False, False] for p in PRESENT]
 
 

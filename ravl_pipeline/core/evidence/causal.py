@@ -28,7 +28,7 @@ changes predictions least.  The fills themselves are in :mod:`.fills`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from scipy.stats import binomtest, fisher_exact
 
 from ...config import DiscoveryConfig
 from ..findings import Feature, Findings
+from ..loader import stream
 from ..scores import class_text_embeddings, zero_shot_probs
 from .fills import FILLS, fill_colour, mask_regions
 
@@ -70,30 +71,72 @@ __all__ = [
 ]
 
 
+def _predict(lm, pixels: torch.Tensor, text_emb: np.ndarray, tau: float) -> np.ndarray:
+    """Zero-shot class predictions of a batch of preprocessed images (SPEC §1.4)."""
+    with lm.compute.autocast():
+        emb = F.normalize(lm.model.encode_image(lm.compute.to(pixels)).float(), dim=-1).cpu().numpy()
+    return zero_shot_probs(emb, text_emb, tau).argmax(axis=1)
+
+
 def predict_images(lm, images: Sequence[np.ndarray], text_emb: np.ndarray, tau: float,
                    batch_size: int = 64) -> np.ndarray:
     """Zero-shot class prediction of RGB arrays through the model's own
     evaluation transform and image tower (SPEC §1.4)."""
-    device = next(lm.model.parameters()).device
     lm.model.eval()
     preds = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            pixels = torch.stack([lm.preprocess(Image.fromarray(a)) for a in chunk]).to(device)
-            emb = F.normalize(lm.model.encode_image(pixels).float(), dim=-1).cpu().numpy()
-            preds.append(zero_shot_probs(emb, text_emb, tau).argmax(axis=1))
+            preds.append(_predict(lm, torch.stack([lm.preprocess(Image.fromarray(a)) for a in chunk]), text_emb, tau))
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class RgbItem:
+    """Loader item: image ``i`` as the masking check sees it unmasked (RGB
+    pixels through the model's own transform)."""
+
+    transform: Callable
+
+    def __call__(self, ds, i: int) -> torch.Tensor:
+        return self.transform(Image.fromarray(np.asarray(ds.load_image(i).convert("RGB"))))
+
+
+@dataclass(frozen=True)
+class MaskedItem:
+    """Loader item of the masking check: image ``i`` with the regions
+    ``boxes[i]`` hidden by ``fill`` (and, with ``original``, unmasked too),
+    through the model's own transform."""
+
+    transform: Callable
+    boxes: dict
+    fill: str
+    colour: np.ndarray
+    original: bool = True
+
+    def __call__(self, ds, i: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        image = np.asarray(ds.load_image(i).convert("RGB"))
+        masked = self.transform(Image.fromarray(mask_regions(image, self.boxes.get(i, ()), self.fill, self.colour)))
+        return (self.transform(Image.fromarray(image)) if self.original else None), masked
+
+
+def _predict_stream(lm, ds, item, indices, text_emb, tau, batch_size) -> list[np.ndarray]:
+    """Predictions of each tensor an item gives, per position (None stays None)."""
+    lm.model.eval()
+    out: list[list[np.ndarray]] = []
+    with torch.inference_mode():
+        for batch in stream(ds, item, indices=indices, batch_size=batch_size, compute=lm.compute):
+            parts = list(zip(*batch)) if isinstance(batch[0], tuple) else [batch]
+            out.append([None if part[0] is None else _predict(lm, torch.stack(part), text_emb, tau)
+                        for part in parts])
+    return [np.concatenate(col) if col and col[0] is not None else None for col in zip(*out)] if out else []
 
 
 def predict_dataset(lm, ds, text_emb: np.ndarray, tau: float, batch_size: int = 64) -> np.ndarray:
-    """:func:`predict_images` of every image of ``ds``, loaded one batch at a
-    time so memory does not grow with the dataset."""
-    preds = []
-    for start in range(0, len(ds), batch_size):
-        chunk = [np.asarray(ds.load_image(i).convert("RGB")) for i in range(start, min(start + batch_size, len(ds)))]
-        preds.append(predict_images(lm, chunk, text_emb, tau, batch_size))
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    """:func:`predict_images` of every image of ``ds``, streamed (:mod:`..loader`)
+    so memory does not grow with the dataset."""
+    preds = _predict_stream(lm, ds, RgbItem(lm.preprocess), None, text_emb, tau, batch_size) if len(ds) else []
+    return preds[0] if preds else np.zeros(0, dtype=np.int64)
 
 
 def _accuracy(correct: np.ndarray) -> float | None:
@@ -144,17 +187,13 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     image_labels = np.asarray(image_labels, dtype=np.int64)
     image_pred = np.asarray(image_pred, dtype=np.int64)
     images = np.unique(region_image[rows])
-    colour = fill_colour(lm.preprocess_cfg)
-    originals, masked = [], []
-    for i in images:
-        original = np.asarray(ds.load_image(int(i)).convert("RGB"))
-        originals.append(original)
-        masked.append(mask_regions(original, boxes[rows[region_image[rows] == i]], fill, colour))
-    if before_pred is None:
-        before = predict_images(lm, originals, text_emb, tau, batch_size)
-    else:
-        before = np.asarray(before_pred, dtype=np.int64)[images]
-    after = predict_images(lm, masked, text_emb, tau, batch_size)
+    hidden = {int(i): boxes[rows[region_image[rows] == i]] for i in images}
+    item = MaskedItem(lm.preprocess, hidden, fill, fill_colour(lm.preprocess_cfg), original=before_pred is None)
+    predicted = _predict_stream(lm, ds, item, images.tolist(), text_emb, tau, batch_size) if images.size else []
+    empty = np.zeros(0, dtype=np.int64)
+    before = (np.asarray(before_pred, dtype=np.int64)[images] if before_pred is not None
+              else predicted[0] if predicted else empty)
+    after = predicted[1] if predicted else empty
     labels_in = image_labels[images]
     absent = np.setdiff1d(np.arange(len(image_labels)), images)
     before_ok, after_ok = before == labels_in, after == labels_in
