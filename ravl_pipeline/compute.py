@@ -148,3 +148,12 @@ def resolve_compute(cfg: ComputeConfig | None = None, *, device: str | None = No
     return Compute(resolved, resolve_precision(precision if precision is not None else cfg.precision, resolved,
                                                prec_where),
                    int(workers if workers is not None else cfg.workers))
+
+
+def shard_compute(compute: Compute, index: int) -> Compute:
+    """The compute of shard (or process) ``index`` of a split job: ``cuda``
+    without an index spreads shards over the machine's GPUs round robin;
+    anything else is unchanged."""
+    if compute.device != "cuda" or torch.cuda.device_count() < 2:
+        return compute
+    return Compute(f"cuda:{index % torch.cuda.device_count()}", compute.precision, compute.workers)

@@ -51,7 +51,8 @@ FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a c
 DEFAULT_FEATURE_SELECTION = "called"  # what Stage 2 mitigates unless told (BENCHMARKS.md §Mitigation)
 REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: fp32 on the CPU, bf16 (else fp16) autocast on accelerators
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAIN_TRANSFORMS = ("none", "open_clip")  # none: the evaluation transform; open_clip: the model's training transform  # auto: fp32 on the CPU, bf16 (else fp16) autocast on accelerators
 
 
 # --------------------------------------------------------------------------- user errors
@@ -266,6 +267,9 @@ class MitigationConfig:
                                     "audited model's fine-tuning, usually no floor)", COUNT)
     max_repeat: int | None = _f(None, "group-balanced sampling draws one image at most this many times per pass "
                                       "(default: no limit, full balance, SPEC §3.6)", COUNT)
+    train_transform: str | None = _f(None, "images in training: none (the evaluation transform) | open_clip (the "
+                                           "model's open_clip training transform; not with a region pass) "
+                                           "(default: the audited model's fine-tuning)")
 
 
 @dataclass(frozen=True)
@@ -313,11 +317,17 @@ class TrainConfig:
                                      "alone; max_steps, when set, wins)", COUNT)
     max_repeat: int | None = _f(MitigationConfig.max_repeat, "group-balanced sampling: the most times one image "
                                 "is drawn per pass (none: no limit, every group as large as the largest)", COUNT)
+    train_transform: str = _f("none", "images in training: none (the evaluation transform, as discovery sees them) "
+                                      "| open_clip (the model's own open_clip training transform, a random resized "
+                                      "crop seeded per image and step; not for methods with a region pass)")
 
     def __post_init__(self) -> None:
         # a recorded configuration (ravl_model.json) enters here too
         check_bounds(self, "training configuration", ParamsError)
         check_template(self.caption_template, "training configuration: caption_template")
+        if self.train_transform not in TRAIN_TRANSFORMS:
+            raise ParamsError(f"training configuration: train_transform must be one of {', '.join(TRAIN_TRANSFORMS)}, "
+                              f"got {self.train_transform!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,6 +434,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     need(isinstance(disc.evidence, bool), "discovery.evidence", "true or false", disc.evidence)
     need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
          disc.mask_fill)
+    need(params.mitigation.train_transform in (None, *TRAIN_TRANSFORMS), "mitigation.train_transform",
+         f"one of {', '.join(TRAIN_TRANSFORMS)}", params.mitigation.train_transform)
     need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",
          f"one of {', '.join(REGION_LOSS_FORMS)}", params.mitigation.region_loss)
     device = str(params.compute.device).lower()

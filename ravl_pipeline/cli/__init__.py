@@ -7,10 +7,10 @@ import argparse
 import logging
 import sys
 
-from . import bench, demo, discover, evaluate, finetune, importer, materialize, report, synth, ui, worker
+from . import bench, demo, discover, embed_shard, evaluate, finetune, importer, materialize, report, synth, ui, worker
 from .errors import Parser, run_guarded
 
-COMMANDS = (synth, importer, finetune, evaluate, discover, bench, report, materialize, demo, worker, ui)
+COMMANDS = (synth, importer, finetune, evaluate, discover, embed_shard, bench, report, materialize, demo, worker, ui)
 VERBOSE_HELP = "on an error, print its traceback; show progress logs"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import REGION_LOSS_FORMS, InputError, MitigationConfig, TrainConfig, option
+from ..compute import Compute, resolve_compute
+from ..config import PRECISIONS, REGION_LOSS_FORMS, TRAIN_TRANSFORMS, ComputeConfig, InputError, MitigationConfig, TrainConfig, option
 from ..core.findings import Findings
 from ..core.regions import ProposerError, parse_proposer
 from ..core.scores import check_templates
@@ -23,6 +24,19 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="ravl-tiny-rn | ravl-tiny-rn-clip | ravl-tiny-vit | an open_clip name | local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file")
+
+
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """Where the command's models run (read back by :func:`compute_flags`)."""
+    p.add_argument("--device", **option(ComputeConfig, "device"))
+    p.add_argument("--precision", choices=list(PRECISIONS), **option(ComputeConfig, "precision"))
+    p.add_argument("--workers", **option(ComputeConfig, "workers"))
+
+
+def compute_flags(args) -> Compute:
+    """The device, precision and workers the flags name, checked against this
+    machine (a device it lacks is a one-line error naming ``--device``)."""
+    return resolve_compute(device=args.device, precision=args.precision, workers=args.workers)
 
 
 def warn_if_untrained(command: str, model: str, pretrained: str | None, seed: int | None) -> None:
@@ -60,7 +74,7 @@ def flag_classes(text: str | None, flag: str = "--classes") -> list[str] | None:
 # the TrainConfig fields ``ravl finetune`` takes as flags; each flag's default is None (left out), resolved by
 # config.train_config or, for Stage 2, config.stage2_config
 TRAINING_FLAGS = ("method", "epochs", "max_steps", "min_steps", "batch_size", "lr", "lam", "tau", "region_loss",
-                  "max_repeat", "seed", "lock_text")
+                  "max_repeat", "seed", "lock_text", "train_transform")
 
 
 def training_option(name: str) -> dict:
@@ -99,6 +113,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", **training_option("tau"))
     p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **training_option("region_loss"))
     p.add_argument("--max-repeat", **training_option("max_repeat"))
+    p.add_argument("--train-transform", choices=list(TRAIN_TRANSFORMS), **training_option("train_transform"))
     p.add_argument("--seed", **training_option("seed"))
     p.add_argument("--lock-text", action="store_true", help=training_option("lock_text")["help"], default=None)
     p.add_argument("--caption-template", default=None,

@@ -13,7 +13,8 @@ from ..io.dataset import load_dataset
 from ..io.manifest import SPLITS
 from ..models import load_model
 from ..pipeline import stages
-from .common import add_model_args, flag_classes, flag_templates, print_findings, proposer_flag, warn_if_untrained
+from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, print_findings,
+                     proposer_flag, warn_if_untrained)
 from .errors import check_output_dir, check_output_file
 
 
@@ -40,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("--vocab", action="append", default=None, metavar="FILE",
                    help="extra naming concepts, one per line (repeatable; added to the packaged list)")
     p.add_argument("--no-evidence", action="store_true", help="skip significance, the masking check and names")
+    add_compute_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -53,13 +55,14 @@ def run(args) -> int:
     check_output_file(args.out)
     if args.cache:
         check_output_dir(args.cache, "--cache")
+    compute = compute_flags(args)
     templates = flag_templates(args.template)
     classes = flag_classes(args.classes)
     discovery = discovery_config(args)
     vocab = load_vocabulary(args.vocab) if args.vocab and discovery.evidence else None
     ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
     classes = classes or ds.classes()
-    lm = load_model(args.model, args.pretrained, seed=args.seed)
+    lm = load_model(args.model, args.pretrained, compute=compute, seed=args.seed)
     warn_if_untrained("discover", args.model, args.pretrained, args.seed)
     cache = EmbeddingCache(Path(args.cache)) if args.cache else None
     t0 = time.perf_counter()

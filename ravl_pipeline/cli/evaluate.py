@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..config import EvaluationConfig, RegionsConfig, option
 from ..io.manifest import SPLITS
 from ..pipeline import stages
-from .common import add_model_args, flag_classes, flag_templates, metrics_line, warn_if_untrained
+from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, metrics_line,
+                     warn_if_untrained)
 from .errors import check_output_file
 
 
@@ -23,19 +24,21 @@ def register(sub) -> None:
     p.add_argument("--min-group-size", **option(EvaluationConfig, "min_group_size"))
     p.add_argument("--batch-size", **option(RegionsConfig, "batch_size"))
     p.add_argument("--out", required=True, help="metrics.json to write")
+    add_compute_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     check_output_file(args.out)
+    compute = compute_flags(args)
     templates = flag_templates(args.template)
     classes = flag_classes(args.classes)
     warn_if_untrained("evaluate", args.model, args.pretrained, 0)
     metrics = stages.evaluate(args.model, args.data, split=args.split, features=args.feature,
                               templates=templates, pretrained=args.pretrained, classes=classes,
                               min_group_size=args.min_group_size, batch_size=args.batch_size,
-                              progress=not args.quiet)
+                              progress=not args.quiet, compute=compute)
     stages.write_metrics(metrics, args.out)
     print(f"wrote {args.out}: {metrics_line(metrics)}" + ("  (partial)" if metrics["partial"] else ""))
     for w in metrics["warnings"]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig,
-                      check_template, stage2_config, train_config)
+from ..config import (COUNT, DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig,
+                      check_template, flag_type, stage2_config, train_config)
 from ..core.findings import read_findings
 from ..io.files import write_json_atomic
 from ..mitigate.distributed import world_from_env
 from ..models import CONFIG_NAME, meta_path, read_meta
 from ..pipeline import stages
-from .common import add_model_args, add_training_args, training_flags
+from .common import add_compute_args, add_model_args, add_training_args, compute_flags, training_flags
 from .errors import check_output_dir, check_output_file
 
 HELP = "fine-tune a CLIP model (Stage 2 with --method ravl --findings); data-parallel under torchrun"
@@ -44,6 +44,11 @@ def register(sub) -> None:
         p.add_argument("--history", default=None, help="write the training history JSON here (rank 0)")
         p.add_argument("--record-indices", action="store_true",
                        help="under torchrun: record which sample indices each process saw at each step")
+        add_compute_args(p)
+        p.add_argument("--checkpoint-every", default=None, type=flag_type(COUNT), metavar="STEPS",
+                       help="save the run's state to OUT.resume.pt every STEPS steps; the same command after an "
+                            "interruption resumes from it, and the file is removed when the checkpoint is written "
+                            "(default: off; the pipeline saves every compute.checkpoint_every steps)")
         p.set_defaults(func=run)
 
 
@@ -57,6 +62,7 @@ def features_flag(text: str) -> str:
 
 def run(args) -> int:
     check_output_dir(args.out, replaces_if=CONFIG_NAME, what="checkpoint")
+    compute = compute_flags(args)
     if args.history:
         check_output_file(args.history, "--history")
     if args.cache_dir:
@@ -73,12 +79,14 @@ def run(args) -> int:
                            audited_pretrained=args.audited_pretrained, features=args.features,
                            attribute_text=args.attribute_text, cache_dir=args.cache_dir,
                            record_indices=args.record_indices,
-                           progress=not (args.quiet or not world.is_main))
+                           progress=not (args.quiet or not world.is_main), compute=compute,
+                           checkpoint_every=args.checkpoint_every)
     if world.is_main:
         if args.history:
             write_json_atomic(args.history, history)
         losses = history["losses"]
-        print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), "
+        where = f"{compute.device}, {compute.precision}" if not compute.is_reference else "cpu"
+        print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), {where}, "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
     return 0
 

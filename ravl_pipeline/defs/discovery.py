@@ -3,12 +3,20 @@ region_proposals → region_embeddings → zero_shot_scores → region_clusters 
 spurious_features (SPEC §1–2). Each asset calls one step of
 :class:`~ravl_pipeline.pipeline.Audit`, which reads what the step before
 wrote and replaces its own output atomically; nothing goes through an IO
-manager, so nothing is ever pickled."""
+manager, so nothing is ever pickled.
+
+``region_embeddings`` is a graph of three kinds of step, so one large set's
+embedding spreads over the executor's processes or Celery workers:
+``plan`` fans out ``compute.shards`` ``shard`` steps (contiguous rows each,
+in the ``ravl_model`` pool: raise its limit to run several at once), and
+``merge`` joins them in row order."""
+import time
+
 import dagster as dg
 
 from . import metadata as meta
 from .model import audited_model
-from .partitions import MODEL_POOL, audit_asset, set_data_version
+from .partitions import AUDIT_GROUP, MODEL_POOL, audit_asset, failing_cleanly, set_data_version, validation_sets
 from .resources import RavlProject
 from .sources import params_discovery, params_labels, params_regions, params_scores, validation_set
 
@@ -22,13 +30,41 @@ def region_proposals(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg
                                 metadata=meta.proposals(audit, table.num_rows))
 
 
-@audit_asset(deps=[region_proposals, audited_model, params_regions], kinds={"pytorch", "parquet"},
-             code_version="1", pool=MODEL_POOL,
-             description="L2-normalised image and region embeddings, one backbone pass per image (SPEC §1.2).")
-def region_embeddings(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
+@dg.op(ins={name: dg.In(dg.Nothing) for name in ("region_proposals", "audited_model", "params_regions")},
+       out=dg.DynamicOut(dg.Nothing), description="One shard step per compute.shards.")
+@failing_cleanly
+def plan(context: dg.OpExecutionContext, ravl: RavlProject):
+    for index in range(ravl.params().compute.shards):
+        yield dg.DynamicOutput(None, mapping_key=str(index))
+
+
+@dg.op(ins={"planned": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing), pool=MODEL_POOL,
+       description="Image and region embeddings of one shard's rows.")
+@failing_cleanly
+def shard(context: dg.OpExecutionContext, ravl: RavlProject) -> None:
     audit = ravl.audit(context.partition_key)
-    emb, seconds = audit.embed()
-    return dg.MaterializeResult(metadata=meta.embeddings(audit, emb, seconds))
+    _, seconds = audit.embed_shard(int(context.get_mapping_key()), ravl.params().compute.shards)
+    context.log.info(f"shard {context.get_mapping_key()} embedded in {seconds:.1f}s")
+
+
+@dg.op(ins={"shards": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing), description="The shards joined in row order.")
+@failing_cleanly
+def merge(context: dg.OpExecutionContext, ravl: RavlProject) -> None:
+    audit = ravl.audit(context.partition_key)
+    t0 = time.perf_counter()
+    emb = audit.merge_shards(ravl.params().compute.shards)
+    context.add_output_metadata(meta.embeddings(audit, emb, time.perf_counter() - t0))
+
+
+@dg.graph_asset(partitions_def=validation_sets, group_name=AUDIT_GROUP, kinds={"pytorch", "parquet"}, code_version="2",
+                ins={"region_proposals": dg.AssetIn(dagster_type=dg.Nothing),
+                     "audited_model": dg.AssetIn(dagster_type=dg.Nothing),
+                     "params_regions": dg.AssetIn(dagster_type=dg.Nothing)},
+                description="L2-normalised image and region embeddings, one backbone pass per image (SPEC §1.2), "
+                            "in compute.shards parallel steps.")
+def region_embeddings(region_proposals, audited_model, params_regions):
+    planned = plan(region_proposals=region_proposals, audited_model=audited_model, params_regions=params_regions)
+    return merge(shards=planned.map(lambda each: shard(planned=each)).collect())
 
 
 @audit_asset(deps=[region_embeddings, audited_model, params_scores, params_labels], kinds={"parquet"},

@@ -15,13 +15,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..config import InputError
 from ..core.embed import region_inputs
 from ..core.views import DEFAULT_REGION_VIEW, ViewSpec
 from ..models import LoadedModel
 
-__all__ = ["TrainError", "MitigationError", "StreamedImages", "TrainItem", "TrainData", "captions_for",
+__all__ = ["TrainError", "MitigationError", "StreamedImages", "TrainItem", "TrainData", "draw_key", "captions_for",
            "build_train_data"]
 
 
@@ -36,11 +37,16 @@ class MitigationError(InputError):
 @dataclass(frozen=True)
 class StreamedImages:
     """Pixels read from the rows of ``ds`` through ``transform`` when a batch
-    needs them; ``spec`` places region boxes in their region views."""
+    needs them; ``spec`` places region boxes in their region views. With
+    ``random`` (a random transform, e.g. open_clip's training transform) each
+    draw of an image is seeded by ``seed``, its step and its row, so a run is
+    the same with any number of workers and after a resume."""
 
     ds: Any
     transform: Callable
     spec: ViewSpec
+    random: bool = False
+    seed: int = 0
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -57,9 +63,16 @@ class TrainItem:
     region_boxes: Sequence[np.ndarray] | None = None
     view: str = DEFAULT_REGION_VIEW
 
-    def __call__(self, ds, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def __call__(self, ds, key: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``key`` = step × rows + row (:func:`draw_key`)."""
+        step, i = divmod(int(key), len(ds))
         image = ds.load_image(i)
-        pixels = self.images.transform(image)
+        if self.images.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.images.seed * 1_000_003 + int(key))
+                pixels = self.images.transform(image)
+        else:
+            pixels = self.images.transform(image)
         if self.region_boxes is None:
             return pixels, None, None
         view, boxes = region_inputs(self.images.spec, ds, i, self.region_boxes[i], self.view, image)
@@ -85,6 +98,11 @@ class TrainData:
         return isinstance(self.pixels, StreamedImages)
 
 
+def draw_key(step: int, i: int, n: int) -> int:
+    """The loader key of row ``i`` of ``n`` drawn at ``step`` (:class:`TrainItem`)."""
+    return step * n + i
+
+
 def captions_for(ds, template: str) -> list[str]:
     """Manifest captions where given, otherwise ``template`` filled with the label."""
     captions = ds.captions
@@ -102,13 +120,20 @@ def captions_for(ds, template: str) -> list[str]:
     return out
 
 
-def build_train_data(lm: LoadedModel, ds, template: str, classes: list[str] | None = None) -> TrainData:
+def build_train_data(lm: LoadedModel, ds, template: str, classes: list[str] | None = None,
+                     train_transform: str = "none", seed: int = 0) -> TrainData:
     """A run's data over the rows of ``ds``, pixels streamed through the
-    model's own evaluation transform."""
+    model's own evaluation transform (``train_transform`` ``none``) or its
+    open_clip training transform (``open_clip``, seeded by ``seed``)."""
     tokens = lm.tokenizer(captions_for(ds, template))
     labels = None
     if ds.labels is not None:
         classes = classes or sorted(set(ds.labels))
         index = {c: k for k, c in enumerate(classes)}
         labels = torch.tensor([index[y] for y in ds.labels], dtype=torch.long)
-    return TrainData(StreamedImages(ds, lm.preprocess, ViewSpec.of(lm)), tokens, labels, classes)
+    if train_transform == "open_clip":
+        images = StreamedImages(ds, image_transform_v2(PreprocessCfg(**lm.preprocess_cfg), is_train=True),
+                                ViewSpec.of(lm), random=True, seed=seed)
+    else:
+        images = StreamedImages(ds, lm.preprocess, ViewSpec.of(lm))
+    return TrainData(images, tokens, labels, classes)

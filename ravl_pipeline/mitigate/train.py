@@ -34,7 +34,7 @@ from ..compute import CPU, Compute
 from ..config import TrainConfig
 from ..core.loader import stream
 from ..models import LoadedModel
-from .data import TrainData, TrainError, TrainItem
+from .data import TrainData, TrainError, TrainItem, draw_key
 from .methods import get_method
 
 __all__ = ["finetune", "iter_batches", "batches", "total_steps", "configure_trainable", "build_optimizer",
@@ -106,10 +106,12 @@ def _load(data: TrainData, steps, compute: Compute, region_pass: bool) -> Iterat
         return
     pending: deque = deque()
 
+    n = len(data.pixels.ds)
+
     def sampler():
         for step, idx in steps:
             pending.append((step, idx))
-            yield idx.tolist()
+            yield [draw_key(step, i, n) for i in idx.tolist()]
 
     region_boxes = data.extras.get("region_boxes") if region_pass else None
     item = TrainItem(data.pixels, region_boxes)

@@ -7,6 +7,7 @@ demo`` reads the same layout, so the folder layout is defined here once::
     <outputs>/audited_model.json        which model is audited (ModelRecord)
     <outputs>/<set>/proposals/          region boxes
     <outputs>/<set>/embeddings/         image and region embeddings
+    <outputs>/<set>/embedding_shards/   shard-I-of-N/ while one set's embedding is split over steps
     <outputs>/<set>/scores/             zero-shot probabilities
     <outputs>/<set>/clusters/           K-medoids assignments and the K sweep
     <outputs>/<set>/findings.json       ranked features with their evidence
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,17 +39,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..compute import CPU, Compute, resolve_compute
+from ..compute import CPU, Compute, resolve_compute, shard_compute
 from ..config import AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
-from ..core.embed import Embeddings
+from ..core.embed import Embeddings, merge_embeddings, shard_rows
 from ..core.metrics import METRIC_KEYS
 from ..core.findings import Findings, read_findings, write_findings
 from ..core.regions import propose_dataset
 from ..core.scores import Scores, label_indices
 from ..io.dataset import Dataset, induced_pairs, load_dataset
 from ..io.files import atomic_dir, read_json, write_bytes_atomic, write_json_atomic
+from ..io.hashing import dataset_fingerprint
 from ..io.manifest import read_manifest
 from ..io.tables import fixed_list
 from ..mitigate.assign import select_features
@@ -84,6 +87,10 @@ class AuditPaths:
     headline = property(lambda self: self.root / "audit_summary.json")
     previous = property(lambda self: self.root / "previous")
     assignment_cache = property(lambda self: self.root / "spurious-regions-cache")
+    embedding_shards = property(lambda self: self.root / "embedding_shards")
+
+    def embedding_shard(self, index: int, count: int) -> Path:
+        return self.embedding_shards / f"shard-{index:04d}-of-{count:04d}"
 
 
 @dataclass
@@ -239,12 +246,65 @@ class Audit:
         t0 = time.perf_counter()
         emb = stages.embed(self.audited.load(self.compute), self.data, self.params.regions, progress=self.progress)
         seconds = time.perf_counter() - t0
+        self._save_embeddings(emb)
+        return emb, seconds
+
+    def _save_embeddings(self, emb: Embeddings) -> None:
         n_proposals = pq.read_metadata(self.paths.proposals / "proposals.parquet").num_rows
         if n_proposals != emb.n_regions:
             raise AuditError(f"{self.paths.proposals}: {n_proposals} proposals but {emb.n_regions} embedded "
                              "regions; re-materialize region_proposals")
         emb.save(self.paths.embeddings)
+
+    def _shard_key(self, count: int) -> dict:
+        """What one embedding shard was made from: the set, the model, the regions and the split."""
+        return {"dataset": dataset_fingerprint(self.dataset_dir), "model": self.audited.to_dict(),
+                "regions": dataclasses.asdict(self.params.regions), "split": self.discovery_split,
+                "n_images": len(self.data), "shards": count}
+
+    def embed_shard(self, index: int, count: int) -> tuple[Embeddings, float]:
+        """Shard ``index`` of ``count`` of the set's embedding (contiguous rows,
+        :func:`~ravl_pipeline.core.embed.shard_rows`), written to
+        ``embedding_shards/`` for :meth:`merge_shards`; a shard already there
+        from the same data, model and parameters is reused (a failed or
+        interrupted split run redoes only its missing shards). With several
+        CUDA devices and ``device: cuda``, shard ``index`` runs on device
+        ``index mod count``. Returns the shard and the seconds it took."""
+        rows = shard_rows(len(self.data), count, index)
+        folder = self.paths.embedding_shard(index, count)
+        key = {**self._shard_key(count), "index": index, "rows": [rows.start, rows.stop]}
+        if (folder / "key.json").is_file() and read_json(folder / "key.json", AuditError) == key:
+            return Embeddings.load(folder / "embeddings"), 0.0
+        t0 = time.perf_counter()
+        compute = shard_compute(self.compute, index)
+        emb = stages.embed(self.audited.load(compute), self.data.subset(list(rows)), self.params.regions,
+                           progress=self.progress)
+        seconds = time.perf_counter() - t0
+        with atomic_dir(folder) as tmp:
+            emb.save(tmp / "embeddings")
+            write_json_atomic(tmp / "key.json", key)
         return emb, seconds
+
+    def merge_shards(self, count: int) -> Embeddings:
+        """The set's embeddings from its ``count`` shards, in row order (the
+        same rows as one process makes, to float rounding); the shards are
+        removed once the merged embeddings are written."""
+        key = self._shard_key(count)
+        parts = []
+        for index in range(count):
+            folder = self.paths.embedding_shard(index, count)
+            if not (folder / "key.json").is_file():
+                raise AuditError(f"{folder}: embedding shard {index} of {count} is missing; run it first "
+                                 f"(`ravl embed-shard --partition {self.name} --shard {index}/{count}`)")
+            found = read_json(folder / "key.json", AuditError)
+            if {k: found.get(k) for k in key} != key:
+                raise AuditError(f"{folder}: embedding shard {index} was made from other data, model or regions "
+                                 "parameters; run it again")
+            parts.append(Embeddings.load(folder / "embeddings"))
+        emb = merge_embeddings(parts)
+        self._save_embeddings(emb)
+        shutil.rmtree(self.paths.embedding_shards, ignore_errors=True)
+        return emb
 
     def score(self) -> tuple[Scores, np.ndarray]:
         """Zero-shot probabilities (SPEC §1.3–1.4) and the images' class indices."""

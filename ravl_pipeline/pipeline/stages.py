@@ -227,6 +227,10 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     """
     method = get_method(cfg.method)
     world = distributed.world_from_env()
+    if cfg.train_transform != "none" and method.region_pass:
+        raise MitigationError(f"train_transform {cfg.train_transform!r} moves pixels under the boxes that method "
+                              f"{method.name!r} embeds; use train_transform none (mitigation.train_transform, "
+                              "--train-transform) for it")
     if method.needs_findings and findings is None:
         raise MitigationError(f"method {method.name!r} needs Stage-1 findings (--findings findings.json)")
     if world.world_size > 1 and findings is not None:
@@ -259,7 +263,8 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         audited = load_model(audited_model, audited_pretrained, compute=compute)
         check_same_architecture(audited, base)
         check_stage2_findings(findings, where, embed_dim=int(audited.model_cfg["embed_dim"]))
-    data = build_train_data(base, ds, cfg.caption_template, classes=classes)
+    data = build_train_data(base, ds, cfg.caption_template, classes=classes, train_transform=cfg.train_transform,
+                            seed=cfg.seed)
     if method.needs_labels:
         attach_class_tokens(data, base, cfg.caption_template)
     if method.needs_attribute_text:

@@ -319,3 +319,29 @@ def test_materialize_command_uses_the_persistent_instance(pipeline, tmp_path, mo
     assert record["model"] == f"local-dir:{pipeline['tiny']['audited']}"
     with dg.DagsterInstance.get() as instance:
         assert instance.get_latest_materialization_event(dg.AssetKey("audited_model")) is not None
+
+
+def test_one_set_embedded_in_shard_steps_equals_the_set_embedded_at_once(pipeline, tmp_path):
+    """compute.shards: 3 runs region_embeddings as plan → three shard steps → merge; the merged
+    embeddings are the single-step ones (same rows, same order, to float rounding), and no shard is left."""
+    from ravl_pipeline.core.embed import Embeddings
+
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"] / "validation_sets" / "set-a", data / "validation_sets" / "set-a")
+    params = write_params(tmp_path / "params.yaml", pipeline["tiny"], compute={"shards": 3})
+    project = RavlProject(data_dir=str(data), params_path=str(params))
+    defs = build_definitions(project)
+    with dg.instance_for_test() as instance:
+        runner.register_validation_sets(defs, instance, ["set-a"])
+        runs = runner.materialize(defs, instance, partitions=["set-a"],
+                                  select=["audited_model", "region_proposals", "region_embeddings"])
+        assert all(r.success for r in runs), [r.lines() for r in runs]
+        steps = {e.step_key for e in instance.all_logs(runs[-1].run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)}
+        assert {f"region_embeddings.shard[{i}]" for i in range(3)} | {"region_embeddings.merge"} <= steps
+        assert _latest_metadata(instance, "region_embeddings", "set-a")["dagster/row_count"].value == 4 * N_VAL
+    audit = project.audit("set-a")
+    sharded = Embeddings.load(audit.paths.embeddings)
+    whole = Embeddings.load(pipeline["project"].audit("set-a").paths.embeddings)
+    assert sharded.image_ids == whole.image_ids and np.array_equal(sharded.region_index, whole.region_index)
+    np.testing.assert_allclose(sharded.region_emb, whole.region_emb, atol=1e-5)
+    assert not audit.paths.embedding_shards.exists()
