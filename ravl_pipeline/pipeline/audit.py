@@ -241,16 +241,9 @@ class Audit:
             pq.write_table(table, tmp / "proposals.parquet")
         return table
 
-    def embed(self) -> tuple[Embeddings, float]:
-        """Image and region embeddings (SPEC §1.2) and the seconds they took."""
-        t0 = time.perf_counter()
-        emb = stages.embed(self.audited.load(self.compute), self.data, self.params.regions, progress=self.progress)
-        seconds = time.perf_counter() - t0
-        self._save_embeddings(emb)
-        return emb, seconds
-
     def _save_embeddings(self, emb: Embeddings) -> None:
-        n_proposals = pq.read_metadata(self.paths.proposals / "proposals.parquet").num_rows
+        proposals = self.paths.proposals / "proposals.parquet"
+        n_proposals = pq.read_metadata(proposals).num_rows if proposals.is_file() else emb.n_regions
         if n_proposals != emb.n_regions:
             raise AuditError(f"{self.paths.proposals}: {n_proposals} proposals but {emb.n_regions} embedded "
                              "regions; re-materialize region_proposals")

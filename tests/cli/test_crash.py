@@ -180,7 +180,7 @@ def test_killed_materialization_keeps_previous_outputs(tmp_path):
 
     started = time.time()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(proc, _step_started(home, "region_embeddings", started))
+    _kill_when(proc, _step_started(home, "region_embeddings.shard[0]", started))
 
     assert snapshot(outputs) == before  # byte-identical, nothing half-written in place
     assert _latest_run_of(home, "region_embeddings", "tiny") == first_run

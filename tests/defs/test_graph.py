@@ -345,3 +345,28 @@ def test_one_set_embedded_in_shard_steps_equals_the_set_embedded_at_once(pipelin
     assert sharded.image_ids == whole.image_ids and np.array_equal(sharded.region_index, whole.region_index)
     np.testing.assert_allclose(sharded.region_emb, whole.region_emb, atol=1e-5)
     assert not audit.paths.embedding_shards.exists()
+
+
+def test_embed_shard_command_splits_and_merges_a_set(pipeline, tmp_path, monkeypatch, capsys):
+    """`ravl embed-shard --shard I/N` anywhere, then `--merge N`: the set's embeddings, shards gone;
+    a missing shard is named."""
+    from ravl_pipeline.cli import main as ravl
+    from ravl_pipeline.core.embed import Embeddings
+
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"] / "validation_sets" / "set-a", data / "validation_sets" / "set-a")
+    (data / "outputs").mkdir(parents=True)
+    shutil.copy2(pipeline["data"] / "outputs" / "audited_model.json", data / "outputs" / "audited_model.json")
+    monkeypatch.setenv("RAVL_DATA_DIR", str(data))
+    monkeypatch.setenv("RAVL_PARAMS", str(pipeline["params"]))
+    assert ravl(["embed-shard", "--partition", "set-a", "--shard", "1/2"]) == 0
+    assert ravl(["embed-shard", "--partition", "set-a", "--merge", "2"]) == 2  # shard 0 is missing
+    assert "shard 0 of 2 is missing" in capsys.readouterr().err
+    assert ravl(["embed-shard", "--partition", "set-a", "--shard", "0/2"]) == 0
+    assert ravl(["embed-shard", "--partition", "set-a", "--merge", "2"]) == 0
+    merged = Embeddings.load(data / "outputs" / "set-a" / "embeddings")
+    whole = Embeddings.load(pipeline["project"].audit("set-a").paths.embeddings)
+    assert merged.image_ids == whole.image_ids
+    np.testing.assert_allclose(merged.region_emb, whole.region_emb, atol=1e-5)
+    assert not (data / "outputs" / "set-a" / "embedding_shards").exists()
+    assert ravl(["embed-shard", "--partition", "set-a"]) == 2  # no shard named, not under torchrun

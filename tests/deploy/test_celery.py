@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 SET = "set-a"
-POOL_STEPS = {"region_embeddings", "zero_shot_scores", "spurious_features", "mitigated_model",
+POOL_STEPS = {"region_embeddings.shard[0]", "zero_shot_scores", "spurious_features", "mitigated_model",
               "mitigation_metrics", "mitigated_findings"}
 
 
@@ -90,8 +90,8 @@ def test_every_step_ran_in_a_celery_worker(celery_run):
     used = {next(w for w in [pid, *lineage[s]] if w in celery_run["workers"]) for s, (_, _, pid) in spans.items()}
     assert used == celery_run["workers"]
     # the launcher printed each step as it started and ended
-    assert f"  [{SET}] region_embeddings ..." in celery_run["out"]
-    assert f"  [{SET}] region_embeddings done in" in celery_run["out"]
+    assert f"  [{SET}] region_embeddings.shard[0] ..." in celery_run["out"]
+    assert f"  [{SET}] region_embeddings.merge done in" in celery_run["out"]
 
 
 def test_model_steps_keep_their_pool_limit(celery_run):
