@@ -267,6 +267,9 @@ class MitigationConfig:
                                     "audited model's fine-tuning, usually no floor)", COUNT)
     max_repeat: int | None = _f(None, "group-balanced sampling draws one image at most this many times per pass "
                                       "(default: no limit, full balance, SPEC §3.6)", COUNT)
+    micro_batch_size: int | None = _f(None, "images per forward pass when a batch does not fit the device: gradients "
+                                            "accumulated to the whole batch's (default: the audited model's "
+                                            "fine-tuning; none: the whole batch at once)", COUNT)
     train_transform: str | None = _f(None, "images in training: none (the evaluation transform) | open_clip (the "
                                            "model's open_clip training transform; not with a region pass) "
                                            "(default: the audited model's fine-tuning)")
@@ -317,6 +320,9 @@ class TrainConfig:
                                      "alone; max_steps, when set, wins)", COUNT)
     max_repeat: int | None = _f(MitigationConfig.max_repeat, "group-balanced sampling: the most times one image "
                                 "is drawn per pass (none: no limit, every group as large as the largest)", COUNT)
+    micro_batch_size: int | None = _f(None, "images per forward pass: a batch larger than this runs in micro-batches "
+                                            "whose gradients add up to the whole batch's contrastive loss (exact "
+                                            "but for BatchNorm statistics; none: the whole batch at once)", COUNT)
     train_transform: str = _f("none", "images in training: none (the evaluation transform, as discovery sees them) "
                                       "| open_clip (the model's own open_clip training transform, a random resized "
                                       "crop seeded per image and step; not for methods with a region pass)")

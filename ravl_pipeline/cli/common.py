@@ -74,7 +74,7 @@ def flag_classes(text: str | None, flag: str = "--classes") -> list[str] | None:
 # the TrainConfig fields ``ravl finetune`` takes as flags; each flag's default is None (left out), resolved by
 # config.train_config or, for Stage 2, config.stage2_config
 TRAINING_FLAGS = ("method", "epochs", "max_steps", "min_steps", "batch_size", "lr", "lam", "tau", "region_loss",
-                  "max_repeat", "seed", "lock_text", "train_transform")
+                  "max_repeat", "seed", "lock_text", "train_transform", "micro_batch_size")
 
 
 def training_option(name: str) -> dict:
@@ -113,6 +113,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", **training_option("tau"))
     p.add_argument("--region-loss", choices=list(REGION_LOSS_FORMS), **training_option("region_loss"))
     p.add_argument("--max-repeat", **training_option("max_repeat"))
+    p.add_argument("--micro-batch-size", **training_option("micro_batch_size"))
     p.add_argument("--train-transform", choices=list(TRAIN_TRANSFORMS), **training_option("train_transform"))
     p.add_argument("--seed", **training_option("seed"))
     p.add_argument("--lock-text", action="store_true", help=training_option("lock_text")["help"], default=None)

@@ -198,6 +198,9 @@ def finetune_distributed(lm, data: TrainData, cfg: TrainConfig, world: WorldInfo
                          "or a single process")
     if len(data) < 2:
         raise TrainError("fine-tuning needs at least two images")
+    if cfg.micro_batch_size:
+        raise TrainError("micro_batch_size is for one process; under torchrun each process's slice of the batch is "
+                         "what it holds (use more processes or leave micro_batch_size unset)")
     if cfg.batch_size < world.world_size:
         raise TrainError(f"batch size {cfg.batch_size} is smaller than the world size {world.world_size}; "
                          "every rank needs at least one sample per step")

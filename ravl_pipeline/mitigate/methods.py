@@ -203,8 +203,12 @@ def ravl_loss(model, batch: dict, data: TrainData, cfg: TrainConfig, state: dict
     device = batch["pixels"].device
     region_image = torch.repeat_interleave(torch.arange(len(boxes), device=device),
                                            torch.tensor([len(b) for b in boxes], device=device))
-    with region_pass_keeps_batchnorm_stats(model):
-        image, regions = encode_image_and_regions(model, batch["pixels"], boxes, views=views)
+    cached = getattr(model, "cached_image_and_regions", None)  # an accumulated step (mitigate.accumulate)
+    if cached is not None:
+        image, regions = cached()
+    else:
+        with region_pass_keeps_batchnorm_stats(model):
+            image, regions = encode_image_and_regions(model, batch["pixels"], boxes, views=views)
     text = model.encode_text(batch["tokens"])
     l_clip = clip_loss(image, text, model.logit_scale.exp())
     state["terms"] = {"clip": cfg.lam * l_clip}

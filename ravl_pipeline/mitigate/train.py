@@ -9,7 +9,9 @@ they compare fairly.
 Pixels are streamed (:func:`batches`): the model's ``compute`` workers
 decode and preprocess the next batches while the device trains on this one,
 and nothing holds the whole set. On an accelerator the forward passes run
-under autocast in the model's precision, with loss scaling in fp16. With a
+under autocast in the model's precision, with loss scaling in fp16. With
+``micro_batch_size`` a step's batch is processed in micro-batches whose
+gradients add up to the whole batch's (:mod:`.accumulate`). With a
 ``resume`` path the loop saves everything a run needs to go on (weights,
 optimiser, schedule, scaler, the method's state and the losses so far) every
 ``checkpoint_every`` steps; a run started again with the same path and
@@ -34,6 +36,7 @@ from ..compute import CPU, Compute
 from ..config import TrainConfig
 from ..core.loader import stream
 from ..models import LoadedModel
+from .accumulate import accumulated_backward
 from .data import TrainData, TrainError, TrainItem, draw_key
 from .methods import get_method
 
@@ -173,18 +176,20 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, n_steps:
 
 
 def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor, where: str,
-                   scaler: torch.amp.GradScaler | None = None) -> float:
+                   scaler: torch.amp.GradScaler | None = None, backward_done: bool = False) -> float:
     """One update shared by every training loop (through ``scaler`` when it
-    scales fp16 losses); returns the loss value."""
+    scales fp16 losses); returns the loss value. ``backward_done``: the
+    gradients are already in place (an accumulated step)."""
     if not torch.isfinite(loss):
         raise TrainError(f"non-finite loss {loss.item()} at {where}")
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
+    scaling = scaler is not None and scaler.is_enabled()
+    if not backward_done:
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaling else loss).backward()
+    if scaling:
         scaler.step(opt)
         scaler.update()
     else:
-        loss.backward()
         opt.step()
     sched.step()
     with torch.no_grad():
@@ -229,12 +234,22 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, initial=start, desc=f"finetune ({cfg.method})", disable=not progress, leave=False)
+    micro = cfg.micro_batch_size
+    if micro and inspect is not None:
+        raise TrainError("the diagnostics hook needs whole-batch steps; leave micro_batch_size unset")
     for step, batch in batches(data, cfg, gen, compute, region_pass=method.region_pass, start=start):
-        with compute.autocast():
-            loss = loss_fn(model, batch, data, cfg, state)
-        if inspect is not None:
-            inspect(step, model, batch, state, loss)
-        losses.append(optimizer_step(model, opt, sched, loss, f"step {step} (method {cfg.method})", scaler))
+        where = f"step {step} (method {cfg.method})"
+        if micro and len(batch["index"]) > micro:
+            opt.zero_grad(set_to_none=True)
+            loss = accumulated_backward(model, method, batch, lambda towers: loss_fn(towers, batch, data, cfg, state),
+                                        micro, compute.autocast, scaler.scale if scaler.is_enabled() else _same)
+            losses.append(optimizer_step(model, opt, sched, loss, where, scaler, backward_done=True))
+        else:
+            with compute.autocast():
+                loss = loss_fn(model, batch, data, cfg, state)
+            if inspect is not None:
+                inspect(step, model, batch, state, loss)
+            losses.append(optimizer_step(model, opt, sched, loss, where, scaler))
         if resume is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
             _save_resume_state(resume, fingerprint, model, opt, sched, scaler, state, losses)
         if on_step is not None:
@@ -252,6 +267,10 @@ def finetune(lm: LoadedModel, data: TrainData, cfg: TrainConfig, progress: bool 
     if compute.record() is not None:
         history["compute"] = compute.record()
     return history
+
+
+def _same(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 # --------------------------------------------------------------------------- resuming
