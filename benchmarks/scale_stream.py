@@ -37,8 +37,11 @@ the same process, interleaved with it, because the CPU is shared:
   and the embedding stage alone (``embed_dataset``, RN50, ``roi``) at each of
   ``--embed-sizes`` validation images. Ratio largest / smallest (target within
   1.2 for Stage 2). The embedding stage keeps its output (one image and R
-  region embeddings per image) in memory by design, so its RSS grows by that
-  much per image; the rows give the slope.
+  region embeddings per image, about 20 KiB) in memory by design; anything
+  beyond that slope is the process's own growth. ``--malloc-mmap-threshold
+  BYTES`` runs these subprocesses with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
+  (glibc otherwise raises the threshold as large blocks are freed, and the
+  region pass's ever-changing tensor shapes then fragment the heap).
 
 The photos are generated once into ``--cache`` (outside the repository) and
 reused; each size reads a dataset folder of hard links to the first N photos.
@@ -51,6 +54,8 @@ and written to ``--out``.
     .venv/bin/python benchmarks/scale_stream.py --parts throughput step --out /tmp/scale_stream_perf.json
     .venv/bin/python benchmarks/scale_stream.py --parts rss --sizes 1000 16000 --embed-sizes 250 1000 \\
         --out /tmp/scale_stream_rss.json
+    .venv/bin/python benchmarks/scale_stream.py --parts rss --sizes 1000 --embed-sizes 250 1000 \\
+        --malloc-mmap-threshold 65536 --out /tmp/scale_stream_rss_mmap.json
 """
 from __future__ import annotations
 
@@ -368,6 +373,10 @@ def run_rss(args, results: Results, setting: Path, cache: Path) -> dict:
     env = {**os.environ}
     set_threads(args.rss_threads)
     env.update({v: str(args.rss_threads) for v in THREAD_VARS})
+    malloc = {}
+    if args.malloc_mmap_threshold is not None:  # glibc: a fixed threshold, no dynamic raising
+        malloc = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
+        env.update(malloc)
     logs = cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     summary: dict = {"stage2": {}, "embed": {}}
@@ -385,7 +394,7 @@ def run_rss(args, results: Results, setting: Path, cache: Path) -> dict:
             raise SystemExit(f"finetune at N={n} failed (rc {res['rc']}); see {logs / f'finetune-{n}.log'}")
         results.add(part="rss", stage="stage2", model=args.rss_model, images=n,
                     workers=args.rss_workers if workers_flag else "default", rss_threads=args.rss_threads,
-                    finetune_cmd=" ".join(cmd), **res)
+                    malloc_env=malloc, finetune_cmd=" ".join(cmd), **res)
         summary["stage2"][n] = res["max_rss_gib"]
     for n in args.embed_sizes:
         data = subset_dir(setting, "eval", "val", n, cache)
@@ -397,7 +406,8 @@ def run_rss(args, results: Results, setting: Path, cache: Path) -> dict:
             raise SystemExit(f"embedding at N={n} failed (rc {res['rc']}); see {logs / f'embed-{n}.log'}")
         child = json.loads(res.pop("stdout_last"))
         results.add(part="rss", stage="embed", model=args.rss_model, images=n, workers=args.rss_workers,
-                    rss_threads=args.rss_threads, batch_size=args.batch_size, proposer=args.proposer, **res, **child)
+                    rss_threads=args.rss_threads, malloc_env=malloc, batch_size=args.batch_size,
+                    proposer=args.proposer, **res, **child)
         summary["embed"][n] = {"max_rss_gib": res["max_rss_gib"], "main_rss_gib": child["main_rss_gib"],
                                "output_mib": child["output_mib"], "images_per_s": child["images_per_s"]}
     for stage in ("stage2", "embed"):
@@ -407,7 +417,7 @@ def run_rss(args, results: Results, setting: Path, cache: Path) -> dict:
             get = (lambda v: v) if stage == "stage2" else (lambda v: v["max_rss_gib"])
             summary[f"{stage}_ratio_{hi}_over_{lo}"] = get(by_n[hi]) / get(by_n[lo])
     summary.update(model=args.rss_model, workers=args.rss_workers if workers_flag else "default",
-                   threads=args.rss_threads)
+                   threads=args.rss_threads, malloc_env=malloc)
     return summary
 
 
@@ -451,6 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-model", default="RN50")
     ap.add_argument("--rss-workers", type=int, default=2, help="loader workers of the RSS runs")
     ap.add_argument("--rss-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the RSS runs")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="RSS runs: glibc MALLOC_MMAP_THRESHOLD_ (a fixed threshold; default: glibc's dynamic one)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="generated photos (reused between runs)")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON lines, one per measurement")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")

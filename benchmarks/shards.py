@@ -8,6 +8,7 @@ fresh processes started by this script, alternating ``--rounds`` times:
 
 * ``single``: one process, ``torch.set_num_threads(--shards)``: every core
   on one stream of batches;
+* ``single_1thread``: one process, one thread (what each shard has);
 * ``sharded``: ``--shards`` processes at once, one thread each, each
   embedding its contiguous rows (``core.embed.shard_rows``), as the Dagster
   ``region_embeddings.shard[i]`` steps or ``ravl embed-shard`` do;
@@ -16,7 +17,7 @@ fresh processes started by this script, alternating ``--rounds`` times:
   absolute difference of any embedding value.
 
 Printed as JSON: the median wall time of each (processes started and models
-loaded included, as a step pays them) and sharded / single.
+loaded included, as a step pays them) and sharded / single (both).
 """
 from __future__ import annotations
 
@@ -77,11 +78,12 @@ def main() -> None:
         make_scenes_setting(work / "setting", ScenesConfig(short_side=args.short_side, n_pretrain=10,
                                                            n_finetune=10, n_val=args.n, n_test=10))
     base = [sys.executable, __file__, "--child", "--model", args.model, "--data", str(data)]
-    times: dict[str, list[float]] = {"single": [], "sharded": []}
+    times: dict[str, list[float]] = {"single": [], "single_1thread": [], "sharded": []}
     for _ in range(args.rounds):
-        t0 = time.perf_counter()
-        run([*base, "--threads", str(args.shards), "--save", str(work / "single")]).wait()
-        times["single"].append(time.perf_counter() - t0)
+        for name, threads in (("single", args.shards), ("single_1thread", 1)):
+            t0 = time.perf_counter()
+            run([*base, "--threads", str(threads), "--save", str(work / name)]).wait()
+            times[name].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         procs = [run([*base, "--threads", "1", "--index", str(i), "--count", str(args.shards),
                       "--save", str(work / f"shard{i}")]) for i in range(args.shards)]
@@ -95,6 +97,7 @@ def main() -> None:
         "model": args.model, "n_images": len(single.image_ids), "n_regions": single.n_regions,
         "shards": args.shards, "rounds": args.rounds, "wall_s": times, "median_s": median,
         "sharded_over_single": round(median["sharded"] / median["single"], 3),
+        "sharded_over_single_1thread": round(median["sharded"] / median["single_1thread"], 3),
         "same_ids_and_order": merged.image_ids == single.image_ids,
         "same_boxes": bool(np.array_equal(merged.boxes, single.boxes)),
         "max_abs_difference": float(max(np.abs(merged.image_emb - single.image_emb).max(),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import DEVICE_CHOICES, PRECISIONS, ComputeConfig, InputError
+from .config import PRECISIONS, ComputeConfig, InputError, device_problem
 
 
 class DeviceError(InputError):
@@ -96,14 +96,28 @@ def mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def cuda_bf16(device: str) -> bool:
+    """Whether CUDA ``device`` computes in bf16 (compute capability 8.0 on),
+    read from its properties: no context is opened on any GPU."""
+    index = torch.device(device).index
+    return torch.cuda.get_device_properties(index if index is not None else 0).major >= 8
+
+
+def use_device(compute: Compute) -> None:
+    """Make ``compute``'s GPU the current one (pinned buffers and kernels go
+    there, not to GPU 0)."""
+    if compute.kind == "cuda" and compute.torch_device.index is not None:
+        torch.cuda.set_device(compute.torch_device)
+
+
 def resolve_device(name: str, where: str = "--device") -> str:
     """``auto`` → ``cuda``, else ``mps``, else ``cpu``; a named device is
     checked, and one this machine lacks is a :class:`DeviceError` naming ``where``."""
+    problem = device_problem(name)
+    if problem:
+        raise DeviceError(f"{where}: {problem}")
     name = str(name).strip().lower()
     kind, _, index = name.partition(":")
-    if kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise DeviceError(f"{where}: unknown device {name!r}; expected one of {', '.join(DEVICE_CHOICES)} "
-                          "(or cuda:N)")
     if kind == "auto":
         return "cuda" if cuda_available() else "mps" if mps_available() else "cpu"
     if kind == "cuda":
@@ -123,14 +137,13 @@ def resolve_precision(name: str, device: str, where: str = "--precision") -> str
     """``auto`` → ``fp32`` on the CPU, ``bf16`` on a device that supports it,
     else ``fp16``; a named precision the device cannot autocast to is a
     :class:`DeviceError` naming ``where``."""
-    name = str(name).strip().lower()
     if name not in PRECISIONS:
         raise DeviceError(f"{where}: unknown precision {name!r}; expected one of {', '.join(PRECISIONS)}")
     kind = torch.device(device).type
     if name == "auto":
         if kind == "cpu":
             return "fp32"
-        return "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if kind == "cuda" and cuda_bf16(device) else "fp16"
     if kind == "cpu" and name == "fp16":
         raise DeviceError(f"{where}: fp16 autocast is for accelerators; on the CPU use fp32 (or bf16)")
     return name

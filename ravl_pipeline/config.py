@@ -51,8 +51,8 @@ FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a c
 DEFAULT_FEATURE_SELECTION = "called"  # what Stage 2 mitigates unless told (BENCHMARKS.md §Mitigation)
 REGION_LOSS_FORMS = ("spec", "correlated")  # SPEC §3.3 as written; spurious regions vs their own class only
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TRAIN_TRANSFORMS = ("none", "open_clip")  # none: the evaluation transform; open_clip: the model's training transform  # auto: fp32 on the CPU, bf16 (else fp16) autocast on accelerators
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: fp32 on the CPU, bf16 (else fp16) autocast on accelerators
+TRAIN_TRANSFORMS = ("none", "open_clip")  # none: the evaluation transform; open_clip: the model's training one
 
 
 # --------------------------------------------------------------------------- user errors
@@ -160,6 +160,16 @@ def template_problem(template: Any) -> str | None:
         template.format("class")
     except (ValueError, IndexError, KeyError) as exc:
         return f"cannot be filled with a class name ({exc})"
+    return None
+
+
+def device_problem(name: Any) -> str | None:
+    """Why ``name`` is not a device name (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), or ``None``; whether this machine has it is
+    :mod:`ravl_pipeline.compute`'s question."""
+    kind, _, index = str(name).strip().lower().partition(":")
+    if kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
+        return f"unknown device {str(name)!r}; expected one of {', '.join(DEVICE_CHOICES)} (or cuda:N)"
     return None
 
 
@@ -444,10 +454,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          f"one of {', '.join(TRAIN_TRANSFORMS)}", params.mitigation.train_transform)
     need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",
          f"one of {', '.join(REGION_LOSS_FORMS)}", params.mitigation.region_loss)
-    device = str(params.compute.device).lower()
-    need(device.partition(":")[0] in DEVICE_CHOICES and (":" not in device or device.startswith("cuda:")
-                                                          and device[5:].isdigit()),
-         "compute.device", f"one of {', '.join(DEVICE_CHOICES)} or cuda:N", params.compute.device)
+    need(device_problem(params.compute.device) is None, "compute.device",
+         f"one of {', '.join(DEVICE_CHOICES)} or cuda:N", params.compute.device)
     need(params.compute.precision in PRECISIONS, "compute.precision", f"one of {', '.join(PRECISIONS)}",
          params.compute.precision)
     for i, template in enumerate(params.scores.templates or []):

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .compute import CPU, Compute
+from .compute import CPU, Compute, use_device
 from .config import InputError, first_line
 from .io.files import atomic_dir, read_json
 
@@ -129,6 +129,7 @@ def load_model(spec: str, pretrained: str | None = None, compute: Compute | None
     (a built-in or an open_clip name without ``pretrained``) says so in
     ``random_init``."""
     compute = compute or CPU
+    use_device(compute)
     kind, ident = _parse_name(str(spec))
     meta: dict[str, Any] = {}
     if kind == "local-dir":

@@ -45,7 +45,7 @@ def run(args) -> int:
     if args.merge is not None:
         if args.merge < 1:
             raise InputError(f"--merge {args.merge}: the number of shards must be at least 1")
-        emb = audit.merge_shards(args.merge)
+        emb, _ = audit.merge_shards(args.merge)
         print(f"merged {args.merge} shards: {len(emb.image_ids)} images, {emb.n_regions} regions -> "
               f"{audit.paths.embeddings}")
         return 0

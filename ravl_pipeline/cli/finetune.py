@@ -80,7 +80,8 @@ def run(args) -> int:
                            attribute_text=args.attribute_text, cache_dir=args.cache_dir,
                            record_indices=args.record_indices,
                            progress=not (args.quiet or not world.is_main), compute=compute,
-                           checkpoint_every=args.checkpoint_every)
+                           checkpoint_every=args.checkpoint_every,
+                           inherited_transform=findings is not None and args.train_transform is None)
     if world.is_main:
         if args.history:
             write_json_atomic(args.history, history)

@@ -92,6 +92,8 @@ def model_key(lm: LoadedModel) -> str:
     without the name or file location (a copied checkpoint shares entries)."""
     v = model_version(lm)
     ident = {k: v[k] for k in ("weights_sha256", "config", "embed_version")}
+    if lm.compute.record() is not None:  # mixed precision rounds differently: its own entries
+        ident["compute"] = lm.compute.precision
     return json_sha256(ident)[:32]
 
 

@@ -105,8 +105,9 @@ def _rois(feature_map, pixels, boxes, views, size, trunk) -> torch.Tensor:
     ``pixels``) when ``views[i]`` is None, else from ``trunk`` run on its
     region view; views of one shape share a batch."""
     def align(fmap, inputs, bxs):
-        return roi_align(fmap, bxs, output_size=size, spatial_scale=fmap.shape[-1] / inputs.shape[-1],
-                         sampling_ratio=0, aligned=True)
+        # in fp32: torchvision registers autocast for roi_align on some backends only (not MPS)
+        return roi_align(fmap.float(), [b.float() for b in bxs], output_size=size,
+                         spatial_scale=fmap.shape[-1] / inputs.shape[-1], sampling_ratio=0, aligned=True)
 
     if views is None or all(v is None for v in views):
         return align(feature_map, pixels, boxes)

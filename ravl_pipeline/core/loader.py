@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..compute import CPU, Compute
-from ..config import InputError
+from ..config import USER_OS_ERRORS, InputError
 
 __all__ = ["Item", "stream"]
 
@@ -53,7 +53,7 @@ class _Items(torch.utils.data.Dataset):
         i = int(k if self.indices is None else self.indices[k])
         try:
             return self.item(self.ds, i)
-        except InputError as exc:
+        except (InputError, *USER_OS_ERRORS) as exc:
             return _Failed(type(exc), str(exc))
 
 

@@ -10,8 +10,6 @@ embedding spreads over the executor's processes or Celery workers:
 ``plan`` fans out ``compute.shards`` ``shard`` steps (contiguous rows each,
 in the ``ravl_model`` pool: raise its limit to run several at once), and
 ``merge`` joins them in row order."""
-import time
-
 import dagster as dg
 
 from . import metadata as meta
@@ -33,9 +31,8 @@ def region_proposals(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg
 @dg.op(ins={name: dg.In(dg.Nothing) for name in ("region_proposals", "audited_model", "params_regions")},
        out=dg.DynamicOut(dg.Nothing), description="One shard step per compute.shards.")
 @failing_cleanly
-def plan(context: dg.OpExecutionContext, ravl: RavlProject):
-    for index in range(ravl.params().compute.shards):
-        yield dg.DynamicOutput(None, mapping_key=str(index))
+def plan(context: dg.OpExecutionContext, ravl: RavlProject) -> list[dg.DynamicOutput]:
+    return [dg.DynamicOutput(None, mapping_key=str(index)) for index in range(ravl.params().compute.shards)]
 
 
 @dg.op(ins={"planned": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing), pool=MODEL_POOL,
@@ -51,9 +48,8 @@ def shard(context: dg.OpExecutionContext, ravl: RavlProject) -> None:
 @failing_cleanly
 def merge(context: dg.OpExecutionContext, ravl: RavlProject) -> None:
     audit = ravl.audit(context.partition_key)
-    t0 = time.perf_counter()
-    emb = audit.merge_shards(ravl.params().compute.shards)
-    context.add_output_metadata(meta.embeddings(audit, emb, time.perf_counter() - t0))
+    emb, seconds = audit.merge_shards(ravl.params().compute.shards)
+    context.add_output_metadata(meta.embeddings(audit, emb, seconds))
 
 
 @dg.graph_asset(partitions_def=validation_sets, group_name=AUDIT_GROUP, kinds={"pytorch", "parquet"}, code_version="2",

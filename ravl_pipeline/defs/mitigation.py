@@ -4,6 +4,7 @@ again) → evaluation_report (SPEC §3–4)."""
 
 import dagster as dg
 
+from ..config import VERSIONED_SECTIONS
 from ..io.hashing import json_sha256
 from . import metadata as meta
 from .discovery import DISCOVERY_ASSETS, spurious_features
@@ -41,7 +42,8 @@ def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
 def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)
     found = audit.reaudit()
-    version = set_data_version(audit.dataset_dir, json_sha256(audit.params.as_dict()), audit.mitigated.model)
+    versioned = {k: v for k, v in audit.params.as_dict().items() if k in VERSIONED_SECTIONS}
+    version = set_data_version(audit.dataset_dir, json_sha256(versioned), audit.mitigated.model)
     return dg.MaterializeResult(data_version=version,
                                 metadata=meta.findings(audit, found, audit.paths.findings_mitigated, compared=False))
 

@@ -118,6 +118,8 @@ def accumulated_backward(model, method: Method, batch: dict, loss_of: Callable[[
     for m, part in enumerate(parts):
         with autocast():
             outputs = _outputs(model, method, part)
-        pairs = [(o, s[m]) for o, s in zip(outputs, split) if o is not None and s is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        # a frozen tower (lock_text) or an output the loss never read has nothing to pass back
+        pairs = [(o, s[m]) for o, s in zip(outputs, split) if o is not None and s is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
     return loss

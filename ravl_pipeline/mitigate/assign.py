@@ -223,6 +223,7 @@ def cached_assignment(audited: LoadedModel, ds, findings: Findings, cache_dir: s
         "image_ids": ds.image_ids,
         "findings": json_sha256(findings.to_dict()),
         "features": str(features),
+        **({"precision": audited.compute.precision} if audited.compute.record() is not None else {}),
     })[:20]
     path = Path(cache_dir) / f"spurious-regions-{key}.parquet"
     if path.is_file():

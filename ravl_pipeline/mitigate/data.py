@@ -69,7 +69,7 @@ class TrainItem:
         image = ds.load_image(i)
         if self.images.random:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.images.seed * 1_000_003 + int(key))
+                torch.default_generator.manual_seed(self.images.seed * 1_000_003 + int(key))
                 pixels = self.images.transform(image)
         else:
             pixels = self.images.transform(image)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..compute import DeviceError
 from ..config import TrainConfig
 from .data import TrainData, TrainError
 from .losses import clip_loss
@@ -65,7 +66,13 @@ def world_from_env() -> WorldInfo:
 
 def process_device(world: WorldInfo, device: str) -> str:
     """This process's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU
-    per process, as ``torchrun --nproc-per-node`` starts them)."""
+    per process, as ``torchrun --nproc-per-node`` starts them); a device that
+    every process would share is refused."""
+    if world.world_size > 1 and device.startswith("cuda:"):
+        raise DeviceError(f"--device {device}: under torchrun every process would use that one GPU; name --device "
+                          "cuda (each process takes its LOCAL_RANK GPU) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if world.world_size > 1 and device == "mps":
+        raise DeviceError("--device mps: several processes cannot share an Apple GPU; run one process")
     return f"cuda:{world.local_rank}" if device == "cuda" else device
 
 
@@ -141,6 +148,7 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = (0, 2, 3)
+        out_dtype, x = x.dtype, x.float()  # statistics in fp32 whatever autocast made the input (fp16 overflows)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
         stats = _AllReduceSum.apply(stats)
@@ -159,7 +167,7 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(out_dtype)
 
 
 def use_global_batchnorm(model: torch.nn.Module) -> int:

@@ -120,7 +120,10 @@ def _load(data: TrainData, steps, compute: Compute, region_pass: bool) -> Iterat
     item = TrainItem(data.pixels, region_boxes)
     for items in stream(data.pixels.ds, item, batches=sampler(), compute=compute):
         step, idx = pending.popleft()
-        batch = {"index": idx, "pixels": torch.stack([p for p, _, _ in items])}
+        size = data.pixels.spec.image_size
+        # under torchrun a process's slice of an epoch's short last batch may be empty
+        pixels = torch.stack([p for p, _, _ in items]) if items else torch.zeros(0, 3, size, size)
+        batch = {"index": idx, "pixels": pixels}
         if region_boxes is not None:
             batch["views"] = [v for _, v, _ in items]
             batch["boxes"] = [b for _, _, b in items]

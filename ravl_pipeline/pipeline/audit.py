@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from ..compute import CPU, Compute, resolve_compute, shard_compute
 from ..config import AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
+from ..core.cache import EMBED_VERSION
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
 from ..core.embed import Embeddings, merge_embeddings, shard_rows
@@ -53,7 +54,7 @@ from ..io.files import atomic_dir, read_json, write_bytes_atomic, write_json_ato
 from ..io.hashing import dataset_fingerprint
 from ..io.manifest import read_manifest
 from ..io.tables import fixed_list
-from ..mitigate.assign import select_features
+from ..mitigate.assign import model_fingerprint, select_features
 from ..mitigate.data import MitigationError
 from ..mitigate.methods import get_method
 from ..models import LoadedModel, load_model
@@ -147,6 +148,12 @@ def describe_audited_model(cfg: AuditedModelConfig, built: dict | None = None) -
     record.architecture = lm.architecture
     record.train = lm.meta.get("train")
     return record
+
+
+def _same_key(found: dict, key: dict, shard: bool = True) -> bool:
+    """Whether a shard's recorded key is ``key`` (its seconds aside; with
+    ``shard=False`` its own index and rows aside too)."""
+    return all(found.get(k) == v for k, v in key.items() if shard or k not in ("index", "rows"))
 
 
 def has_split(dataset_dir: Path, split: str) -> bool:
@@ -252,6 +259,8 @@ class Audit:
     def _shard_key(self, count: int) -> dict:
         """What one embedding shard was made from: the set, the model, the regions and the split."""
         return {"dataset": dataset_fingerprint(self.dataset_dir), "model": self.audited.to_dict(),
+                "weights": model_fingerprint(self.audited.model, self.audited.pretrained),
+                "embed_version": EMBED_VERSION, "precision": self.compute.precision,
                 "regions": dataclasses.asdict(self.params.regions), "split": self.discovery_split,
                 "n_images": len(self.data), "shards": count}
 
@@ -266,7 +275,7 @@ class Audit:
         rows = shard_rows(len(self.data), count, index)
         folder = self.paths.embedding_shard(index, count)
         key = {**self._shard_key(count), "index": index, "rows": [rows.start, rows.stop]}
-        if (folder / "key.json").is_file() and read_json(folder / "key.json", AuditError) == key:
+        if (folder / "key.json").is_file() and _same_key(read_json(folder / "key.json", AuditError), key):
             return Embeddings.load(folder / "embeddings"), 0.0
         t0 = time.perf_counter()
         compute = shard_compute(self.compute, index)
@@ -275,29 +284,31 @@ class Audit:
         seconds = time.perf_counter() - t0
         with atomic_dir(folder) as tmp:
             emb.save(tmp / "embeddings")
-            write_json_atomic(tmp / "key.json", key)
+            write_json_atomic(tmp / "key.json", {**key, "seconds": seconds})
         return emb, seconds
 
-    def merge_shards(self, count: int) -> Embeddings:
+    def merge_shards(self, count: int) -> tuple[Embeddings, float]:
         """The set's embeddings from its ``count`` shards, in row order (the
-        same rows as one process makes, to float rounding); the shards are
-        removed once the merged embeddings are written."""
+        same rows as one process makes, to float rounding), and the seconds
+        the shards took to embed; the shards are removed once the merged
+        embeddings are written."""
         key = self._shard_key(count)
-        parts = []
+        parts, seconds = [], 0.0
         for index in range(count):
             folder = self.paths.embedding_shard(index, count)
             if not (folder / "key.json").is_file():
                 raise AuditError(f"{folder}: embedding shard {index} of {count} is missing; run it first "
                                  f"(`ravl embed-shard --partition {self.name} --shard {index}/{count}`)")
             found = read_json(folder / "key.json", AuditError)
-            if {k: found.get(k) for k in key} != key:
+            seconds += float(found.get("seconds") or 0.0)
+            if not _same_key(found, key, shard=False):
                 raise AuditError(f"{folder}: embedding shard {index} was made from other data, model or regions "
                                  "parameters; run it again")
             parts.append(Embeddings.load(folder / "embeddings"))
         emb = merge_embeddings(parts)
         self._save_embeddings(emb)
         shutil.rmtree(self.paths.embedding_shards, ignore_errors=True)
-        return emb
+        return emb, seconds
 
     def score(self) -> tuple[Scores, np.ndarray]:
         """Zero-shot probabilities (SPEC §1.3–1.4) and the images' class indices."""
@@ -386,7 +397,8 @@ class Audit:
                                findings=findings, findings_path=self.paths.findings, audited_model=record.model,
                                audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache,
                                progress=self.progress, compute=self.compute,
-                               checkpoint_every=self.params.compute.checkpoint_every)
+                               checkpoint_every=self.params.compute.checkpoint_every,
+                               inherited_transform=self.params.mitigation.train_transform is None)
         mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
                                 extra={"trained": True, "method": cfg.method,
                                        "feature_ranks": [int(f.rank) for f in chosen], "steps": history["steps"]})

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -201,7 +203,8 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
           audited_model: str | None = None, audited_pretrained: str | None = None,
           features: str | int = DEFAULT_FEATURE_SELECTION, attribute_text: Sequence[str] | None = None,
           assignment=None, cache_dir=None, extra_meta: dict | None = None, record_indices: bool = False,
-          inspect=None, progress: bool = False, compute: Compute = CPU, checkpoint_every: int | None = None) -> dict:
+          inspect=None, progress: bool = False, compute: Compute = CPU, checkpoint_every: int | None = None,
+          inherited_transform: bool = False) -> dict:
     """Fine-tune ``base_model`` on ``train_dir`` with the registered method
     ``cfg.method`` and write the checkpoint at ``out_dir`` (SPEC §3.2, §3.6).
 
@@ -223,14 +226,24 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
     torchrun, ``cuda`` is each process's own GPU). With ``checkpoint_every``
     (one process), the run's state is saved to ``<out_dir>.resume.pt`` that
     often, and the same call after an interruption resumes from it; the file
-    is removed once the checkpoint is written. Returns the history.
+    is removed once the checkpoint is written. ``inherited_transform``: the
+    configuration's ``train_transform`` came from the audited model's record,
+    not from the user, so a method with a region pass falls back to the
+    evaluation transform (saying so) instead of refusing. Returns the history.
     """
     method = get_method(cfg.method)
     world = distributed.world_from_env()
     if cfg.train_transform != "none" and method.region_pass:
-        raise MitigationError(f"train_transform {cfg.train_transform!r} moves pixels under the boxes that method "
-                              f"{method.name!r} embeds; use train_transform none (mitigation.train_transform, "
-                              "--train-transform) for it")
+        if not inherited_transform:
+            raise MitigationError(f"train_transform {cfg.train_transform!r} moves pixels under the boxes that "
+                                  f"method {method.name!r} embeds; use train_transform none "
+                                  "(mitigation.train_transform, --train-transform) for it")
+        print(f"note: method {method.name!r} trains on the evaluation transform: the audited model's recorded "
+              f"train_transform {cfg.train_transform!r} would move pixels under the boxes it embeds",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, train_transform="none")
+    if checkpoint_every and world.world_size > 1:
+        raise MitigationError("--checkpoint-every: resuming is for one process; under torchrun leave it out")
     if method.needs_findings and findings is None:
         raise MitigationError(f"method {method.name!r} needs Stage-1 findings (--findings findings.json)")
     if world.world_size > 1 and findings is not None:

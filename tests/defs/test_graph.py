@@ -360,6 +360,8 @@ def test_embed_shard_command_splits_and_merges_a_set(pipeline, tmp_path, monkeyp
     monkeypatch.setenv("RAVL_DATA_DIR", str(data))
     monkeypatch.setenv("RAVL_PARAMS", str(pipeline["params"]))
     assert ravl(["embed-shard", "--partition", "set-a", "--shard", "1/2"]) == 0
+    assert ravl(["embed-shard", "--partition", "set-a", "--shard", "1/2"]) == 0
+    assert "reused" in capsys.readouterr().out  # the same data, model and parameters: not embedded twice
     assert ravl(["embed-shard", "--partition", "set-a", "--merge", "2"]) == 2  # shard 0 is missing
     assert "shard 0 of 2 is missing" in capsys.readouterr().err
     assert ravl(["embed-shard", "--partition", "set-a", "--shard", "0/2"]) == 0

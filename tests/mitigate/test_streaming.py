@@ -19,7 +19,7 @@ from ravl_pipeline.config import TrainConfig
 from ravl_pipeline.core.embed import preprocess_images
 from ravl_pipeline.io.dataset import load_dataset
 from ravl_pipeline.mitigate.assign import RegionAssignment
-from ravl_pipeline.mitigate.data import TrainData, build_train_data
+from ravl_pipeline.mitigate.data import MitigationError, TrainData, build_train_data
 from ravl_pipeline.mitigate.methods import attach_class_tokens, attach_region_extras, get_method
 from ravl_pipeline.mitigate.train import batches, finetune
 from ravl_pipeline.models import load_model
@@ -159,7 +159,17 @@ def test_the_open_clip_training_transform_is_seeded_per_draw(photos):
 
 def test_a_training_transform_is_refused_with_a_region_pass(photos, tmp_path):
     cfg = TrainConfig(method="ravl", max_steps=1, batch_size=4, train_transform="open_clip")
-    with pytest.raises(Exception, match="train_transform 'open_clip' moves pixels"):
+    with pytest.raises(MitigationError, match="train_transform 'open_clip' moves pixels"):
         stages.train("ravl-tiny-rn", photos.root, tmp_path / "m", cfg, assignment=assignment(photos),
                      findings=None)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_empty_slice_of_a_batch_is_an_empty_batch(photos):
+    """Under torchrun a process's slice of a short last batch may be empty: it gets no pixels, not an error."""
+    lm = load_model("ravl-tiny-rn", seed=0)
+    data = build_train_data(lm, photos, TEMPLATE, classes=CLASSES)
+    cfg = TrainConfig(max_steps=2, batch_size=4)
+    got = list(batches(data, cfg, torch.Generator().manual_seed(0), select=lambda idx: idx[:0]))
+    assert [tuple(b["pixels"].shape) for _, b in got] == [(0, 3, lm.image_size, lm.image_size)] * 2
+    assert [b["global_size"] for _, b in got] == [4, 4]
