@@ -6,12 +6,15 @@ data and ``params.yaml`` live) and the executor.
 
 The executor is chosen by ``RAVL_EXECUTOR`` (no code change):
 
-* ``multiprocess`` (default for runs launched from the UI or the daemon):
-  each step in its own process, two at a time;
+* ``in_process`` (default for runs launched from the UI or the daemon):
+  every step of a run in that run's process, which imports torch, open_clip
+  and the definitions once — on four small sets 21× faster than
+  ``multiprocess`` on an idle 2-core machine (BENCHMARKS.md §Scale);
+* ``multiprocess``: each step in its own process, two at a time (isolation,
+  light steps overlapping);
 * ``celery``: each step a Celery task on a broker (``RAVL_CELERY_BROKER``,
   default a Redis on the loopback), executed by ``ravl worker`` processes on
   any machine that sees the same ``data/`` folder and Dagster instance;
-* ``in_process``: every step in the launching process.
 
 Whatever the executor, the model-heavy steps (embedding, scoring, training,
 evaluation) share the ``ravl_model`` pool, which ``dagster_home/dagster.yaml``
@@ -40,7 +43,7 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 def executor_name() -> str:
-    name = os.environ.get(EXECUTOR_ENV) or "multiprocess"
+    name = os.environ.get(EXECUTOR_ENV) or "in_process"
     if name not in EXECUTORS:
         raise ValueError(f"{EXECUTOR_ENV}={name!r}: expected one of {', '.join(EXECUTORS)}")
     return name

@@ -185,6 +185,8 @@ def test_the_executor_is_chosen_by_the_environment(monkeypatch):
     from ravl_pipeline.definitions import build_definitions
 
     monkeypatch.delenv("RAVL_EXECUTOR", raising=False)
+    assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "in_process"
+    monkeypatch.setenv("RAVL_EXECUTOR", "multiprocess")
     assert build_definitions().resolve_job_def("audit_validation_set").executor_def.name == "multiprocess"
     monkeypatch.setenv("RAVL_EXECUTOR", "celery")
     monkeypatch.setenv("RAVL_CELERY_BROKER", "redis://127.0.0.1:6399/0")
