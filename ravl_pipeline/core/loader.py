@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..compute import CPU, Compute
-from ..config import USER_OS_ERRORS, InputError
+from ..config import USER_OS_ERRORS, InputError, RegionsConfig
 
 __all__ = ["Item", "stream"]
 
@@ -61,7 +61,7 @@ def _as_list(items: list) -> list:
     return items
 
 
-def stream(ds, item: Item, *, indices: Sequence[int] | None = None, batch_size: int = 64,
+def stream(ds, item: Item, *, indices: Sequence[int] | None = None, batch_size: int = RegionsConfig.batch_size,
            batches: Iterable[Sequence[int]] | None = None, compute: Compute = CPU) -> Iterator[list]:
     """Lists of ``item(ds, i)``: for ``indices`` (default: every row) in
     batches of ``batch_size``, or for each list of row indices ``batches``

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from ..config import InputError
+from ..config import InputError, TrainConfig
 from ..core.embed import region_inputs
 from ..core.views import DEFAULT_REGION_VIEW, ViewSpec
 from ..models import LoadedModel
@@ -121,7 +121,8 @@ def captions_for(ds, template: str) -> list[str]:
 
 
 def build_train_data(lm: LoadedModel, ds, template: str, classes: list[str] | None = None,
-                     train_transform: str = "none", seed: int = 0) -> TrainData:
+                     train_transform: str = TrainConfig.train_transform,
+                     seed: int = TrainConfig.seed) -> TrainData:
     """A run's data over the rows of ``ds``, pixels streamed through the
     model's own evaluation transform (``train_transform`` ``none``) or its
     open_clip training transform (``open_clip``, seeded by ``seed``)."""
