@@ -55,6 +55,9 @@ def register(sub) -> None:
     b.add_argument("--mode", choices=list(EMBEDDING_MODES), **option(RegionsConfig, "mode"))
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     b.add_argument("--keep-models", action="store_true", help="keep every trained checkpoint (13 MB each)")
+    b.add_argument("--discovered-groups", action="store_true",
+                   help="also score every model on the test groups the findings form (as on data without an "
+                        "annotation of the feature), beside the annotated groups")
     b.set_defaults(func=run_mitigation)
     b = bench.add_parser("significance", help="calibration and speed of the permutation test (no training)")
     b.add_argument("--tests", type=flag_type(COUNT), default=1000)
@@ -75,7 +78,8 @@ def run_mitigation(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_mitigation_bench(args.setting, args.seeds, args.plans, args.out, trace_seeds=args.trace_seeds,
-                                   mode=args.mode, keep_models=args.keep_models, methods=args.methods)
+                                   mode=args.mode, keep_models=args.keep_models, methods=args.methods,
+                                   discovered_groups=args.discovered_groups)
     print((Path(args.out) / args.setting / "summary.md").read_text(), end="")
     return 0 if summary["runs"] else 1
 

@@ -4,15 +4,17 @@ and metrics are printed."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..compute import Compute, resolve_compute
 from ..config import PRECISIONS, REGION_LOSS_FORMS, TRAIN_TRANSFORMS, ComputeConfig, InputError, MitigationConfig, TrainConfig, option
-from ..core.findings import Findings
+from ..core.findings import Findings, read_findings
 from ..core.regions import ProposerError, parse_proposer
 from ..core.scores import check_templates
 from ..io.manifest import SPLITS
 from ..mitigate.methods import METHODS
 from ..models import untrained
+from ..pipeline import ModelRecord
 from .errors import warn
 
 
@@ -175,3 +177,30 @@ def print_findings(findings: Findings, path) -> None:
 def metrics_line(m: dict) -> str:
     return (f"image overall {fmt(m['image_overall'])}, worst-group {fmt(m['image_worst_group'])}; "
             f"region overall {fmt(m['region_overall'])}, worst-group {fmt(m['region_worst_group'])}")
+
+
+def print_closed_loop(audit) -> None:
+    """The end of one set's audit: the findings, what was trained, each
+    model's metrics with its steps, the answer lines and the report's path."""
+    if audit.paths.findings.is_file():
+        print_findings(read_findings(audit.paths.findings), audit.paths.findings)
+    for name, path in (("mitigated", audit.paths.mitigated_record), ("control", audit.paths.control_record)):
+        if not path.is_file():
+            continue
+        record = ModelRecord.read(path)
+        ranks = ", ".join(map(str, record.extra.get("feature_ranks") or []))
+        steps = f"; {record.extra['steps']} steps" if "steps" in record.extra else ""  # absent in older records
+        print(f"{name} model: {record.extra.get('method')} on findings {ranks}{steps}" if record.extra.get("trained")
+              else f"{name} model: not trained ({record.extra.get('reason', 'nothing to mitigate')})")
+    if audit.paths.metrics.is_file():
+        metrics = json.loads(audit.paths.metrics.read_text())
+        steps = metrics.get("steps") or {}
+        print(f"metrics on {metrics.get('split') or 'every row'} (groups from {metrics.get('groups_from', 'annotation')}):")
+        for name in ("audited", "control", "mitigated"):
+            if metrics.get(name):
+                label = f"{name}, {steps[name]} steps" if steps.get(name) is not None else name
+                print(f"  {label}: {metrics_line(metrics[name])}")
+        for line in metrics.get("answer") or []:
+            print(f"  {line}")
+        for line in metrics.get("warnings") or []:
+            print(f"  warning: {line}")

@@ -2,12 +2,10 @@
 asset graph, through Dagster; prints the findings and the four metrics."""
 from __future__ import annotations
 
-import json
 import time
 
-from ..core.findings import read_findings
 from . import dagster_runs
-from .common import metrics_line, print_findings
+from .common import print_closed_loop
 from .materialize import dagster_session, print_runs
 from .progress import StepProgress
 
@@ -37,20 +35,8 @@ def run(args) -> int:
     ok = print_runs(runs)
     ravl = defs.resources["ravl"]
     audit = ravl.audit(dagster_runs.DEMO_SET) if (ravl.validation_root / dagster_runs.DEMO_SET).is_dir() else None
-    if audit is not None and audit.paths.findings.is_file():
-        print_findings(read_findings(audit.paths.findings), audit.paths.findings)
-    if audit is not None and audit.paths.mitigated_record.is_file():
-        record = audit.mitigated
-        ranks = ", ".join(map(str, record.extra.get("feature_ranks") or []))
-        steps = f"; {record.extra['steps']} steps" if "steps" in record.extra else ""  # absent in older records
-        print(f"mitigated model: {record.extra.get('method')} on the called findings the masking check supports "
-              f"(ranks {ranks}{steps})" if record.extra.get("trained")
-              else f"mitigated model: not trained ({record.extra.get('reason', 'nothing to mitigate')}); "
-                   "the audited model is kept")
-    if audit is not None and audit.paths.metrics.is_file():
-        metrics = json.loads(audit.paths.metrics.read_text())
-        for name in ("audited", "mitigated"):
-            print(f"  {name}: {metrics_line(metrics[name])}")
+    if audit is not None:
+        print_closed_loop(audit)
     rejected = not ok and only_mitigation_check_failed(runs)
     if rejected:
         # The blocking check did its job: the mitigated model is not promoted

@@ -72,7 +72,13 @@ def run(args) -> int:
     template = args.caption_template or stages.templates_for(args.data)[0]
     findings = read_findings(args.findings) if args.findings else None
     flags = training_flags(args, template)
-    cfg = stage2_train_config(args, flags, findings) if findings is not None else train_config(None, **flags)
+    if findings is not None or args.audited_model or (args.method or "standard") != "standard":
+        cfg = stage2_train_config(args, flags, findings)  # Stage 2 or a baseline to it: Stage 2's budget
+    else:
+        cfg = train_config(None, **flags)
+        if not args.quiet:
+            print(f"plain fine-tuning: {cfg.epochs:g} epochs at batch {cfg.batch_size}, no Stage 2 step floor "
+                  "(for a baseline at Stage 2's budget, name the model it is compared with: --audited-model)")
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
@@ -93,11 +99,12 @@ def run(args) -> int:
 
 
 def stage2_train_config(args, flags: dict, findings) -> TrainConfig:
-    """With ``--findings`` the run is Stage 2 and resolves flags left out as
-    the pipeline's Stage 2 does: the audited model's recorded fine-tuning
-    (when its checkpoint records one) under the mitigation defaults, e.g.
-    the 256-step floor; it says where its budget came from."""
-    audited = args.audited_model or findings.model
+    """Stage 2 (``--findings``) and its baselines (any method but
+    ``standard``, or ``standard`` with ``--audited-model``) resolve flags
+    left out as the pipeline's Stage 2 does: the audited model's recorded
+    fine-tuning (when its checkpoint records one) under the mitigation
+    defaults, e.g. the 256-step floor; it says where its budget came from."""
+    audited = args.audited_model or (findings.model if findings is not None else None)
     meta = read_meta(audited) if audited else {}
     recorded = meta.get("train") if isinstance(meta, dict) else meta  # only a local-dir checkpoint records one
     if recorded is not None and not isinstance(recorded, dict):

@@ -7,6 +7,7 @@ import dagster as dg
 from ..definitions import build_definitions
 from . import dagster_runs
 from .errors import EXIT_INPUT, EXIT_INTERNAL
+from .common import print_closed_loop
 from .progress import StepProgress
 
 
@@ -42,6 +43,16 @@ def run(args) -> int:
                                         log_level="INFO" if args.verbose else "CRITICAL", progress=progress)
     if not runs:
         print("nothing to materialize (no validation set: add a dataset directory under data/validation_sets/)")
-    if print_runs(runs):
+    ok = print_runs(runs)
+    ravl = defs.resources["ravl"]
+    for partition in dict.fromkeys(r.partition for r in runs if r.partition):
+        audit = ravl.audit(partition)
+        if audit.paths.findings.is_file():
+            print(f"[{partition}]")
+            print_closed_loop(audit)
+            report = audit.paths.report / "report.html"
+            if report.is_file():
+                print(f"report: {report}")
+    if ok:
         return 0
     return EXIT_INPUT if all(run.input_error for run in runs if not run.success) else EXIT_INTERNAL

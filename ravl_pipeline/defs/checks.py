@@ -97,6 +97,10 @@ def mitigated_accuracy_within_margin(context: dg.AssetCheckExecutionContext,
                                      ravl: RavlProject) -> dg.AssetCheckResult:
     metrics = json.loads((ravl.outputs_root / _partition(context) / "metrics.json").read_text())
     margin = float(ravl.params().evaluation.max_accuracy_drop)
+    if not metrics.get("mitigated"):  # nothing trained: the audited model stands, nothing to lose
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata={"mitigated": "not trained",
+                                             "reason": (metrics.get("not_trained") or {}).get("mitigated") or ""})
     before, after = metrics["audited"]["image_overall"], metrics["mitigated"]["image_overall"]
     return dg.AssetCheckResult(
         passed=bool(after >= before - margin), severity=dg.AssetCheckSeverity.ERROR,

@@ -36,6 +36,11 @@ def _num(x: Any, fmt: str = "{:+.3f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+def _cell(x: Any) -> str:
+    """A table cell: integers as they are, other numbers to 3 decimals."""
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
 def md(text: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(text)
 
@@ -225,23 +230,32 @@ def findings(audit: Audit, found: Findings, file: Path, drift: Mapping | None = 
     return out
 
 
-def mitigated_model(audit: Audit, record: ModelRecord, history: dict) -> dict:
+def mitigated_model(audit: Audit, record: ModelRecord, history: dict, folder: Path | None = None) -> dict:
     if not record.extra.get("trained"):
-        return {"model": record.model, "trained": False,
-                "reason": f"{record.extra.get('reason')}; the audited model is kept"}
+        return {"model": record.model, "trained": False, "reason": f"{record.extra.get('reason')}: nothing trained"}
     losses = history.get("losses") or []
     ranks = record.extra.get("feature_ranks") or []
     return {"model": record.model, "trained": True, "method": record.extra["method"],
             "steps": history.get("steps", 0),
             "first_loss": float(losses[0]) if losses else -1.0, "last_loss": float(losses[-1]) if losses else -1.0,
             "spurious_features_used": len(ranks), "feature_ranks": ", ".join(map(str, ranks)) or "none",
-            "train_config": dg.MetadataValue.json(history.get("config")), "path": path(audit.paths.mitigated_model)}
+            "train_config": dg.MetadataValue.json(history.get("config")),
+            "path": path(folder or audit.paths.mitigated_model)}
+
+
+def answer_markdown(m: Mapping) -> str:
+    """The closed loop's answer lines, then why a model was not trained."""
+    lines = [f"- {line}" for line in m.get("answer") or []]
+    lines += [f"- {name} not trained: {why}" for name, why in (m.get("not_trained") or {}).items()]
+    lines += [f"- warning: {w}" for w in m.get("warnings") or []]
+    return "\n".join(lines) or "no feature to form groups by: groups are the classes"
 
 
 def metrics(audit: Audit, m: dict, drift: Mapping | None) -> dict:
-    out = {"image_overall_change": m["image_overall_change"],
-           "metrics": md(metrics_table({"audited": m["audited"], "mitigated": m["mitigated"]})),
-           "path": path(audit.paths.metrics)}
+    out = {"answer": md(answer_markdown(m)), "groups_from": m.get("groups_from") or "class",
+           "metrics": md(metrics_table(audit.metrics_by_model(m))), "path": path(audit.paths.metrics)}
+    if m.get("image_overall_change") is not None:
+        out["image_overall_change"] = m["image_overall_change"]
     if drift and drift.get("metrics"):
         out["change_since_last_audit"] = md(metrics_delta_table(drift["metrics"]))
     return out
@@ -249,12 +263,15 @@ def metrics(audit: Audit, m: dict, drift: Mapping | None) -> dict:
 
 def report(audit: Audit, summary: dict) -> dict:
     rows = ["| | before | after |", "|---|---:|---:|"]
+    after = summary["after"] or {}
     for key in ("n_features", "n_called", "top_score", "image_accuracy"):
-        rows.append(f"| {key} | {summary['before'][key]} | {summary['after'][key]} |")
-    m = summary["metrics"]
+        rows.append(f"| {key} | {_cell(summary['before'][key])} | "
+                    f"{_cell(after.get(key)) if after else 'not re-audited'} |")
+    m = summary["metrics"] or {}
     html = audit.paths.report / "report.html"
     return {"report_url": dg.MetadataValue.url(report_url(audit.name)),
+            "answer": md(answer_markdown(m)),
             "before_after": md("\n".join(rows)),
             "changes_since_last_audit": md(drift_markdown(summary.get("drift"))),
-            "metrics": md(metrics_table({"audited": m["audited"], "mitigated": m["mitigated"]})),
+            "metrics": md(metrics_table(audit.metrics_by_model(m) or {})),
             "summary": path(audit.paths.report / "summary.json"), "report": path(html)}

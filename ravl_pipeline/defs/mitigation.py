@@ -1,6 +1,7 @@
-"""Stage 2 and the closed loop of one validation set: mitigated_model →
-mitigation_metrics and mitigated_findings (the mitigated model audited
-again) → evaluation_report (SPEC §3–4)."""
+"""Stage 2 and the closed loop of one validation set: mitigated_model and
+control_model (the same-budget control) → mitigation_metrics, and
+mitigated_findings (the mitigated model audited again) → evaluation_report
+(SPEC §3–4)."""
 
 import dagster as dg
 
@@ -25,10 +26,22 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
     return dg.MaterializeResult(metadata=meta.mitigated_model(audit, record, history))
 
 
-@audit_asset(deps=[mitigated_model, audited_model, params_evaluation], kinds={"json"}, code_version="1",
-             pool=MODEL_POOL, group_name=MITIGATION_GROUP,
-             description="Image/region overall and worst-group accuracy of the audited and the mitigated "
-                         "model on the set's test rows (SPEC §4.2).")
+@audit_asset(deps=[spurious_features, audited_model, params_mitigation], kinds={"pytorch", "open_clip"},
+             code_version="1", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
+             description="The same-budget control: Upsampled FT (RaVL's λ = 1 ablation) from the same "
+                         "initialisation, data order, sampler and steps as mitigated_model "
+                         "(mitigation.control in params.yaml).")
+def control_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
+    audit = ravl.audit(context.partition_key)
+    record, history = audit.train_control()
+    return dg.MaterializeResult(metadata=meta.mitigated_model(audit, record, history, audit.paths.control_model))
+
+
+@audit_asset(deps=[mitigated_model, control_model, audited_model, params_evaluation], kinds={"json"},
+             code_version="2", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
+             description="Image/region overall and worst-group accuracy of the audited, control and mitigated "
+                         "models on the set's test rows (SPEC §4.2), on annotated or discovered groups, with "
+                         "paired bootstrap intervals and each model's steps.")
 def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)
     measured = audit.measure()
@@ -42,6 +55,9 @@ def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
 def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)
     found = audit.reaudit()
+    if found is None:
+        return dg.MaterializeResult(metadata={"reaudited": False,
+                                              "reason": "nothing was mitigated: the audited model's findings stand"})
     versioned = {k: v for k, v in audit.params.as_dict().items() if k in VERSIONED_SECTIONS}
     version = set_data_version(audit.dataset_dir, json_sha256(versioned), audit.mitigated.model)
     return dg.MaterializeResult(data_version=version,
@@ -56,4 +72,5 @@ def evaluation_report(context: dg.AssetExecutionContext, ravl: RavlProject) -> d
     return dg.MaterializeResult(metadata=meta.report(audit, audit.report(run_id=context.run.run_id)))
 
 
-PARTITIONED_ASSETS = [*DISCOVERY_ASSETS, mitigated_model, mitigation_metrics, mitigated_findings, evaluation_report]
+PARTITIONED_ASSETS = [*DISCOVERY_ASSETS, mitigated_model, control_model, mitigation_metrics, mitigated_findings,
+                      evaluation_report]

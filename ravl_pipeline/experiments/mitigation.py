@@ -269,9 +269,35 @@ def probes(built: BuiltSetting, lm, classes: Sequence[str], per_group: int = 64)
     return out
 
 
+def discovered_test_groups(built: BuiltSetting, findings: Findings, root: Path):
+    """The test split's groups from the findings, as the closed loop forms
+    them on data without an annotation of the feature (None: nothing to
+    mitigate); with each group column's agreement with the planted feature."""
+    ds = load_dataset(built.eval_dir, split="test", require_labels=True)
+    try:
+        groups = stages.discovered_groups(load_model(built.audited), ds, findings, cache_dir=root / "cache")
+    except MitigationError:
+        return None
+    planted = stages.groups_for(ds, built.eval_dir)
+    groups.notes.append(json.dumps({f["feature"]: float((groups.presence[f["feature"]] == planted.presence).mean())
+                                    for f in groups.features}))
+    return groups
+
+
+def _discovered(model: str, built: BuiltSetting, groups) -> dict | None:
+    """A model's metrics on the discovered groups (``groups_from: findings``)."""
+    if groups is None:
+        return None
+    metrics = stages.evaluate(model, built.eval_dir, split="test", groups=groups)
+    return {"metrics": {k: metrics[k] for k in METRICS}, "agreement": json.loads(groups.notes[-1]),
+            "features": [f["feature"] for f in groups.features]}
+
+
 def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: int, root: Path, *,
-                      trace: bool = False, keep_models: bool = False, progress: bool = False) -> dict:
-    """Train one run, evaluate it on ``test``; the result row."""
+                      trace: bool = False, keep_models: bool = False, progress: bool = False,
+                      discovered=None) -> dict:
+    """Train one run, evaluate it on ``test`` (and, given ``discovered``
+    groups, on those too); the result row."""
     cfg = run.train_config(built.finetune, seed)
     selection = run.features or DEFAULT_FEATURE_SELECTION
     row = {"run": run.key, "method": run.method, "seed": seed, "config": cfg.to_dict(), "selection": selection}
@@ -299,7 +325,8 @@ def train_and_measure(built: BuiltSetting, findings: Findings, run: Run, seed: i
                 "warnings": metrics["warnings"], "steps": hist["steps"], "seconds": time.perf_counter() - t0,
                 "seconds_per_step": hist["seconds_per_step"],
                 "features_used": (meta.get("findings") or {}).get("features_used"),
-                "spurious_regions": meta.get("spurious_regions"), "attribute_text": meta.get("attribute_text")})
+                "spurious_regions": meta.get("spurious_regions"), "attribute_text": meta.get("attribute_text"),
+                "discovered": _discovered(f"local-dir:{target}", built, discovered)})
     if hook is not None:
         write_json_atomic(root / f"trace-{run.key}.json", hook.rows)
         row["trace"] = summarise_trace(hook.rows)
@@ -331,10 +358,11 @@ def oracle(built: BuiltSetting, findings: Findings) -> tuple[Findings, RegionAss
     return replace(findings, features=feats), assignment
 
 
-def audited_row(built: BuiltSetting, seed: int) -> dict:
+def audited_row(built: BuiltSetting, seed: int, discovered=None) -> dict:
     metrics = stages.evaluate(built.audited, built.eval_dir, split="test")
     return {"run": "audited", "method": "audited", "seed": seed, "metrics": {k: metrics[k] for k in METRICS},
-            "groups": metrics["groups"], "warnings": metrics["warnings"]}
+            "groups": metrics["groups"], "warnings": metrics["warnings"],
+            "discovered": _discovered(built.audited, built, discovered)}
 
 
 def validity_row(findings: Findings, seed: int) -> dict:
@@ -388,9 +416,12 @@ def select_runs(plans: Sequence[str], methods: Sequence[str] | None = None) -> l
 def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1, 2, 3, 4),
                          plans: Sequence[str] = ("main",), out_dir: str | Path = "runs/bench-mitigation", *,
                          trace_seeds: Sequence[int] = (), mode: str = RegionsConfig.mode, keep_models: bool = False,
-                         methods: Sequence[str] | None = None, progress: bool = True) -> dict:
+                         methods: Sequence[str] | None = None, progress: bool = True,
+                         discovered_groups: bool = False) -> dict:
     """Run (or resume) the benchmark on one setting; returns the summary.
-    ``methods``, when given, keeps only those methods' runs of the plans."""
+    ``methods``, when given, keeps only those methods' runs of the plans;
+    ``discovered_groups`` also scores every model on the test groups the
+    findings form (``groups_from: findings``) beside the annotated ones."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     runs = select_runs(plans, methods)
@@ -416,14 +447,16 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
             print(f"[{setting} seed {row['seed']}] {row['run']}: {what}", flush=True)
 
     prepared: dict[int, tuple[BuiltSetting, Findings]] = {}
+    groups: dict[int, object] = {}
 
     def prepare(seed: int) -> tuple[BuiltSetting, Findings]:
         if seed not in prepared:
             root = out / f"seed{seed}"
             built = SETTINGS[setting](root, seed)
             findings = discover(built, seed, root, mode)
+            groups[seed] = discovered_test_groups(built, findings, root) if discovered_groups else None
             if not done(seed, "audited"):
-                add(audited_row(built, seed))
+                add(audited_row(built, seed, groups[seed]))
             if findings.ground_truth and not done(seed, "validity"):
                 add(validity_row(findings, seed))
             for row in assignment_rows(built, findings, seed, root, selections):
@@ -443,7 +476,7 @@ def run_mitigation_bench(setting: str = "default", seeds: Sequence[int] = (0, 1,
             if not done(seed, run.key):
                 built, findings = prepare(seed)
                 add(train_and_measure(built, findings, run, seed, out / f"seed{seed}", keep_models=keep_models,
-                                      trace=seed in trace_seeds and run.method in TRACED))
+                                      trace=seed in trace_seeds and run.method in TRACED, discovered=groups[seed]))
     return write_summary(out, setting, rows)
 
 

@@ -79,6 +79,13 @@ class Dataset:
         rows = self._optional("region_labels")
         return None if rows is None else [list(r) if r is not None else [] for r in rows]
 
+    @cached_property
+    def region_labels_known(self) -> np.ndarray | None:
+        """Per row: are its ``region_labels`` given (a null row is not
+        annotated: whether a feature is present is unknown there)."""
+        rows = self._optional("region_labels")
+        return None if rows is None else np.array([r is not None for r in rows], dtype=bool)
+
     def image_path(self, i: int) -> Path:
         return self.root / self.paths[i]
 

@@ -13,7 +13,10 @@ demo`` reads the same layout, so the folder layout is defined here once::
     <outputs>/<set>/findings.json       ranked features with their evidence
     <outputs>/<set>/mitigated_model/    the Stage-2 checkpoint (when trained)
     <outputs>/<set>/mitigated_model.json which model is the mitigated one
-    <outputs>/<set>/metrics.json        audited and mitigated model, SPEC §4.2
+    <outputs>/<set>/control_model/      the same-budget control (Upsampled FT), when trained
+    <outputs>/<set>/control_model.json  which model is the control
+    <outputs>/<set>/groups.parquet      per test image: which mitigated finding it has (discovered groups)
+    <outputs>/<set>/metrics.json        audited, control and mitigated model, SPEC §4.2
     <outputs>/<set>/findings_mitigated.json   Stage 1 again on the mitigated model
     <outputs>/<set>/report/             report.html and summary.json
     <outputs>/<set>/audit_summary.json  the headline numbers (DVC metrics: K, called, lead, metrics)
@@ -40,17 +43,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..compute import CPU, Compute, resolve_compute, shard_compute
-from ..config import AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
+from ..config import CONTROL_METHOD, AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
 from ..core.cache import EMBED_VERSION
 from ..core.cluster import Clustering
 from ..core.drift import findings_drift, metrics_drift
 from ..core.embed import Embeddings, merge_embeddings, shard_rows
-from ..core.metrics import METRIC_KEYS
+from ..core.metrics import METRIC_KEYS, Groups, answer_lines
 from ..core.findings import Findings, read_findings, write_findings
 from ..core.regions import propose_dataset
 from ..core.scores import Scores, label_indices
 from ..io.dataset import Dataset, induced_pairs, load_dataset
-from ..io.files import atomic_dir, read_json, write_bytes_atomic, write_json_atomic
+from ..io.files import atomic_dir, atomic_write, read_json, write_bytes_atomic, write_json_atomic
 from ..io.hashing import dataset_fingerprint
 from ..io.manifest import read_manifest
 from ..io.tables import fixed_list
@@ -82,6 +85,9 @@ class AuditPaths:
     findings = property(lambda self: self.root / "findings.json")
     mitigated_model = property(lambda self: self.root / "mitigated_model")
     mitigated_record = property(lambda self: self.root / "mitigated_model.json")
+    control_model = property(lambda self: self.root / "control_model")
+    control_record = property(lambda self: self.root / "control_model.json")
+    groups = property(lambda self: self.root / "groups.parquet")
     metrics = property(lambda self: self.root / "metrics.json")
     findings_mitigated = property(lambda self: self.root / "findings_mitigated.json")
     report = property(lambda self: self.root / "report")
@@ -147,6 +153,9 @@ def describe_audited_model(cfg: AuditedModelConfig, built: dict | None = None) -
     lm = record.load()
     record.architecture = lm.architecture
     record.train = lm.meta.get("train")
+    steps = (lm.meta.get("history") or {}).get("steps")
+    if steps is not None:
+        record.extra["steps"] = int(steps)
     return record
 
 
@@ -177,14 +186,15 @@ def findings_summary(findings: Findings) -> dict:
 def headline(findings: Findings, metrics: dict | None) -> dict:
     """The numbers an experiment is compared by (``audit_summary.json``, DVC
     metrics): K, silhouette, findings, called findings, the lead finding and
-    the four SPEC §4.2 metrics of the audited and the mitigated model."""
+    the four SPEC §4.2 metrics of the audited model, the same-budget control
+    and the mitigated model."""
     lead = findings.lead()
     out = {"k": findings.k, "silhouette": None if findings.silhouette is None else round(findings.silhouette, 4),
            "n_features": len(findings.features),
            "n_called": len(findings.called),  # 0 when nothing is called (or significance was not computed)
            "lead_rank": lead.rank if lead else None, "lead_attribute": lead.attribute if lead else "none"}
-    for model in ("audited", "mitigated"):
-        out[model] = {k: (metrics or {}).get(model, {}).get(k) for k in METRIC_KEYS}
+    for model in ("audited", "control", "mitigated"):  # None: not trained
+        out[model] = {k: ((metrics or {}).get(model) or {}).get(k) for k in METRIC_KEYS}
     return out
 
 
@@ -376,56 +386,169 @@ class Audit:
         """Stage 2 from the audited model's initialisation on its fine-tuning
         data (SPEC §3): the mitigated model's record and the training history
         (``{}`` when nothing was trained because nothing is to be mitigated)."""
+        return self._stage2(self.stage2_config, self.paths.mitigated_model, self.paths.mitigated_record)
+
+    def train_control(self) -> tuple[ModelRecord, dict]:
+        """The same-budget control (``mitigation.control``): Upsampled FT,
+        RaVL's λ = 1 ablation (SPEC §3.5), from the same initialisation with
+        the same data order, sampler and steps as Stage 2, so the metrics
+        show what the region-aware loss bought apart from the extra training.
+        Its record says why when it is not trained."""
+        cfg = dataclasses.replace(self.stage2_config, method=CONTROL_METHOD)
+        why = None
+        if not self.params.mitigation.control:
+            why = "the same-budget control is off (params.yaml: mitigation.control: false)"
+        elif self.stage2_config.method == CONTROL_METHOD:
+            why = f"the mitigation method is {CONTROL_METHOD}, the control itself"
+        elif not get_method(self.stage2_config.method).needs_findings:
+            why = f"method {self.stage2_config.method!r} uses no findings: there is no group to upsample"
+        if why is not None:
+            return self._not_trained(self.paths.control_record, why), {}
+        return self._stage2(cfg, self.paths.control_model, self.paths.control_record)
+
+    def _not_trained(self, path: Path, reason: str) -> ModelRecord:
+        kept = ModelRecord(model=self.audited.model, pretrained=self.audited.pretrained,
+                           extra={"trained": False, "reason": reason})
+        kept.write(path)
+        return kept
+
+    def _stage2(self, cfg: TrainConfig, out: Path, record_path: Path) -> tuple[ModelRecord, dict]:
         record = self.audited
         if not record.init_model or not record.train_data:
             raise AuditError("Stage 2 needs the audited model's initialisation and fine-tuning data: set "
                              "audited_model.init_model and audited_model.train_data in params.yaml")
         findings = read_findings(self.paths.findings)
-        cfg = self.stage2_config
         chosen = []
         if get_method(cfg.method).needs_findings:
             try:
                 chosen = select_features(findings)
             except MitigationError as exc:
-                # SPEC §2.6: nothing found, or nothing to mitigate; the audited
-                # model stands as its own mitigated model
-                kept = ModelRecord(model=record.model, pretrained=record.pretrained,
-                                   extra={"trained": False, "reason": str(exc)})
-                kept.write(self.paths.mitigated_record)
-                return kept, {}
-        history = stages.train(record.init_model, record.train_data, self.paths.mitigated_model, cfg,
+                # SPEC §2.6: nothing found, or nothing to mitigate; nothing is trained
+                return self._not_trained(record_path, str(exc)), {}
+        history = stages.train(record.init_model, record.train_data, out, cfg,
                                findings=findings, findings_path=self.paths.findings, audited_model=record.model,
                                audited_pretrained=record.pretrained, cache_dir=self.paths.assignment_cache,
                                progress=self.progress, compute=self.compute,
                                checkpoint_every=self.params.compute.checkpoint_every,
                                inherited_transform=self.params.mitigation.train_transform is None)
-        mitigated = ModelRecord(model=f"local-dir:{self.paths.mitigated_model}",
-                                extra={"trained": True, "method": cfg.method,
-                                       "feature_ranks": [int(f.rank) for f in chosen], "steps": history["steps"]})
-        mitigated.write(self.paths.mitigated_record)
-        return mitigated, history
+        trained = ModelRecord(model=f"local-dir:{out}",
+                              extra={"trained": True, "method": cfg.method,
+                                     "feature_ranks": [int(f.rank) for f in chosen], "steps": history["steps"],
+                                     "seconds": history.get("seconds")})
+        trained.write(record_path)
+        return trained, history
 
     @property
     def mitigated(self) -> ModelRecord:
         return ModelRecord.read(self.paths.mitigated_record)
 
-    def measure(self) -> dict:
-        """The four metrics of the audited and the mitigated model on the test rows (SPEC §4.2)."""
-        def metrics_of(record: ModelRecord) -> dict:
-            return stages.evaluate(record.model, self.dataset_dir, split=self.evaluation_split,
-                                   classes=self.params.labels.classes, pretrained=record.pretrained,
-                                   min_group_size=self.params.evaluation.min_group_size, progress=self.progress,
-                                   compute=self.compute)
+    @property
+    def control(self) -> ModelRecord | None:
+        """The control's record (None before the control step has run)."""
+        return ModelRecord.read(self.paths.control_record) if self.paths.control_record.is_file() else None
 
-        metrics = {"split": self.evaluation_split, "audited": metrics_of(self.audited),
-                   "mitigated": metrics_of(self.mitigated)}
-        metrics["image_overall_change"] = metrics["mitigated"]["image_overall"] - metrics["audited"]["image_overall"]
+    def discovered_groups(self) -> Groups | None:
+        """Groups of the evaluation rows from the mitigated findings (SPEC §5
+        ``groups_from: findings``), computed once per test set with the
+        audited model and written to ``groups.parquet`` (one row per image,
+        a column per finding); None when no finding is to be mitigated."""
+        findings = read_findings(self.paths.findings)
+        try:
+            select_features(findings)
+        except MitigationError:
+            return None
+        ds = load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
+                          require_labels=True)
+        groups = stages.discovered_groups(self.audited.load(self.compute), ds, findings,
+                                          cache_dir=self.paths.assignment_cache, progress=self.progress)
+        table = pa.table({"image_id": list(ds.image_ids), "label": list(ds.labels),
+                          **{f["feature"]: pa.array(groups.presence[f["feature"]], pa.bool_())
+                             for f in groups.features}})
+        atomic_write(self.paths.groups, lambda fh: pq.write_table(table, fh))
+        return groups
+
+    def measure(self) -> dict:
+        """The four metrics of the audited model and of each trained model
+        (the control, the mitigated one) on the test rows (SPEC §4.2), on the
+        data's annotated groups or else the discovered ones, with paired
+        bootstrap intervals of their differences and every model's steps."""
+        trained = {name: rec for name, rec in (("control", self.control), ("mitigated", self.mitigated))
+                   if rec is not None and rec.extra.get("trained")}
+        models = {"audited": (self.audited.model, self.audited.pretrained),
+                  **{name: (rec.model, rec.pretrained) for name, rec in trained.items()}}
+        pairs = [(name, "audited") for name in trained] + ([("mitigated", "control")] if len(trained) == 2 else [])
+        warnings = []
+        if self.evaluation_split != "test":
+            warnings.append(f"{self.dataset_dir}: no 'test' split: the metrics are computed on the discovery rows, "
+                            "the images Stage 1 found its features on (not held out)")
+        discovered = self.discovered_groups()
+        result = stages.evaluate_models(models, self.dataset_dir, split=self.evaluation_split,
+                                        templates=stages.templates_for(self.dataset_dir, self.params.scores),
+                                        classes=self.params.labels.classes,
+                                        min_group_size=self.params.evaluation.min_group_size,
+                                        progress=self.progress, compute=self.compute, discovered=discovered,
+                                        pairs=pairs)
+        records = {"audited": self.audited, "control": self.control, "mitigated": self.mitigated}
+        metrics = {"split": self.evaluation_split, "groups_from": result["audited"]["groups_from"],
+                   **{name: result.get(name) for name in ("audited", "control", "mitigated")},
+                   "steps": {name: (rec.extra.get("steps") if rec is not None and
+                                    (name == "audited" or rec.extra.get("trained")) else None)
+                             for name, rec in records.items()},
+                   "not_trained": {name: rec.extra.get("reason") for name, rec in records.items()
+                                   if name != "audited" and rec is not None and not rec.extra.get("trained")},
+                   "comparisons": result.get("comparisons", {}), "warnings": warnings}
+        if discovered is not None and metrics["groups_from"] == "annotation":
+            metrics["discovered_agreement"] = self._agreement(discovered)
+        if metrics["mitigated"] is not None:
+            metrics["image_overall_change"] = (metrics["mitigated"]["image_overall"]
+                                               - metrics["audited"]["image_overall"])
+        metrics["answer"] = answer_lines(metrics)
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
         self._keep_previous(self.paths.metrics)
         write_json_atomic(self.paths.metrics, metrics)
         return metrics
 
-    def reaudit(self) -> Findings:
-        """Stage 1 again, on the mitigated model: what is left after mitigation."""
+    def metrics_by_model(self, metrics: dict | None) -> dict[str, dict] | None:
+        """The trained models' metrics by the names the report and the UI
+        show, each with its steps: audited, the control, the mitigation
+        method (only models that were trained)."""
+        if not metrics:
+            return None
+        steps = metrics.get("steps") or {}
+        names = {"audited": "audited", "control": f"{CONTROL_METHOD} (control)",
+                 "mitigated": self.stage2_config.method}
+        out = {}
+        comparisons = metrics.get("comparisons") or {}
+        for key, name in names.items():
+            if metrics.get(key):
+                label = f"{name}, {steps[key]} steps" if steps.get(key) is not None else name
+                paired = {f"paired_vs_{other}": comparisons[f"{key}-{other}"] for other in ("audited", "control")
+                          if f"{key}-{other}" in comparisons}
+                out[label] = {**metrics[key], **paired}
+        return out
+
+    def _agreement(self, discovered: Groups) -> dict[str, float | None]:
+        """Per discovered finding: the share of annotated evaluation images on
+        which its presence agrees with the annotated feature's."""
+        ds = load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
+                          require_labels=True)
+        annotated = stages.groups_for(ds, self.dataset_dir)
+        known = np.ones(len(ds), bool) if annotated.known is None else annotated.known
+        return {f["feature"]: (float((discovered.presence[f["feature"]] == annotated.presence)[known].mean())
+                               if known.any() else None) for f in discovered.features}
+
+    @property
+    def was_mitigated(self) -> bool:
+        """Whether Stage 2 trained a mitigated model (not: nothing to mitigate)."""
+        return self.paths.mitigated_record.is_file() and bool(self.mitigated.extra.get("trained"))
+
+    def reaudit(self) -> Findings | None:
+        """Stage 1 again, on the mitigated model: what is left after
+        mitigation (None, and no re-audit, when nothing was trained: the
+        audited model's findings stand)."""
+        if not self.was_mitigated:
+            return None
         p = self.params
         findings = stages.stage1(self.mitigated.load(self.compute), self.data, self.classes,
                                  templates=stages.templates_for(self.dataset_dir, p.scores), regions=p.regions,
@@ -438,22 +561,22 @@ class Audit:
         """``report/summary.json`` and ``report/report.html``: findings before
         and after mitigation with the metrics; returns the summary."""
         before = read_findings(self.paths.findings)
-        after = read_findings(self.paths.findings_mitigated) if self.paths.findings_mitigated.is_file() else None
+        mitigated = self.was_mitigated
+        after = (read_findings(self.paths.findings_mitigated)
+                 if mitigated and self.paths.findings_mitigated.is_file() else None)
         metrics = json.loads(self.paths.metrics.read_text()) if self.paths.metrics.is_file() else None
-        method = self.mitigated.extra.get("method", "mitigated") if self.paths.mitigated_record.is_file() else None
         provenance = {"validation_set": self.name, "run_id": run_id, "audited_model": self.audited.model,
-                      "mitigated_model": self.mitigated.model if method else None,
+                      "mitigated_model": self.mitigated.model if mitigated else None,
                       "mitigation_method": self.stage2_config.method,
                       **({"note": note} if note else {})}
         drift = self.drift()
         summary = {"validation_set": self.name, "before": findings_summary(before),
                    "after": findings_summary(after) if after is not None else None, "metrics": metrics,
                    "drift": drift, "provenance": {**provenance, "params": self.params.as_dict()}}
-        per_method = ({"audited": metrics["audited"], provenance["mitigation_method"]: metrics["mitigated"]}
-                      if metrics else None)
         with atomic_dir(self.paths.report) as tmp:
             write_json_atomic(tmp / "summary.json", summary)
-            write_report(tmp / "report.html", before, dataset_root=self.dataset_dir, metrics=per_method,
-                         reaudit=after, provenance=provenance, drift=drift)
+            write_report(tmp / "report.html", before, dataset_root=self.dataset_dir,
+                         metrics=self.metrics_by_model(metrics), reaudit=after, provenance=provenance, drift=drift,
+                         answer=(metrics or {}).get("answer"))
         write_json_atomic(self.paths.headline, headline(before, metrics))
         return summary

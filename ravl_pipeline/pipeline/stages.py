@@ -25,8 +25,8 @@ from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
 from ..core.evidence import causal, names, stats
 from ..core.findings import Findings
-from ..core.metrics import (PRECISION_K, core_regions, feature_presence, mitigation_metrics, precision_at_k,
-                           region_label_map, validity)
+from ..core.metrics import (PRECISION_K, Groups, core_regions, feature_presence, mitigation_metrics,
+                           paired_differences, precision_at_k, region_label_map, validity)
 from ..core.rank import rank_features
 from ..core.regions import region_labels_for
 from ..core.scores import Scores, check_templates, label_indices
@@ -45,7 +45,8 @@ from ..mitigate.train import finetune
 RESUME_SUFFIX = ".resume.pt"  # beside a Stage 2 checkpoint while its run is unfinished
 
 __all__ = ["Stage1Result", "classes_for", "templates_for", "embed", "score", "cluster", "find", "stage1",
-           "ground_truth", "train", "evaluate"]
+           "ground_truth", "train", "Predictions", "evaluate", "evaluate_models", "predict", "groups_for",
+           "discovered_groups", "findings_label"]
 
 
 # --------------------------------------------------------------------------- Stage 1
@@ -282,7 +283,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
         attach_class_tokens(data, base, cfg.caption_template)
     if method.needs_attribute_text:
         attach_attribute_tokens(data, base, attributes)
-    spurious = None
+    spurious, warnings = None, []
     if method.needs_findings:
         if audited is not None:
             assignment = (cached_assignment(audited, ds, findings, cache_dir, features, progress)
@@ -290,9 +291,17 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
                           else assign_spurious_regions(audited, ds, findings, features, progress=progress))
         cluster_class = {f.cluster_id: data.classes.index(f.attribute) for f in chosen
                          if data.classes and f.attribute in data.classes}
+        unpushed = [f.rank for f in chosen if f.cluster_id not in cluster_class]
+        if method.region_pass and cfg.region_loss == "correlated" and unpushed:
+            warnings.append(f"{where}: feature rank(s) {', '.join(map(str, unpushed))} name no training class as "
+                            "'attribute', so region_loss 'correlated' pushes their regions from no class text (they "
+                            "are only kept out of the relevant regions); region_loss 'spec' pushes them from every "
+                            "class text")
         attach_region_extras(data, base, ds, assignment, region_pass=method.region_pass, cluster_class=cluster_class)
         spurious = {"n_regions": int(len(assignment.spurious)), "n_spurious": int(assignment.spurious.sum()),
                     "groups": _group_sizes(data.extras["groups"], data.classes)}
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     resume = None
     if checkpoint_every and world.world_size == 1:
         resume = Path(out_dir).with_name(Path(out_dir).name + RESUME_SUFFIX)
@@ -319,6 +328,7 @@ def train(base_model: str, train_dir, out_dir, cfg: TrainConfig, *, pretrained: 
                 "findings": _findings_record(findings, findings_path, chosen, features) if findings else None,
                 "spurious_regions": spurious,
                 "attribute_text": attributes if method.needs_attribute_text else None,
+                **({"warnings": warnings} if warnings else {}),
                 "history": {k: v for k, v in history.items() if k not in ("config", "rank_indices")},
                 **({"compute": compute.record()} if compute.record() else {}),
                 **(extra_meta or {})}
@@ -373,38 +383,84 @@ def _findings_record(findings: Findings, path, chosen, which) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate(model: str, data_dir, split: str | None = "test", features: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None, *, pretrained: str | None = None,
-             classes: Sequence[str] | None = None, min_group_size: int = EvaluationConfig.min_group_size,
-             batch_size: int = RegionsConfig.batch_size, progress: bool = False, compute: Compute = CPU) -> dict:
-    """``metrics.json`` of a model on a dataset split (SPEC §4.2, §5).
+@dataclass
+class Predictions:
+    """One model's zero-shot predictions on an evaluation split: every
+    image, and every core region where the manifest annotates regions."""
 
-    Groups are (class, any of ``features`` present), ``features`` defaulting
-    to the setting's induced features. Region metrics use the core regions
-    of the manifest's annotated boxes; without annotations they are ``None``
-    and the result is marked ``partial`` with a warning.
-    """
+    image_pred: np.ndarray
+    core_image: np.ndarray | None
+    core_pred: np.ndarray | None
+    notes: list[str]
+
+
+def _load_split(data_dir, split, classes):
     split = None if split in (None, "all") else split
     ds = load_dataset(data_dir, classes=classes, split=split, require_labels=True)
     setting = dataset_setting(data_dir) or {}
-    classes = list(classes or setting.get("classes") or ds.classes())
+    return split, ds, list(classes or setting.get("classes") or ds.classes())
+
+
+def evaluate(model: str, data_dir, split: str | None = "test", features: Sequence[str] | None = None,
+             templates: Sequence[str] | None = None, *, pretrained: str | None = None,
+             classes: Sequence[str] | None = None, min_group_size: int = EvaluationConfig.min_group_size,
+             batch_size: int = RegionsConfig.batch_size, progress: bool = False, compute: Compute = CPU,
+             discovered: Groups | None = None, groups: Groups | None = None) -> dict:
+    """``metrics.json`` of a model on a dataset split (SPEC §4.2, §5).
+
+    Groups (:func:`groups_for`) are (class, any of ``features`` present),
+    ``features`` defaulting to the setting's induced features; without an
+    annotation of them, the ``discovered`` groups (:func:`discovered_groups`)
+    when given, else the classes, with a warning. Region metrics use the
+    core regions of the manifest's annotated boxes; without annotations
+    they are ``None`` and the result is marked ``partial`` with a warning.
+    ``groups`` imposes the groups whatever the data annotates (a benchmark
+    comparing discovered with annotated groups).
+    """
+    return evaluate_models({"model": (model, pretrained)}, data_dir, split, features, templates, classes=classes,
+                           min_group_size=min_group_size, batch_size=batch_size, progress=progress, compute=compute,
+                           discovered=discovered, groups=groups)["model"]
+
+
+def evaluate_models(models: dict[str, tuple[str, str | None]], data_dir, split: str | None = "test",
+                    features: Sequence[str] | None = None, templates: Sequence[str] | None = None, *,
+                    classes: Sequence[str] | None = None, min_group_size: int = EvaluationConfig.min_group_size,
+                    batch_size: int = RegionsConfig.batch_size, progress: bool = False, compute: Compute = CPU,
+                    discovered: Groups | None = None, pairs: Sequence[tuple[str, str]] = (),
+                    groups: Groups | None = None) -> dict:
+    """:func:`evaluate` of several models (name → ``(model, pretrained)``) on
+    the same split and groups; with ``pairs``, also ``"comparisons"``: the
+    paired bootstrap differences of :func:`core.metrics.paired_differences`."""
+    split, ds, classes = _load_split(data_dir, split, classes)
     templates = check_templates(list(templates or templates_for(data_dir)))
-    features = list(features) if features else [name for name, _ in induced_pairs(data_dir)]
-    lm = load_model(model, pretrained, compute=compute,
-                    seed=0 if untrained(model, pretrained) else None)  # the same each run
+    groups = groups or groups_for(ds, data_dir, features, discovered)
     labels = label_indices(ds, classes)
-    image_pred, core_image, core_pred, notes = _predictions(lm, ds, classes, templates, batch_size, progress)
-    presence, feature_notes = _presence(ds, features)
-    metrics = mitigation_metrics(labels, image_pred, classes, presence, core_image, core_pred, min_group_size)
-    metrics["warnings"] = notes + feature_notes + metrics["warnings"]
-    metrics.update({"model": lm.name, "dataset": str(ds.root), "split": split, "classes": classes,
-                    "features": features, "templates": templates, "tau": ScoresConfig.tau})
-    if compute.record() is not None:
-        metrics["compute"] = compute.record()
-    return metrics
+    out, preds = {}, {}
+    for name, (model, pretrained) in models.items():
+        lm = load_model(model, pretrained, compute=compute,
+                        seed=0 if untrained(model, pretrained) else None)  # the same each run
+        p = preds[name] = predict(lm, ds, classes, templates, batch_size, progress)
+        metrics = mitigation_metrics(labels, p.image_pred, classes, groups.presence, p.core_image, p.core_pred,
+                                     min_group_size, known=groups.known)
+        metrics["warnings"] = p.notes + groups.notes + metrics["warnings"]
+        metrics.update({"model": lm.name, "dataset": str(ds.root), "split": split, "classes": classes,
+                        "features": [f["feature"] for f in groups.features], "templates": templates,
+                        "tau": ScoresConfig.tau, "groups_from": groups.source,
+                        "by_feature": groups.effects(labels, p.image_pred, classes)})
+        if compute.record() is not None:
+            metrics["compute"] = compute.record()
+        out[name] = metrics
+    if pairs:
+        first = next(iter(preds.values()))
+        out["comparisons"] = paired_differences(
+            labels, {k: v.image_pred for k, v in preds.items()}, classes, pairs, groups.presence,
+            first.core_image, {k: v.core_pred for k, v in preds.items()} if first.core_image is not None else None,
+            min_group_size, known=groups.known)
+    return out
 
 
-def _predictions(lm, ds, classes, templates, batch_size, progress):
+def predict(lm: LoadedModel, ds: Dataset, classes: Sequence[str], templates: Sequence[str],
+            batch_size: int = RegionsConfig.batch_size, progress: bool = False) -> Predictions:
     """Image predictions for every row; core-region predictions where the
     manifest annotates regions (``None`` when no row does)."""
     def run(subset, proposer):
@@ -415,17 +471,18 @@ def _predictions(lm, ds, classes, templates, batch_size, progress):
     if len(annotated) == len(ds) and len(ds):
         emb, sc = run(ds, "boxes")
         core_image, core_idx = core_regions(ds.region_labels, ds.labels)
-        return sc.image_pred, core_image, _region_pred(emb, sc, core_image, core_idx), []
+        return Predictions(sc.image_pred, core_image, _region_pred(emb, sc, core_image, core_idx), [])
     image_pred = run(ds, RegionsConfig.proposer)[1].image_pred
     if not annotated:
-        return image_pred, None, None, [f"{ds.manifest_file}: no region annotations (boxes + region_labels); "
-                                        "region metrics are null"]
+        return Predictions(image_pred, None, None, [f"{ds.manifest_file}: no region annotations (boxes + "
+                                                    "region_labels); region metrics are null"])
     sub = ds.subset(np.asarray(annotated))
     emb, sc = run(sub, "boxes")
     core_sub, core_idx = core_regions(sub.region_labels, sub.labels)
     note = (f"{ds.manifest_file}: {len(ds) - len(annotated)} of {len(ds)} rows have no region annotations; "
             "region metrics use the annotated rows only")
-    return image_pred, np.asarray(annotated, np.int64)[core_sub], _region_pred(emb, sc, core_sub, core_idx), [note]
+    return Predictions(image_pred, np.asarray(annotated, np.int64)[core_sub],
+                       _region_pred(emb, sc, core_sub, core_idx), [note])
 
 
 def _annotated_rows(ds) -> list[int]:
@@ -440,17 +497,70 @@ def _region_pred(emb, sc, core_image: np.ndarray, core_idx: np.ndarray) -> np.nd
     return sc.region_probs.argmax(axis=1)[rows] if len(rows) else np.zeros(0, np.int64)
 
 
-def _presence(ds, features: Sequence[str]) -> tuple[np.ndarray | None, list[str]]:
-    if not features:
-        return None, ["no feature named (--feature) and no setting.json with induced features: "
-                      "groups are classes only"]
-    if ds.region_labels is None:
-        return None, [f"{ds.manifest_file}: no region_labels to tell whether {list(features)} is present: "
-                      "groups are classes only"]
-    present = np.zeros(len(ds), dtype=bool)
-    for name in features:
-        present |= feature_presence(ds.region_labels, name)
-    return present, []
+def groups_for(ds: Dataset, data_dir, features: Sequence[str] | None = None,
+               discovered: Groups | None = None) -> Groups:
+    """The evaluation's groups (SPEC §4.2, §5 ``groups_from``): the data's
+    annotation of ``features`` (default: the setting's induced features)
+    when its rows carry region labels (it wins); else the ``discovered``
+    groups when given; else the classes. Every fallback says so."""
+    induced = dict(induced_pairs(data_dir))
+    names = list(features) if features else list(induced)
+    if names and ds.region_labels is not None:
+        known = ds.region_labels_known
+        present = np.zeros(len(ds), dtype=bool)
+        for name in names:
+            present |= feature_presence(ds.region_labels, name)
+        notes = []
+        if not known.all():
+            notes.append(f"{ds.manifest_file}: {int((~known).sum())} of {len(ds)} rows have null region_labels: "
+                         f"whether {names} is present there is unknown, so they are in no feature group "
+                         "(counted in the overall metrics only)")
+        return Groups("annotation", present, None if known.all() else known,
+                      [{"feature": n, "class": induced.get(n)} for n in names], notes)
+    if names:
+        why = f"{ds.manifest_file}: no region_labels to tell whether {names} is present"
+    else:
+        why = "no feature named (--feature) and no setting.json with induced features"
+    if discovered is not None:
+        return dataclasses.replace(discovered, notes=[*discovered.notes, f"{why}: groups from the findings"])
+    return Groups("class", features=[{"feature": n, "class": induced.get(n)} for n in names],
+                  notes=[f"{why}: groups are classes only"])
+
+
+def discovered_groups(audited: LoadedModel, ds: Dataset, findings: Findings,
+                      selection: str | int = DEFAULT_FEATURE_SELECTION, *, cache_dir=None,
+                      progress: bool = False) -> Groups:
+    """Groups of ``ds`` from the findings (SPEC §5 ``groups_from:
+    findings``): an image has a mitigated finding's feature when one of its
+    regions is nearest that finding's medoid under the ``audited`` model,
+    the way Stage 2 assigns spurious regions (SPEC §3.1). The findings
+    ``selection`` chooses (MitigationError when none) that are tied to the
+    same class form one presence column, as Stage 2's groups join them: one
+    feature often spans several clusters (BENCHMARKS.md §Mitigation)."""
+    chosen = select_features(findings, selection)
+    assignment = (cached_assignment(audited, ds, findings, cache_dir, selection, progress) if cache_dir is not None
+                  else assign_spurious_regions(audited, ds, findings, selection, progress=progress))
+    by_class: dict[str | None, list] = {}
+    for f in chosen:
+        by_class.setdefault(f.attribute, []).append(f)
+    presence, features = {}, []
+    for cls, feats in by_class.items():
+        col = np.zeros(len(ds), dtype=bool)
+        col[assignment.region_image[np.isin(assignment.cluster, [f.cluster_id for f in feats])]] = True
+        label = findings_label(feats)
+        presence[label] = col
+        features.append({"feature": label, "class": cls, "ranks": [int(f.rank) for f in feats],
+                         "cluster_ids": [int(f.cluster_id) for f in feats]})
+    return Groups("findings", presence, None, features)
+
+
+def findings_label(feats: Sequence) -> str:
+    """How findings that form one group are named in metrics and reports:
+    their ranks and, where the findings carry them, their top model-derived
+    names (``finding 2 (red square)``, ``findings 2, 4``)."""
+    ranks = ", ".join(str(f.rank) for f in feats)
+    names = _feature_names(feats)
+    return f"finding{'s' if len(feats) > 1 else ''} {ranks}" + (f" ({' / '.join(names)})" if names else "")
 
 
 def write_metrics(metrics: dict, path) -> Path:

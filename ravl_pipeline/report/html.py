@@ -333,10 +333,33 @@ def _findings_section(findings: Mapping[str, Any], images, top: int, *, section_
 
 
 def _baseline_method(metrics: Mapping[str, Mapping]) -> str:
-    for name in BASELINE_NAMES:
-        if name in metrics:
-            return name
+    for base in BASELINE_NAMES:
+        for name in metrics:  # "audited" or "audited, 64 steps"
+            if name == base or name.startswith(f"{base},"):
+                return name
     return next(iter(metrics))
+
+
+def _paired(m: Mapping[str, Any], key: str) -> str:
+    """The paired bootstrap differences a model's metrics carry (the closed
+    loop's ``comparisons``): ``vs audited +5.5 [+2.6, +8.8]; vs control …``."""
+    parts = []
+    for field_, name in (("paired_vs_audited", "audited"), ("paired_vs_control", "control")):
+        row = (m.get(field_) or {}).get(key) or {}
+        if row.get("diff") is None:
+            continue
+        ci = row.get("ci")
+        iv = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+        parts.append(f"vs {name} {100 * row['diff']:+.1f}{iv}")
+    return f'<br><span class="ci">{_e("; ".join(parts))}</span>' if parts else ""
+
+
+def _answer_section(lines: Sequence[str]) -> str:
+    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
+    return ('<section id="answer"><h2>Did the fix work?</h2>'
+            '<p class="note">Zero-shot accuracy on the test split, audited → mitigated (same-budget control); '
+            'the tables below give every metric with paired 95% bootstrap intervals.</p>'
+            f'<ul class="answer">{items}</ul></section>')
 
 
 def _bar_chart(metrics: Mapping[str, Mapping], key: str) -> str:
@@ -370,7 +393,7 @@ def _metrics_section(metrics: Mapping[str, Mapping]) -> str:
                 delta = 100 * (value - metric_value(metrics[base].get(key)))
                 css = "pos" if delta > 0 else "neg" if delta < 0 else ""
                 text += f' <span class="delta {css}">({delta:+.1f})</span>'
-            cells.append(f"<td>{text}</td>")
+            cells.append(f"<td>{text}{_paired(m, key)}</td>")
         css = ' class="baseline"' if name == base else ""
         body.append(f"<tr{css}><th>{_e(name)}</th>{''.join(cells)}</tr>")
     charts = "".join(_bar_chart(metrics, key) for key in METRIC_KEYS)
@@ -461,7 +484,7 @@ def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
 
 def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=None, reaudit=None,
                   provenance=None, top_regions: int = DEFAULT_TOP_REGIONS,
-                  sources: tuple[str, str] = ("findings", "reaudit"), drift=None) -> str:
+                  sources: tuple[str, str] = ("findings", "reaudit"), drift=None, answer=None) -> str:
     """The report as an HTML string (see :func:`write_report`); ``sources``
     name the findings and the re-audit in error messages."""
     images = ImageSource(dataset_root) if dataset_root is not None else None
@@ -470,6 +493,7 @@ def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=Non
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
              f"<title>RaVL audit report — {_e(prov.get('model') or findings.get('model'))}</title>",
              f"<style>{_style()}</style></head><body>", _header(findings, prov), "<main>",
+             _answer_section(answer) if answer else "",
              _drift_section(drift) if drift else "",
              f'<section id="provenance"><h2>Model, data and parameters</h2>{_kv_table(prov.items())}</section>',
              _findings_section(findings, images, top_regions, section_id="findings",
@@ -487,7 +511,7 @@ def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=Non
 # --------------------------------------------------------------------------- writing
 
 def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit=None,
-                 provenance=None, top_regions: int = DEFAULT_TOP_REGIONS, drift=None) -> Path:
+                 provenance=None, top_regions: int = DEFAULT_TOP_REGIONS, drift=None, answer=None) -> Path:
     """Write the HTML report to ``out_path`` and its JSON twin beside it.
 
     ``findings`` and ``reaudit`` are findings dicts or ``findings.json``
@@ -495,7 +519,9 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
     dict or path (SPEC §5); ``provenance`` adds or overrides entries of the
     model/data/parameters table (e.g. ``data_version``, ``code_version``);
     ``drift`` (``core.drift``: what changed since the previous audit of the
-    same set) opens the page and is kept in the twin under ``drift``.
+    same set) opens the page and is kept in the twin under ``drift``;
+    ``answer`` (the closed loop's lines, :func:`core.metrics.answer_lines`)
+    opens it before that, and is kept under ``answer``.
     ``dataset_root`` is the dataset the findings were computed on; its
     manifest maps each region's ``image_id`` to the image drawn.
 
@@ -513,8 +539,10 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
     reaudit = load_findings(reaudit, "reaudit") if reaudit is not None else None
     metrics = normalise_metrics(metrics)
     page = render_report(findings, dataset_root=dataset_root, metrics=metrics, reaudit=reaudit,
-                         provenance=provenance, top_regions=top_regions, sources=sources, drift=drift)
-    record = {"generator": GENERATOR, "report": out.name, "findings": json_safe(findings),
+                         provenance=provenance, top_regions=top_regions, sources=sources, drift=drift,
+                         answer=answer)
+    record = {"generator": GENERATOR, "report": out.name, "answer": list(answer or []),
+              "findings": json_safe(findings),
               "metrics": json_safe(metrics) if metrics else None,
               "reaudit": json_safe(reaudit) if reaudit is not None else None,
               "drift": json_safe(drift) if drift else None}

@@ -27,7 +27,7 @@ from ravl_pipeline.io.manifest import read_manifest, write_manifest
 
 N_VAL, N_TEST = 60, 40
 ALL_ASSETS = {"audited_model", "region_proposals", "region_embeddings", "zero_shot_scores", "region_clusters",
-              "spurious_features", "mitigated_model", "mitigation_metrics", "mitigated_findings",
+              "spurious_features", "mitigated_model", "control_model", "mitigation_metrics", "mitigated_findings",
               "evaluation_report"}
 DISCOVERY = ["region_proposals", "region_embeddings", "zero_shot_scores", "region_clusters", "spurious_features"]
 
@@ -102,6 +102,41 @@ def _latest_metadata(instance, asset: str, partition: str | None = None) -> dict
     return event.asset_materialization.metadata
 
 
+def check_closed_loop(out: Path, findings, record: dict) -> dict:
+    """metrics.json, the control's record and the report of one set's closed loop."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["groups_from"] == "annotation"  # setting.json names the feature
+    assert metrics["audited"]["n_images"] == N_TEST
+    control = json.loads((out / "control_model.json").read_text())
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["before"]["n_features"] == len(findings.features)
+    assert control["trained"] == record["trained"]
+    if record["trained"]:  # the same-budget control beside the mitigated model, same steps
+        assert control["method"] == "upsampled" and control["steps"] == record["steps"]
+        assert metrics["steps"]["mitigated"] == metrics["steps"]["control"] == 2
+        assert metrics["image_overall_change"] == pytest.approx(
+            metrics["mitigated"]["image_overall"] - metrics["audited"]["image_overall"])
+        for pair in ("mitigated-audited", "control-audited", "mitigated-control"):
+            a, b = pair.split("-")
+            for key in ("image_overall", "region_overall"):
+                row = metrics["comparisons"][pair][key]
+                assert row["diff"] == pytest.approx(metrics[a][key] - metrics[b][key])
+                assert row["ci"][0] <= row["diff"] <= row["ci"][1]
+        assert metrics["answer"][0].startswith("images with red square: class nine accuracy ")
+        assert "(control " in metrics["answer"][0]
+        after = read_findings(out / "findings_mitigated.json")
+        assert after.model == record["model"]
+        assert summary["after"]["n_features"] == len(after.features)
+        page = (out / "report" / "report.html").read_text()
+        assert "Did the fix work?" in page and "upsampled (control), 2 steps" in page
+        assert "ravl, 2 steps" in page and "vs control" in page
+    else:  # nothing trained: no control, no second evaluation of the same model, no re-audit
+        assert metrics["mitigated"] is None and metrics["control"] is None and not metrics["comparisons"]
+        assert not (out / "findings_mitigated.json").exists() and summary["after"] is None
+        assert "ravl" not in json.loads((out / "report" / "report.json").read_text())["metrics"]
+    return metrics
+
+
 def test_full_graph_materializes_with_checks(pipeline):
     runs = pipeline["runs"]
     assert [r.partition for r in runs] == [None, "set-a"]
@@ -146,18 +181,24 @@ def test_full_graph_materializes_with_checks(pipeline):
         assert record["model"] == findings.model
         assert not feats or "significant" in record["reason"] or "masking check supports no" in record["reason"]
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["split"] == "test"
-    assert metrics["audited"]["n_images"] == N_TEST
-    assert metrics["image_overall_change"] == pytest.approx(
-        metrics["mitigated"]["image_overall"] - metrics["audited"]["image_overall"])
-    after = read_findings(out / "findings_mitigated.json")
-    assert after.model == json.loads((out / "mitigated_model.json").read_text())["model"]
-    summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["before"]["n_features"] == len(findings.features)
-    assert summary["after"]["n_features"] == len(after.features)
+    check_closed_loop(out, findings, record)
     # nothing half-written is left beside the outputs
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_switching_the_control_off_makes_only_the_stage2_assets_stale(pipeline):
+    s = pipeline
+    write_params(s["params"], s["tiny"], mitigation={"control": False})
+    runner.observe_sources(s["defs"], s["instance"])
+    try:
+        for asset in ("mitigated_model", "control_model"):
+            assert _status(s, asset, "set-a") == StaleStatus.STALE
+        for asset in DISCOVERY:
+            assert _status(s, asset, "set-a") == StaleStatus.FRESH
+    finally:
+        write_params(s["params"], s["tiny"])
+        runner.observe_sources(s["defs"], s["instance"])
+    assert _status(s, "control_model", "set-a") == StaleStatus.FRESH
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +328,27 @@ def test_no_called_finding_keeps_the_audited_model(two_sets):
     assert record["trained"] is False and record["model"] == findings.model
     assert ("called significant" in record["reason"]) if findings.features else \
         ("no spurious feature" in record["reason"])
+
+
+def test_the_closed_loop_trains_a_same_budget_control_and_compares_with_intervals(two_sets):
+    s = two_sets
+    # without evidence every kept finding counts as called: Stage 2 and its control train
+    write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "evidence": False})
+    runs = runner.materialize(s["defs"], s["instance"], partitions=["set-a"],
+                              select=["spurious_features", "mitigated_model", "control_model", "mitigation_metrics",
+                                      "mitigated_findings", "evaluation_report"])
+    assert runs[0].success, runs[0].lines()
+    out = s["data"] / "outputs" / "set-a"
+    record = json.loads((out / "mitigated_model.json").read_text())
+    assert record["trained"]
+    metrics = check_closed_loop(out, read_findings(out / "findings.json"), record)
+    meta = _latest_metadata(s["instance"], "mitigation_metrics", "set-a")
+    assert meta["groups_from"].value == "annotation"
+    assert "images with red square" in meta["answer"].value
+    assert "upsampled (control), 2 steps" in meta["metrics"].value
+    assert (out / "groups.parquet").is_file()  # the discovered groups, beside the metrics
+    # with the annotation present, each discovered finding's agreement with it is recorded
+    assert metrics["discovered_agreement"] and all(0 <= v <= 1 for v in metrics["discovered_agreement"].values())
 
 
 def test_blocking_accuracy_check_stops_the_report(two_sets):

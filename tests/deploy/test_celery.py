@@ -22,7 +22,7 @@ pytestmark = [
 
 SET = "set-a"
 POOL_STEPS = {"region_embeddings.shard[0]", "zero_shot_scores", "spurious_features", "mitigated_model",
-              "mitigation_metrics", "mitigated_findings"}
+              "control_model", "mitigation_metrics", "mitigated_findings"}
 
 
 def ravl(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"headless Chromium not found at {CHROMIUM} (make setup-chromium)")
 
 DISCOVERY = {"region_proposals", "region_embeddings", "zero_shot_scores", "region_clusters", "spurious_features"}
-PARTITIONED = DISCOVERY | {"mitigated_model", "mitigation_metrics", "mitigated_findings", "evaluation_report"}
+PARTITIONED = DISCOVERY | {"mitigated_model", "control_model", "mitigation_metrics", "mitigated_findings", "evaluation_report"}
 # one run at a time, as on a small machine: the schedule's runs queue behind the sensor's
 RUN_QUEUE = "\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n"
 SCREENSHOT = os.environ.get("RAVL_UI_SCREENSHOT")  # e.g. docs/ui.png, to refresh the README's picture

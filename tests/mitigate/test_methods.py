@@ -637,3 +637,43 @@ def test_spurious_aware_method_is_clip_plus_the_terms():
     assert set(terms) == {"clip", "image", "text", "class", "spurious_image", "spurious_text"}
     assert loss.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
     assert METHODS["spurious-aware"].needs_attribute_text and not METHODS["spurious-aware"].needs_findings
+
+
+def test_correlated_loss_warns_and_records_a_finding_without_a_class(tiny_stage2, tmp_path, capsys):
+    """Under the ``correlated`` region loss a finding whose ``attribute`` is
+    not a training class pushes its regions from no class text: said on
+    stderr and recorded in the checkpoint's record, not silent."""
+    import dataclasses
+
+    root, findings = tiny_stage2
+    orphan = dataclasses.replace(findings, features=[dataclasses.replace(findings.features[0], attribute=None)])
+    stages.train(f"local-dir:{root / 'init'}", root / "setting" / "finetune", tmp_path / "m", _cfg("ravl"),
+                 findings=orphan, audited_model=findings.model)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "feature rank(s) 1 name no training class" in err
+    meta = json.loads((tmp_path / "m" / "ravl_model.json").read_text())
+    assert any("region_loss 'correlated'" in w for w in meta["warnings"])
+    # with the class named, or under the spec form, there is nothing to warn about
+    stages.train(f"local-dir:{root / 'init'}", root / "setting" / "finetune", tmp_path / "s",
+                 _cfg("ravl", region_loss="spec"), findings=orphan, audited_model=findings.model)
+    assert "warning:" not in capsys.readouterr().err
+    assert "warnings" not in json.loads((tmp_path / "s" / "ravl_model.json").read_text())
+
+
+@pytest.mark.parametrize("extra", [["--method", "vl-erm"], ["--method", "spurious-aware", "--attribute-text", "red"],
+                                   ["--method", "standard", "--audited-model", "AUDITED"]])
+def test_cli_baselines_get_stage2s_step_rule_without_findings(tiny_stage2, tmp_path, capsys, extra):
+    """A baseline to Stage 2 (any method but plain ``standard``, or
+    ``standard`` named against an audited model) resolves its budget as
+    Stage 2 does, findings or not; plain fine-tuning says it has no floor."""
+    from ravl_pipeline.cli import main
+
+    root, findings = tiny_stage2
+    extra = [findings.model if x == "AUDITED" else x for x in extra]
+    base = ["finetune", "--model", f"local-dir:{root / 'init'}", "--data", str(root / "setting" / "finetune"),
+            "--max-steps", "1", "--batch-size", "16"]
+    assert main(base + ["--out", str(tmp_path / "b"), *extra]) == 0
+    out = capsys.readouterr().out
+    assert "Stage 2:" in out and "at least 256 steps" in out
+    assert main(base + ["--out", str(tmp_path / "p")]) == 0
+    assert "plain fine-tuning" in capsys.readouterr().out

@@ -10,14 +10,17 @@ masking check is what tells the two apart; README, BENCHMARKS.md.)
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from ravl_pipeline.cli import main
 from ravl_pipeline.config import DiscoveryConfig
-from ravl_pipeline.io.dataset import load_dataset
+from ravl_pipeline.core.metrics import feature_presence
+from ravl_pipeline.io.dataset import dataset_setting, load_dataset
 from ravl_pipeline.models import load_model
-from ravl_pipeline.pipeline.stages import ground_truth, stage1, templates_for
+from ravl_pipeline.pipeline.stages import (discovered_groups, evaluate, findings_label, ground_truth, stage1,
+                                           templates_for)
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +74,37 @@ def test_discover_command_reports_bad_input(tmp_path, capsys):
     assert rc == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "f.json").exists()
+
+
+def test_without_setting_json_the_findings_form_groups_that_match_the_planted_ones(audit, tiny_setting, tmp_path):
+    """SPEC §5 ``groups_from: findings``: with the setting's annotation hidden,
+    the lead finding (the planted feature) decides presence per test image,
+    agrees with the planted feature on at least 90% of them, and gives
+    worst-group figures close to the annotated ones."""
+    findings, _ = audit
+    source = tiny_setting["setting"] / "eval"
+    hidden = tmp_path / "eval"
+    shutil.copytree(source, hidden)  # setting.json stays behind, one folder up
+    assert dataset_setting(hidden) is None
+    audited = f"local-dir:{tiny_setting['audited']}"
+    ds = load_dataset(hidden, split="test", require_labels=True)
+    groups = discovered_groups(load_model(audited), ds, findings)
+    lead = findings.lead()
+    column = next(f for f in groups.features if lead.rank in f["ranks"])  # the lead and its class's other findings
+    assert column["class"] == "nine" and column["feature"].startswith("finding")
+    planted = feature_presence(ds.region_labels, "red square")
+    agreement = float((groups.presence[column["feature"]] == planted).mean())
+    assert agreement >= 0.9, agreement
+    templates = templates_for(source)
+    found = evaluate(audited, hidden, split="test", templates=templates, discovered=groups, min_group_size=5)
+    assert found["groups_from"] == "findings"
+    assert {r["feature"] for r in found["groups"]} == {f["feature"] for f in groups.features}
+    assert any("groups from the findings" in w for w in found["warnings"])
+    annotated = evaluate(audited, source, split="test", templates=templates, min_group_size=5)
+    assert annotated["groups_from"] == "annotation"
+    assert found["image_overall"] == annotated["image_overall"]  # same images, same predictions
+    assert abs(found["image_worst_group"] - annotated["image_worst_group"]) <= 0.05
+    assert abs(found["region_worst_group"] - annotated["region_worst_group"]) <= 0.05
+    # the per-finding line: the class it is tied to, with and without it
+    effect = next(e for e in found["by_feature"] if e["feature"] == column["feature"])
+    assert effect["class"] == "nine" and effect["own_class"]["gap"] > 0
