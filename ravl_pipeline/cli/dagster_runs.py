@@ -52,6 +52,14 @@ def ensure_dagster_home() -> Path:
     return home
 
 
+def check_word(passed: bool, severity: str) -> str:
+    """How a check's outcome reads: passed, a warning, or a failure that
+    blocks what follows (an ERROR check is blocking in this graph)."""
+    if passed:
+        return "passed"
+    return "failed (blocks the steps after it)" if severity == "ERROR" else "warning"
+
+
 @dataclass
 class RunSummary:
     """What one in-process run did."""
@@ -67,7 +75,7 @@ class RunSummary:
         where = f" [{self.partition}]" if self.partition else ""
         out = [f"run {self.run_id[:8]}{where}: {'success' if self.success else 'FAILED'}"]
         out += [f"  materialized {name}" for name in self.materialized]
-        out += [f"  check {name}: {'passed' if ok else 'FAILED'} ({sev})" for name, ok, sev in self.checks]
+        out += [f"  check {name}: {check_word(ok, sev)}" for name, ok, sev in self.checks]
         out += [f"  step {step} failed: {message}" for step, message, _ in self.failures]
         return out
 

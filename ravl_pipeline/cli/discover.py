@@ -66,7 +66,8 @@ def run(args) -> int:
     warn_if_untrained("discover", args.model, args.pretrained, args.seed)
     cache = EmbeddingCache(Path(args.cache)) if args.cache else None
     t0 = time.perf_counter()
-    result = stages.stage1(lm, ds, classes, templates=templates or stages.templates_for(args.data),
+    templates = templates or stages.templates_for(args.data, recorded=lm.meta.get("train"))
+    result = stages.stage1(lm, ds, classes, templates=templates,
                            regions=RegionsConfig(proposer=args.proposer, mode=args.mode, batch_size=args.batch_size),
                            scores=ScoresConfig(tau=args.tau), discovery=discovery, cache=cache, vocab=vocab,
                            progress=not args.quiet)

@@ -148,6 +148,8 @@ def describe_audited_model(cfg: AuditedModelConfig, built: dict | None = None) -
     else:
         meta = load_model(cfg.checkpoint, cfg.pretrained).meta
         init = cfg.init_model or (f"local-dir:{meta['pretrained_from']}" if meta.get("pretrained_from") else None)
+        if init is None and meta.get("base_model") and not meta.get("pretrained"):
+            init = meta["base_model"]  # `ravl finetune` records what it started from (weights of a name: not)
         record = ModelRecord(model=cfg.checkpoint, pretrained=cfg.pretrained, source=cfg.source, init_model=init,
                              train_data=cfg.train_data or meta.get("train_data"))
     lm = record.load()
@@ -187,14 +189,20 @@ def headline(findings: Findings, metrics: dict | None) -> dict:
     """The numbers an experiment is compared by (``audit_summary.json``, DVC
     metrics): K, silhouette, findings, called findings, the lead finding and
     the four SPEC §4.2 metrics of the audited model, the same-budget control
-    and the mitigated model."""
+    and the model the closed loop ends with (``mitigated``: the audited one
+    when nothing was trained, ``mitigated_trained`` says which)."""
     lead = findings.lead()
     out = {"k": findings.k, "silhouette": None if findings.silhouette is None else round(findings.silhouette, 4),
            "n_features": len(findings.features),
            "n_called": len(findings.called),  # 0 when nothing is called (or significance was not computed)
            "lead_rank": lead.rank if lead else None, "lead_attribute": lead.attribute if lead else "none"}
-    for model in ("audited", "control", "mitigated"):  # None: not trained
-        out[model] = {k: ((metrics or {}).get(model) or {}).get(k) for k in METRIC_KEYS}
+    metrics = metrics or {}
+    for model in ("audited", "control", "mitigated"):  # control None: not trained
+        out[model] = {k: (metrics.get(model) or {}).get(k) for k in METRIC_KEYS}
+    if metrics and metrics.get("mitigated") is None:
+        # nothing was trained: the model the closed loop ends with is the audited one (experiments compare it)
+        out["mitigated"] = dict(out["audited"])
+    out["mitigated_trained"] = bool(metrics.get("mitigated"))
     return out
 
 
@@ -238,6 +246,15 @@ class Audit:
     @cached_property
     def classes(self) -> list[str]:
         return stages.classes_for(self.data, self.params.labels)
+
+    @cached_property
+    def templates(self) -> list[str]:
+        """The audit's one set of prompt templates (:func:`stages.templates_for`):
+        ``scores.templates``, else the audited checkpoint's recorded caption
+        template, else the set's ``setting.json``, else the default; every
+        step that scores text uses it (zero-shot scores, the evidence, the
+        metrics of every model, the re-audit)."""
+        return stages.templates_for(self.dataset_dir, self.params.scores, self.audited.train)
 
     @cached_property
     def compute(self) -> Compute:
@@ -323,8 +340,7 @@ class Audit:
     def score(self) -> tuple[Scores, np.ndarray]:
         """Zero-shot probabilities (SPEC §1.3–1.4) and the images' class indices."""
         emb = Embeddings.load(self.paths.embeddings)
-        templates = stages.templates_for(self.dataset_dir, self.params.scores)
-        sc = stages.score(self.audited.load(self.compute), emb, self.classes, templates, self.params.scores)
+        sc = stages.score(self.audited.load(self.compute), emb, self.classes, self.templates, self.params.scores)
         labels = label_indices(self.data, self.classes)
         sc.save(self.paths.scores, emb.image_ids, labels)
         return sc, labels
@@ -483,7 +499,7 @@ class Audit:
                             "the images Stage 1 found its features on (not held out)")
         discovered = self.discovered_groups()
         result = stages.evaluate_models(models, self.dataset_dir, split=self.evaluation_split,
-                                        templates=stages.templates_for(self.dataset_dir, self.params.scores),
+                                        templates=self.templates,
                                         classes=self.params.labels.classes,
                                         min_group_size=self.params.evaluation.min_group_size,
                                         progress=self.progress, compute=self.compute, discovered=discovered,
@@ -551,7 +567,7 @@ class Audit:
             return None
         p = self.params
         findings = stages.stage1(self.mitigated.load(self.compute), self.data, self.classes,
-                                 templates=stages.templates_for(self.dataset_dir, p.scores), regions=p.regions,
+                                 templates=self.templates, regions=p.regions,
                                  scores=p.scores, discovery=p.discovery, dataset_name=self.name,
                                  progress=self.progress).findings
         write_findings(findings, self.paths.findings_mitigated)
@@ -567,7 +583,7 @@ class Audit:
         metrics = json.loads(self.paths.metrics.read_text()) if self.paths.metrics.is_file() else None
         provenance = {"validation_set": self.name, "run_id": run_id, "audited_model": self.audited.model,
                       "mitigated_model": self.mitigated.model if mitigated else None,
-                      "mitigation_method": self.stage2_config.method,
+                      "mitigation_method": self.stage2_config.method, "templates": self.templates,
                       **({"note": note} if note else {})}
         drift = self.drift()
         summary = {"validation_set": self.name, "before": findings_summary(before),

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch.distributed as torch_dist
@@ -64,10 +64,17 @@ def classes_for(ds: Dataset, labels: LabelsConfig = LabelsConfig()) -> list[str]
     return list(labels.classes or ds.classes())
 
 
-def templates_for(dataset_dir, scores: ScoresConfig = ScoresConfig()) -> list[str]:
-    """Prompt templates: configured, else the dataset's ``setting.json``
-    caption template (synthetic settings), else the generic default."""
-    return list(scores.templates or setting_templates(dataset_dir) or DEFAULT_TEMPLATES)
+def templates_for(dataset_dir, scores: ScoresConfig = ScoresConfig(),
+                  recorded: Mapping[str, Any] | None = None) -> list[str]:
+    """An audit's prompt templates, resolved once and used by every step
+    that scores text: configured (``scores.templates``, ``--template``),
+    else the caption template the audited checkpoint records it was
+    fine-tuned with (``recorded``: its ``ravl_model.json`` ``train``), else
+    the dataset's ``setting.json`` caption template (synthetic settings),
+    else the generic default. Zero-shot accuracy depends on the prompt."""
+    caption = (recorded or {}).get("caption_template") if isinstance(recorded, Mapping) else None
+    return list(scores.templates or ([caption] if isinstance(caption, str) and caption else None)
+                or setting_templates(dataset_dir) or DEFAULT_TEMPLATES)
 
 
 def embed(lm: LoadedModel, ds: Dataset, regions: RegionsConfig = RegionsConfig(), *, cache=None,
@@ -432,13 +439,14 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], data_dir, split: 
     the same split and groups; with ``pairs``, also ``"comparisons"``: the
     paired bootstrap differences of :func:`core.metrics.paired_differences`."""
     split, ds, classes = _load_split(data_dir, split, classes)
-    templates = check_templates(list(templates or templates_for(data_dir)))
     groups = groups or groups_for(ds, data_dir, features, discovered)
     labels = label_indices(ds, classes)
     out, preds = {}, {}
     for name, (model, pretrained) in models.items():
         lm = load_model(model, pretrained, compute=compute,
                         seed=0 if untrained(model, pretrained) else None)  # the same each run
+        # one prompt for every model: given, else resolved from the first model's record
+        templates = check_templates(list(templates or templates_for(data_dir, recorded=lm.meta.get("train"))))
         p = preds[name] = predict(lm, ds, classes, templates, batch_size, progress)
         metrics = mitigation_metrics(labels, p.image_pred, classes, groups.presence, p.core_image, p.core_pred,
                                      min_group_size, known=groups.known)

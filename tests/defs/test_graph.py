@@ -333,10 +333,14 @@ def test_no_called_finding_keeps_the_audited_model(two_sets):
 def test_the_closed_loop_trains_a_same_budget_control_and_compares_with_intervals(two_sets):
     s = two_sets
     # without evidence every kept finding counts as called: Stage 2 and its control train
-    write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "evidence": False})
+    # one prompt, configured in params.yaml, for every step that scores text
+    prompt = ["a photo of the number {}."]
+    write_params(s["params"], s["tiny"], discovery={"top_regions": 20, "evidence": False},
+                 scores={"templates": prompt})
     runs = runner.materialize(s["defs"], s["instance"], partitions=["set-a"],
-                              select=["spurious_features", "mitigated_model", "control_model", "mitigation_metrics",
-                                      "mitigated_findings", "evaluation_report"])
+                              select=["zero_shot_scores", "region_clusters", "spurious_features", "mitigated_model",
+                                      "control_model", "mitigation_metrics", "mitigated_findings",
+                                      "evaluation_report"])
     assert runs[0].success, runs[0].lines()
     out = s["data"] / "outputs" / "set-a"
     record = json.loads((out / "mitigated_model.json").read_text())
@@ -347,6 +351,12 @@ def test_the_closed_loop_trains_a_same_budget_control_and_compares_with_interval
     assert "images with red square" in meta["answer"].value
     assert "upsampled (control), 2 steps" in meta["metrics"].value
     assert (out / "groups.parquet").is_file()  # the discovered groups, beside the metrics
+    assert read_findings(out / "findings.json").templates == prompt
+    assert read_findings(out / "findings_mitigated.json").templates == prompt
+    assert all(metrics[m]["templates"] == prompt for m in ("audited", "control", "mitigated"))
+    twin = json.loads((out / "report" / "report.json").read_text())
+    assert json.loads((out / "report" / "summary.json").read_text())["provenance"]["templates"] == prompt
+    assert twin["answer"] == metrics["answer"]
     # with the annotation present, each discovered finding's agreement with it is recorded
     assert metrics["discovered_agreement"] and all(0 <= v <= 1 for v in metrics["discovered_agreement"].values())
 

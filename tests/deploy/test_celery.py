@@ -104,7 +104,7 @@ def test_model_steps_keep_their_pool_limit(celery_run):
 
 def test_outputs_equal_the_in_process_executor(celery_run):
     a, b = celery_run["in_process"], celery_run["celery"]
-    assert {"findings.json", "metrics.json", "findings_mitigated.json"} <= set(a)
+    assert {"findings.json", "metrics.json", "mitigated_model.json", "control_model.json"} <= set(a)
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
     # the Celery run kept the in-process run's findings as the previous audit

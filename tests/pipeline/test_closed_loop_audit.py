@@ -52,7 +52,9 @@ def test_nothing_to_mitigate_trains_nothing_and_the_report_shows_only_the_audite
     page = (audit.paths.report / "report.html").read_text()
     assert "ravl" not in page.split('id="metrics"')[1].split("</section>")[0]
     headline = json.loads(audit.paths.headline.read_text())
-    assert headline["mitigated"]["image_overall"] is None and headline["audited"]["image_overall"] is not None
+    # the model the loop ends with is the audited one, and the headline says it was not trained
+    assert headline["mitigated"] == headline["audited"] and headline["mitigated_trained"] is False
+    assert headline["audited"]["image_overall"] is not None and headline["control"]["image_overall"] is None
 
 
 def test_the_control_says_why_it_was_not_trained(tmp_path):
@@ -66,3 +68,23 @@ def test_the_control_says_why_it_was_not_trained(tmp_path):
         record, history = audit.train_control()
         assert record.extra["trained"] is False and history == {} and why in record.extra["reason"]
         assert json.loads(audit.paths.control_record.read_text())["reason"] == record.extra["reason"]
+
+
+def test_the_prompt_resolves_flag_then_checkpoint_then_setting_then_default(tmp_path):
+    from ravl_pipeline.config import DEFAULT_TEMPLATES, ScoresConfig
+    from ravl_pipeline.experiments.synth import CAPTION_TEMPLATE
+    from ravl_pipeline.pipeline.stages import templates_for
+
+    make_setting(tmp_path / "s", SynthConfig(classes=["one", "nine"], n_pretrain=4, n_finetune=4, n_val=4,
+                                             n_test=4, seed=3))
+    data = tmp_path / "s" / "eval"
+    recorded = {"caption_template": "a photo of the digit {}."}
+    assert templates_for(data, ScoresConfig(templates=["a {} sign"]), recorded) == ["a {} sign"]
+    assert templates_for(data, ScoresConfig(), recorded) == ["a photo of the digit {}."]
+    assert templates_for(data, ScoresConfig(), {"epochs": 4}) == [CAPTION_TEMPLATE]  # the setting's
+    (tmp_path / "s" / "setting.json").unlink()
+    assert templates_for(data) == list(DEFAULT_TEMPLATES)
+    # an audit resolves it once, from its audited model's record
+    ModelRecord(model="ravl-tiny-rn", train=recorded).write(tmp_path / "audited_model.json")
+    audit = Audit("s", data, tmp_path / "out", Params(), tmp_path / "audited_model.json", progress=False)
+    assert audit.templates == ["a photo of the digit {}."]
