@@ -56,6 +56,16 @@ def _from_dict(cls, data: Mapping[str, Any]):
                extra={k: v for k, v in data.items() if k not in known})
 
 
+STANDINGS = ("confirmed", "candidate", "other")
+
+
+def standing_of(called: bool | None, verdict: str | None) -> str:
+    """:attr:`Feature.standing` from a finding's ``called`` flag and masking verdict."""
+    if called is not True:
+        return "other"
+    return "confirmed" if verdict == "supported" else "candidate" if verdict in (None, "inconclusive") else "other"
+
+
 @dataclass
 class Feature:
     """One spurious feature: a cluster that passed the criterion of SPEC §2.4."""
@@ -108,6 +118,15 @@ class Feature:
         errors it goes with) or None (unchecked, or inconclusive)."""
         verdict = self.verdict
         return None if verdict in (None, "inconclusive") else verdict == "supported"
+
+    @property
+    def standing(self) -> str:
+        """What a reader is told (SPEC §5): ``confirmed`` (called significant
+        and supported by the masking check), ``candidate`` (called, the check
+        inconclusive or not run) or ``other`` (kept by the criterion, not
+        called, or refuted by the check). ``called`` stays the statistical
+        fact."""
+        return standing_of(self.called, self.verdict)
 
     @property
     def actionable(self) -> bool:

@@ -69,16 +69,18 @@ def findings_table(findings: Findings, top: int = 10) -> str:
     the two largest per-class gaps, as a compact Markdown table."""
     feats = findings.features
     lead = findings.lead_rank
-    head = (f"K = {findings.k}, silhouette {_num(findings.silhouette, '{:.3f}')}, {len(feats)} spurious "
-            f"feature(s)" + (f", {len(findings.called)} called" if findings.has_significance else "")
+    standing = [f.standing for f in feats]
+    counts = (f"{standing.count('confirmed')} confirmed, {standing.count('candidate')} candidate(s), "
+              f"{standing.count('other')} other" if findings.has_significance else f"{len(feats)} kept")
+    head = (f"K = {findings.k}, silhouette {_num(findings.silhouette, '{:.3f}')}, findings: {counts}"
             + (f"; lead finding: rank {lead} (★)" if lead is not None else "; no lead finding") + "\n\n")
     if not feats:
         return head + "_No cluster meets the spurious criterion (SPEC §2.4)._"
-    rows = ["| rank | attribute | G_c | H_c | q | called | masking | largest gaps |",
-            "|---:|---|---:|---:|---:|:---:|---|---|"]
+    rows = ["| rank | standing | attribute | G_c | H_c | q | called | masking | largest gaps |",
+            "|---:|---|---|---:|---:|---:|:---:|---|---|"]
     for f in feats[:top]:
         called = "–" if f.called is None else ("yes" if f.called else "no")
-        rows.append(f"| {'★ ' if f.rank == lead else ''}{f.rank} | {f.attribute} | {f.score:.2f} "
+        rows.append(f"| {'★ ' if f.rank == lead else ''}{f.rank} | {f.standing} | {f.attribute} | {f.score:.2f} "
                     f"| {_num(f.influence, '{:.2f}')} | {_num(f.q_value, '{:.3g}')} | {called} | {_verdict(f)} "
                     f"| {_gaps(f)} |")
     more = f"\n\n_… and {len(feats) - top} more in findings.json._" if len(feats) > top else ""
@@ -127,12 +129,19 @@ def k_sweep_table(sweep: Sequence[Mapping]) -> str:
     return "\n".join(rows)
 
 
+METRIC_HEADS = {"image_overall": "image", "image_worst_group": "image WG", "region_overall": "region",
+                "region_worst_group": "region WG"}
+
+
 def metrics_table(metrics_by_model: Mapping[str, Mapping]) -> str:
-    """One row per model: the four SPEC §4.2 metrics."""
-    rows = ["| model | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---:|" * len(METRIC_KEYS)]
+    """One row per model: the four SPEC §4.2 metrics, in percent (WG:
+    worst-group), short enough for the asset page's panel."""
+    rows = ["| model | " + " | ".join(METRIC_HEADS[k] for k in METRIC_KEYS) + " |",
+            "|---|" + "---:|" * len(METRIC_KEYS)]
     for name, m in metrics_by_model.items():
-        rows.append(f"| {name} | " + " | ".join(_num(m.get(k), "{:.3f}") for k in METRIC_KEYS) + " |")
-    return "\n".join(rows)
+        rows.append(f"| {name} | " + " | ".join(_num(None if m.get(k) is None else 100 * m[k], "{:.1f}")
+                                                for k in METRIC_KEYS) + " |")
+    return "\n".join(rows) + "\n\n_accuracy in percent; WG: worst-group_"
 
 
 def region_grid_png(dataset_dir: Path, findings: Findings, n_features: int = GRID_FINDINGS,

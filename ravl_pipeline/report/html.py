@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
+from ..core.findings import STANDINGS, standing_of
 from ..io.files import json_bytes, write_bytes_atomic
 from .inputs import (METRIC_KEYS, ImageSource, checked_box, default_provenance, json_safe, load_findings,
                      metric_value, normalise_metrics, row_intervals)
@@ -354,12 +355,13 @@ def _paired(m: Mapping[str, Any], key: str) -> str:
     return f'<br><span class="ci">{_e("; ".join(parts))}</span>' if parts else ""
 
 
-def _answer_section(lines: Sequence[str]) -> str:
-    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
-    return ('<section id="answer"><h2>Did the fix work?</h2>'
-            '<p class="note">Zero-shot accuracy on the test split, audited → mitigated (same-budget control); '
-            'the tables below give every metric with paired 95% bootstrap intervals.</p>'
-            f'<ul class="answer">{items}</ul></section>')
+def _sections(metrics, reaudit, drift) -> list[tuple[str, str]]:
+    """``(id, title)`` of the sections the page has, in order."""
+    out = [("drift", "since the last audit")] if drift else []
+    out += [("provenance", "model, data, parameters"), ("findings", "findings")]
+    out += [("metrics", "before and after")] if metrics else []
+    out += [("reaudit", "re-audit")] if reaudit is not None else []
+    return out
 
 
 def _bar_chart(metrics: Mapping[str, Mapping], key: str) -> str:
@@ -465,21 +467,84 @@ def _drift_section(drift: Mapping[str, Any]) -> str:
     return "".join(html_parts)
 
 
+def _standings(findings: Mapping[str, Any]) -> dict[str, list]:
+    """Ranks of the findings by what the reader is told (SPEC §5):
+    confirmed, candidates, other kept clusters."""
+    out: dict[str, list] = {k: [] for k in STANDINGS}
+    for f in findings.get("features", []):
+        support = _support(f)
+        out[standing_of(f.get("called"), _verdict(support) if support else None)].append(f.get("rank"))
+    return out
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _verdict_line(findings: Mapping[str, Any]) -> str:
+    feats = findings.get("features", [])
+    if not feats:
+        return "No spurious feature found"
+    st = _standings(findings)
+    if not any("called" in f for f in feats):  # significance not computed: no finding can be confirmed
+        return f"{_count(len(feats), 'cluster', 'clusters')} kept by the criterion (significance not computed)"
+    return (f"{_count(len(st['confirmed']), 'confirmed finding', 'confirmed findings')}, "
+            f"{_count(len(st['candidate']), 'candidate', 'candidates')} (significant, masking check inconclusive), "
+            f"{_count(len(st['other']), 'other cluster', 'other clusters')} kept")
+
+
 def _header(findings: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
-    n = len(findings.get("features", []))
-    verdict = (f"{n} spurious feature{'s' if n != 1 else ''} found" if n else "No spurious feature found")
-    flags = [f.get("called") for f in findings.get("features", []) if "called" in f]
-    if flags:  # significance was computed: say how many survive it
-        verdict += f", {sum(bool(c) for c in flags)} called significant"
-    verdicts = [_verdict(_support(f)) for f in findings.get("features", []) if f.get("called") and _support(f)]
-    notes = [f"{verdicts.count(v)} {v}" for v in ("not supported", "inconclusive") if verdicts.count(v)]
-    if notes:
-        verdict += f" ({' and '.join(notes)} by the masking check)"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<header id="top"><h1>RaVL audit report</h1>'
-            f'<p class="verdict">{_e(verdict)} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'
+            f'<p class="verdict">{_e(_verdict_line(findings))} · model <b>{_e(provenance.get("model") or findings.get("model"))}</b>'
             f' · dataset <b>{_e(provenance.get("dataset") or findings.get("dataset"))}</b></p>'
             f'<p class="stamp">generated {stamp}</p></header>')
+
+
+def _summary_section(findings: Mapping[str, Any], metrics: Mapping[str, Mapping] | None,
+                     answer: Sequence[str] | None, sections: Sequence[tuple[str, str]]) -> str:
+    """The first screen: the lead finding with its evidence, ground truth
+    where the setting has one, the closed loop's answer and before/after
+    metrics, and links to every section."""
+    rows = []
+    lead_rank = findings.get("lead_rank")
+    lead = next((f for f in findings.get("features", []) if f.get("rank") == lead_rank), None)
+    if lead is not None:
+        support = _support(lead)
+        evidence = [f"q = {_num(lead.get('q_value'), 3)}"] if lead.get("q_value") is not None else []
+        if support is not None:
+            evidence.append(f"masking {_verdict(support)}: {support.get('errors_fixed')} errors fixed, "
+                            f"{support.get('errors_made')} made")
+        names = _names_text(lead.get("names"))
+        rows.append(("lead finding", f'<a href="#feature-{_e(lead_rank)}">feature {_e(lead_rank)}</a>, tied to '
+                                     f'“{_e(lead.get("attribute"))}”' + (f" ({_e(names)})" if names else "")
+                                     + (f"; {_e('; '.join(evidence))}" if evidence else "")))
+    elif findings.get("features"):
+        rows.append(("lead finding", "none: no called feature the masking check does not refute"))
+    st = _standings(findings)
+    if any(st.values()):
+        rows.append(("findings", _e("; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in st.items() if v))))
+    for name, gt in (findings.get("ground_truth") or {}).items():
+        v = gt.get("validity") or {}
+        rows.append((f"ground truth “{_e(name)}”",
+                     f"setting {'valid' if v.get('valid') else 'not valid'} (gap {_num(v.get('correlated_gap'), 2)} "
+                     f"for “{_e(gt.get('correlated_class'))}”, others {_num(v.get('other_mean_gap'), 2)}); "
+                     f"Precision@10 of the lead finding {_num(gt.get('precision_at_10_lead'), 2)}, "
+                     f"of the top-ranked {_num(gt.get('precision_at_10_top'), 2)}"))
+    if metrics:
+        base = _baseline_method(metrics)
+        for name, m in metrics.items():
+            rows.append((name, _e(f"image overall {_pct(metric_value(m.get('image_overall')))}, worst-group "
+                                  f"{_pct(metric_value(m.get('image_worst_group')))}; region overall "
+                                  f"{_pct(metric_value(m.get('region_overall')))}, worst-group "
+                                  f"{_pct(metric_value(m.get('region_worst_group')))}")
+                         + ("" if name == base else _paired(m, "image_worst_group"))))
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    items = "".join(f"<li>{_e(line)}</li>" for line in answer or [])
+    links = " · ".join(f'<a href="#{_e(i)}">{_e(t)}</a>' for i, t in sections)
+    return ('<section id="summary"><h2>Summary</h2>'
+            + (f'<p class="answer-lead">Did the fix work?</p><ul class="answer">{items}</ul>' if items else "")
+            + f'<table class="kv summary">{body}</table><nav class="toc">{links}</nav></section>')
 
 
 def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=None, reaudit=None,
@@ -493,7 +558,7 @@ def render_report(findings: Mapping[str, Any], *, dataset_root=None, metrics=Non
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}",
              f"<title>RaVL audit report — {_e(prov.get('model') or findings.get('model'))}</title>",
              f"<style>{_style()}</style></head><body>", _header(findings, prov), "<main>",
-             _answer_section(answer) if answer else "",
+             _summary_section(findings, metrics, answer, _sections(metrics, reaudit, drift)),
              _drift_section(drift) if drift else "",
              f'<section id="provenance"><h2>Model, data and parameters</h2>{_kv_table(prov.items())}</section>',
              _findings_section(findings, images, top_regions, section_id="findings",

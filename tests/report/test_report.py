@@ -136,7 +136,9 @@ def test_report_renders_every_finding_with_its_regions(dataset, tmp_path):
     text = " ".join(page.text)
     for needed in ("0.004", "0.008", "called", "red square (0.31), red (0.25)",
                    "flip rate 0.50, accuracy 0.25 → 0.75, parity shift 0.20, 3 images, mean fill", "v-test", "c-test", "0.750", "0.375",
-                   "2 spurious features found, 1 called significant"):
+                   # called with no masking check: a candidate, never shown as a finding
+                   "0 confirmed findings, 1 candidate (significant, masking check inconclusive), 1 other cluster kept",
+                   "candidate: 1; other: 2"):
         assert needed in text, needed
     # the first region (image im0, quadrant 1 = top right) is drawn at 2x with its box outlined
     thumb = np.asarray(_decode(page.images[0]))
@@ -311,7 +313,11 @@ def test_masking_verdict_and_lead_finding_are_shown(dataset, tmp_path):
                          lead_rank=2)
     page = _parse(write_report(tmp_path / "report.html", findings, dataset_root=dataset))
     text = " ".join(page.text)
-    assert "2 spurious features found, 2 called significant (1 not supported by the masking check)" in text
+    # feature 2 is significant and supported: confirmed; feature 1 is refuted by the masking check
+    assert "1 confirmed finding, 0 candidates (significant, masking check inconclusive), 1 other cluster kept" in text
+    assert "confirmed: 2; other: 1" in text
+    summary = text.split("Summary", 1)[1].split("Model, data and parameters", 1)[0]
+    assert "lead finding feature 2" in summary and "masking supported: 3 errors fixed, 0 made" in summary
     assert "not supported: 0 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 1.0000)" in text
     assert "supported: 3 errors fixed, 0 made in the classes it hurts (one-sided sign test p = 0.1250)" in text
     assert "feature 2 (the highest-ranked called feature the masking check does not refute)" in text

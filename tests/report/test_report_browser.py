@@ -20,6 +20,19 @@ from tests.report.test_report import _feature, _findings, dataset  # noqa: F401 
 CHROMIUM = os.environ.get("RAVL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 HEADER_BLUE = (0x1F, 0x3A, 0x5F)  # report.css: header band
 WINDOW = (1280, 1400)
+FIRST_SCREEN = (1280, 800)  # what a laptop shows before any scrolling
+ANSWER = "images with red square: class nine accuracy 97.0% → 61.0% (control 85.0%)"
+SUMMARY_PROBE = """<script>
+window.addEventListener('load', function () {
+  var box = document.getElementById('summary').getBoundingClientRect();
+  var probe = document.createElement('div');
+  probe.id = 'summary-probe';
+  probe.setAttribute('data-top', Math.round(box.top));
+  probe.setAttribute('data-bottom', Math.round(box.bottom));
+  probe.setAttribute('data-height', window.innerHeight);
+  document.body.appendChild(probe);
+});
+</script>"""
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -75,8 +88,9 @@ def rendered(dataset, tmp_path_factory):  # noqa: F811  (pytest fixture from tes
     ])
     metrics = {m: {"image_overall": 0.8, "image_worst_group": w, "region_overall": 0.7, "region_worst_group": w}
                for m, w in (("standard", 0.3), ("ravl", 0.6))}
+    findings["lead_rank"] = 1
     report = write_report(out / "report.html", findings, dataset_root=dataset, metrics=metrics,
-                          reaudit=_findings([]))
+                          reaudit=_findings([]), answer=[ANSWER])
     return out, report
 
 
@@ -108,10 +122,36 @@ def test_dom_has_sections_and_decoded_images(rendered):
     for section in ("provenance", "findings", "feature-1", "feature-2", "metrics", "reaudit"):
         assert f'id="{section}"' in dom, section
     headings = re.findall(r"<h2>(.*?)</h2>", dom)
-    assert headings == ["Model, data and parameters", "Discovered spurious features",
+    assert headings == ["Summary", "Model, data and parameters", "Discovered spurious features",
                         "Mitigation: before and after", "Re-audit of the mitigated model"]
     probe = re.search(r'id="decode-probe" data-images="(\d+)" data-decoded="(\d+)"', dom)
     assert probe, "the load-event probe did not run"
     assert probe.groups() == ("5", "5")
     widths = re.findall(r'data-natural-width="(\d+)"', dom)
     assert widths == ["112"] * 5
+
+
+def test_the_first_screen_is_the_summary(rendered):
+    """The report opens with the answer: the summary (lead finding, the
+    closed loop's answer, before/after metrics, links to every section) sits
+    whole on the first screen of a laptop, under the header."""
+    out, report = rendered
+    probed = out / "report_summary_probe.html"
+    probed.write_text(report.read_text().replace("</body>", SUMMARY_PROBE + "</body>"))
+    res = _chromium("--dump-dom", "--virtual-time-budget=5000", f"--window-size={FIRST_SCREEN[0]},{FIRST_SCREEN[1]}",
+                    probed.resolve().as_uri(), user_dir=out / "profile-first-dom")
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'id="summary-probe" data-top="(-?\d+)" data-bottom="(-?\d+)" data-height="(\d+)"', res.stdout)
+    assert found, "the layout probe did not run"
+    top, bottom, height = map(int, found.groups())
+    assert 0 < top < 200 and bottom <= height, (top, bottom, height)
+    summary = res.stdout.split('id="summary"', 1)[1].split("</section>", 1)[0]
+    assert ANSWER in summary.replace("&gt;", ">") and "lead finding" in summary
+    for section in ("provenance", "findings", "metrics", "reaudit"):
+        assert f'href="#{section}"' in summary, section
+    png = screenshot(report, out / "first_screen.png", out / "profile-first-shot", window=FIRST_SCREEN)
+    shot = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert shot.shape[:2] == (FIRST_SCREEN[1], FIRST_SCREEN[0])
+    # the summary's rows are drawn below the header band: dark text on white
+    text_rows = np.flatnonzero((shot[:, :, :3].max(axis=2) < 80).any(axis=1))
+    assert text_rows.size > 100 and text_rows.max() > 200
