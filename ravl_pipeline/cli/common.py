@@ -182,13 +182,16 @@ def metrics_line(m: dict) -> str:
 def print_closed_loop(audit) -> None:
     """The end of one set's audit: the findings, what was trained, each
     model's metrics with its steps, the answer lines and the report's path."""
-    if audit.paths.findings.is_file():
-        print_findings(read_findings(audit.paths.findings), audit.paths.findings)
+    findings = read_findings(audit.paths.findings) if audit.paths.findings.is_file() else None
+    if findings is not None:
+        print_findings(findings, audit.paths.findings)
     for name, path in (("mitigated", audit.paths.mitigated_record), ("control", audit.paths.control_record)):
         if not path.is_file():
             continue
         record = ModelRecord.read(path)
-        ranks = ", ".join(map(str, record.extra.get("feature_ranks") or []))
+        standing = {f.rank: f.standing for f in findings.features} if findings is not None else {}
+        ranks = ", ".join(f"{r} ({standing[r]})" if r in standing else str(r)
+                          for r in record.extra.get("feature_ranks") or [])
         steps = f"; {record.extra['steps']} steps" if "steps" in record.extra else ""  # absent in older records
         print(f"{name} model: {record.extra.get('method')} on findings {ranks}{steps}" if record.extra.get("trained")
               else f"{name} model: not trained ({record.extra.get('reason', 'nothing to mitigate')})")

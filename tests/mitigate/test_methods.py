@@ -677,3 +677,30 @@ def test_cli_baselines_get_stage2s_step_rule_without_findings(tiny_stage2, tmp_p
     assert "Stage 2:" in out and "at least 256 steps" in out
     assert main(base + ["--out", str(tmp_path / "p")]) == 0
     assert "plain fine-tuning" in capsys.readouterr().out
+
+
+def test_cli_evaluate_forms_groups_from_the_findings_where_the_data_names_no_feature(tiny_stage2, tmp_path, capsys):
+    import shutil
+
+    from ravl_pipeline.cli import main
+    from ravl_pipeline.core.metrics import feature_presence
+    from ravl_pipeline.io.dataset import load_dataset
+
+    root, findings = tiny_stage2
+    data = tmp_path / "eval"
+    shutil.copytree(root / "setting" / "eval", data)  # setting.json stays behind: no annotated feature
+    out = tmp_path / "metrics.json"
+    base = ["evaluate", "--model", findings.model, "--data", str(data), "--out", str(out), "--min-group-size", "1",
+            "--quiet"]
+    assert main(base + ["--findings", str(root / "findings.json")]) == 0
+    assert "(groups from findings)" in capsys.readouterr().out
+    m = json.loads(out.read_text())
+    assert m["groups_from"] == "findings" and {r["feature"] for r in m["groups"]} == {"finding 1"}
+    assert m["by_feature"][0]["class"] == "nine"
+    # the finding's medoid is a red square: its groups are the planted ones
+    planted = feature_presence(load_dataset(data, split="test").region_labels, "red square")
+    present = sum(r["n"] for r in m["groups"] if r["feature_present"])
+    assert present == planted.sum()
+    # without --findings the groups are the classes, and the metrics say so
+    assert main(base) == 0
+    assert json.loads(out.read_text())["groups_from"] == "class"
