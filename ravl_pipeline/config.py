@@ -45,6 +45,10 @@ DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 EMBEDDING_MODES = ("auto", "roi", "roi-half", "crop")
 MASK_FILLS = ("mean", "black", "blur", "border", "local")  # how the masking check hides a region
 MASK_FILL_CHOICES = ("auto",) + MASK_FILLS  # auto: the fill that disturbs a random-region control least
+# the masking verdict's control (SPEC §5 masking control): as many random regions of any images, compared in
+# flip rates (anywhere), or random regions of the same size on the same images, compared image by image in
+# errors undone and made (same-images)
+MASK_CONTROLS = ("anywhere", "same-images")
 MODEL_SOURCES = ("synthetic-default", "checkpoint")
 RECIPES = ("default", "small")
 FEATURE_SELECTIONS = ("called", "significant", "all", "top1", "rank1")  # or a count
@@ -252,6 +256,10 @@ class DiscoveryConfig:
     mask_fill: str = _f("auto", "how the masking check hides a feature's regions: auto (of border, black, "
                                 "local and mean, the fill whose random-region control changes predictions "
                                 "least, chosen per audit) | mean | black | blur | border | local")
+    mask_control: str = _f("anywhere", "the masking verdict's control: anywhere (as many random regions of any "
+                                       "images; flip rates compared) | same-images (a region of the same size on "
+                                       "each of the feature's images; errors undone and made compared image by "
+                                       "image)")
 
 
 @dataclass(frozen=True)
@@ -458,6 +466,8 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          params.mitigation.control)
     need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
          disc.mask_fill)
+    need(disc.mask_control in MASK_CONTROLS, "discovery.mask_control", f"one of {', '.join(MASK_CONTROLS)}",
+         disc.mask_control)
     need(params.mitigation.train_transform in (None, *TRAIN_TRANSFORMS), "mitigation.train_transform",
          f"one of {', '.join(TRAIN_TRANSFORMS)}", params.mitigation.train_transform)
     need(params.mitigation.region_loss in (None, *REGION_LOSS_FORMS), "mitigation.region_loss",

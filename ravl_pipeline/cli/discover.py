@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, ScoresConfig, option
+from ..config import (EMBEDDING_MODES, MASK_CONTROLS, MASK_FILL_CHOICES, DiscoveryConfig, RegionsConfig, ScoresConfig,
+                      option)
 from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
@@ -38,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--permutations", **option(DiscoveryConfig, "permutations"))
     p.add_argument("--alpha", **option(DiscoveryConfig, "alpha"))
     p.add_argument("--mask-fill", choices=list(MASK_FILL_CHOICES), **option(DiscoveryConfig, "mask_fill"))
+    p.add_argument("--mask-control", choices=list(MASK_CONTROLS), **option(DiscoveryConfig, "mask_control"))
     p.add_argument("--vocab", action="append", default=None, metavar="FILE",
                    help="extra naming concepts, one per line (repeatable; added to the packaged list)")
     p.add_argument("--no-evidence", action="store_true", help="skip significance, the masking check and names")
@@ -48,7 +50,8 @@ def register(sub) -> None:
 
 def discovery_config(args) -> DiscoveryConfig:
     return DiscoveryConfig(seed=args.seed, cluster_workers=args.cluster_workers, evidence=not args.no_evidence,
-                           permutations=args.permutations, alpha=args.alpha, mask_fill=args.mask_fill)
+                           permutations=args.permutations, alpha=args.alpha, mask_fill=args.mask_fill,
+                           mask_control=args.mask_control)
 
 
 def run(args) -> int:

@@ -140,7 +140,8 @@ def add_evidence(findings: Findings, lm: LoadedModel, ds: Dataset, emb: Embeddin
     findings.significance = sig.summary
     check = causal.check_features(findings, lm, ds, cluster_labels, emb.region_image, emb.boxes, labels,
                                   sc.image_pred, sc.classes, sc.templates, sc.tau, fill=discovery.mask_fill,
-                                  seed=discovery.seed, alpha=discovery.alpha, batch_size=batch_size)
+                                  seed=discovery.seed, alpha=discovery.alpha, batch_size=batch_size,
+                                  mask_control=discovery.mask_control)
     for feat in findings.features:
         if feat.cluster_id in check.effects:
             feat.causal = check.effects[feat.cluster_id]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import binomtest, fisher_exact
 
-from ...config import DiscoveryConfig
+from ...config import MASK_CONTROLS, DiscoveryConfig
 from ..findings import Feature, Findings
 from ..loader import stream
 from ..scores import class_text_embeddings, zero_shot_probs
@@ -54,6 +54,7 @@ FILL_SAMPLE_REGIONS = 200
 # nothing (on the CLIP-normalised tiny ResNet, hiding the planted red square
 # with blur flipped 0% of its images' predictions, with black 85%).
 FILL_CANDIDATES = ("border", "black", "local", "mean")
+PER_IMAGE = "_per_image"  # the per-image outcomes a paired control reads; never written
 VERDICTS = ("supported", "inconclusive", "not supported")
 
 __all__ = [
@@ -166,7 +167,7 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
                   image_labels: np.ndarray, image_pred: np.ndarray, classes: Sequence[str],
                   text_emb: np.ndarray, tau: float, *, fill: str,
                   attribute: str | None = None, batch_size: int = 64,
-                  before_pred: np.ndarray | None = None) -> dict:
+                  before_pred: np.ndarray | None = None, class_sign: np.ndarray | None = None) -> dict:
     """Mask the regions ``rows`` (region rows) in their images and compare
     zero-shot predictions before and after.
 
@@ -180,7 +181,13 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     ``n_away_from_parity`` count the images whose correctness the mask
     changed in the direction that shrinks / grows their class's gap, and
     ``n_errors_fixed`` / ``n_errors_made`` those of the negative-gap classes
-    that turned right / wrong.
+    that turned right / wrong. ``class_sign`` (per class, the sign of its
+    gap) replaces the gaps measured here, so that a control on the same
+    images counts errors in the same classes. The record also carries, under
+    :data:`PER_IMAGE`, each masked image's row and outcome (+1 an error
+    undone, −1 one made, 0 neither or not in a hurt class) and the class
+    signs, for a paired control; :func:`check_features` drops it before the
+    record is written.
     """
     rows = np.asarray(rows, dtype=np.int64)
     region_image = np.asarray(region_image, dtype=np.int64)
@@ -199,8 +206,9 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
     before_ok, after_ok = before == labels_in, after == labels_in
     per_class = _per_class_shift(labels_in, before_ok, after_ok,
                                  image_labels[absent], image_pred[absent] == image_labels[absent], classes)
-    gap_of = {r["label"]: r["gap_before"] for r in per_class}
-    class_sign = np.array([np.sign(gap_of.get(name) or 0.0) for name in classes])
+    if class_sign is None:
+        gap_of = {r["label"]: r["gap_before"] for r in per_class}
+        class_sign = np.array([np.sign(gap_of.get(name) or 0.0) for name in classes])
     image_sign = class_sign[labels_in] if images.size else np.zeros(0)
     lost, gained = before_ok & ~after_ok, ~before_ok & after_ok
     toward = int(np.sum(((image_sign > 0) & lost) | ((image_sign < 0) & gained)))
@@ -223,6 +231,8 @@ def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.
         "acc_after": _accuracy(after == labels_in),
         "parity_shift": float(np.mean(shifts)) if shifts else None,
         "per_class": per_class,
+        PER_IMAGE: {"images": images, "class_sign": class_sign,
+                    "outcome": np.where(image_sign < 0, gained.astype(int) - lost.astype(int), 0)},
     }
     if attribute is not None:
         row = next((r for r in per_class if r["label"] == attribute), None)
@@ -239,7 +249,57 @@ def random_control_rows(n_rows: int, n_total: int, seed: int, stream: int = 7919
     return np.sort(rng.choice(int(n_total), size=min(int(n_rows), int(n_total)), replace=False))
 
 
-def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control: dict | None = None) -> dict | None:
+def same_image_control_rows(rows: np.ndarray, region_image: np.ndarray, boxes: np.ndarray, seed: int,
+                            stream: int = 15485863) -> np.ndarray:
+    """For each of a feature's regions ``rows``, another region of the same
+    image, outside the feature, of the closest area (ties drawn, seeded;
+    each used once): random masks of the same size on the same images (an
+    image with no other region has no control region)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    region_image = np.asarray(region_image, dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
+    taken = set(rows.tolist())
+    images = np.unique(region_image[rows])
+    order = np.argsort(region_image, kind="stable")
+    starts = np.searchsorted(region_image[order], images)
+    ends = np.searchsorted(region_image[order], images, side="right")
+    of_image = {int(i): order[a:b] for i, a, b in zip(images, starts, ends)}
+    out = []
+    for r in rows:
+        cands = np.array([c for c in of_image[int(region_image[r])] if int(c) not in taken], dtype=np.int64)
+        if cands.size == 0:
+            continue
+        dist = np.abs(areas[cands] - areas[r])
+        pick = int(rng.choice(cands[dist == dist.min()]))
+        taken.add(pick)
+        out.append(pick)
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def paired_control(effect: dict, control: dict, alpha: float) -> dict:
+    """The feature's masks against the same-images control, image by image:
+    on the images both masked, does hiding the feature end better (an error
+    undone where the control's mask did not, or no error made where it made
+    one) more often than worse? One-sided sign test over the images where
+    the two outcomes differ."""
+    f, c = effect[PER_IMAGE], control[PER_IMAGE]
+    common, fi, ci = np.intersect1d(f["images"], c["images"], return_indices=True)
+    of, oc = f["outcome"][fi], c["outcome"][ci]
+    better, worse = int(np.sum(of > oc)), int(np.sum(of < oc))
+    p = float(binomtest(better, better + worse, 0.5, alternative="greater").pvalue) if better + worse else 1.0
+    return {"test": "paired sign test over the images both masks hid: does hiding the feature end better "
+                    "(more errors undone, fewer made) than hiding a region of the same size on the same image?",
+            "n_images": int(common.size), "better": better, "worse": worse, "p_value": p,
+            "feature_errors_fixed": int(np.sum(of > 0)), "feature_errors_made": int(np.sum(of < 0)),
+            "control_errors_fixed": int(np.sum(oc > 0)), "control_errors_made": int(np.sum(oc < 0)),
+            "feature_flip_rate": effect.get("flip_rate"), "control_flip_rate": control.get("flip_rate"),
+            "passed": p <= alpha}
+
+
+def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control: dict | None = None,
+                    paired: bool = False) -> dict | None:
     """Does hiding the finding's regions undo errors they cause — more than
     hiding random regions does?
 
@@ -268,8 +328,19 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
     apart from what a fill that disturbs random regions more does in the
     classes the regions hurt, where most predictions are wrong to begin
     with).  Otherwise the verdict is ``supported`` when the sign test's
-    p-value is at most ``alpha`` and ``not supported`` when not.  ``supported`` is true for the first verdict only.  ``None`` for checks made before the counts were
-    recorded."""
+    p-value is at most ``alpha`` and ``not supported`` when not.
+    ``supported`` is true for the first verdict only.  ``None`` for checks
+    made before the counts were recorded.
+
+    With ``paired`` the ``control`` is a region of the same size on each of
+    the feature's images (:func:`same_image_control_rows`) and is compared
+    like for like (:func:`paired_control`): ``supported`` when hiding the
+    feature undoes more errors than it makes and ends better than the
+    control image by image (both at ``alpha``); ``inconclusive`` when it
+    undoes errors (the sign test passes) but no more than the control's
+    masks do on the same images; ``not supported`` otherwise. Flip rates,
+    which mix helpful and harmful flips, are reported beside it, not
+    judged."""
     if "n_errors_fixed" not in effect:
         return None
     fixed, made = int(effect["n_errors_fixed"]), int(effect["n_errors_made"])
@@ -281,7 +352,18 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
            "toward_parity": int(effect.get("n_toward_parity", 0)),
            "away_from_parity": int(effect.get("n_away_from_parity", 0)),
            "p_value": p, "alpha": float(alpha)}
-    if control is not None and control.get("n_images"):
+    if paired and control is not None and PER_IMAGE in control and PER_IMAGE in effect:
+        out["control"] = like = paired_control(effect, control, alpha)
+        if fixed > made and like["passed"]:
+            verdict = "supported"
+        elif p <= alpha:
+            verdict = "inconclusive"
+            out["reason"] = (f"hiding the feature undoes {fixed} errors and makes {made}, but hiding a region of "
+                             f"the same size on the same images does as well (better on {like['better']} "
+                             f"images, worse on {like['worse']})")
+        else:
+            verdict = "not supported"
+    elif control is not None and control.get("n_images"):
         n_f, k_f = int(effect["n_images"]), int(effect["n_flipped"])
         n_c, k_c = int(control["n_images"]), int(control["n_flipped"])
         table = [[k_f, n_f - k_f], [k_c, n_c - k_c]]
@@ -351,18 +433,25 @@ def check_features(findings: Findings, lm, ds, cluster_labels, region_image, box
                    image_labels, image_pred, classes: Sequence[str], templates: Sequence[str], tau: float, *,
                    fill: str = DiscoveryConfig.mask_fill, control: bool = True, seed: int = DiscoveryConfig.seed,
                    max_features: int | None = 5, alpha: float = DiscoveryConfig.alpha,
-                   batch_size: int = 64) -> MaskingCheck:
+                   batch_size: int = 64, mask_control: str = DiscoveryConfig.mask_control) -> MaskingCheck:
     """Mask the regions of the first ``max_features`` features and of every
     called one, and, with ``control``, as many random regions; the verdict of
     each is :func:`masking_support`. ``fill="auto"`` chooses the fill first
-    (:func:`choose_fill`) and records how."""
+    (:func:`choose_fill`) and records how. ``mask_control``: ``anywhere``
+    (as many random regions of any images) or ``same-images`` (a region of
+    the same size on each of the feature's images, compared image by
+    image)."""
+    if mask_control not in MASK_CONTROLS:
+        raise ValueError(f"unknown mask control {mask_control!r}; expected one of {', '.join(MASK_CONTROLS)}")
     if fill not in ("auto", *FILLS):
         raise ValueError(f"unknown mask fill {fill!r}; expected one of auto, {', '.join(FILLS)}")
     text = class_text_embeddings(lm, classes, templates).cpu().numpy()
     cluster_labels = np.asarray(cluster_labels, dtype=np.int64)
     boxes = np.asarray(boxes, dtype=np.float64)
     feats = features_to_check(findings, max_features)
-    summary = {"fill": fill, "control": "same number of regions drawn at random",
+    summary = {"fill": fill, "control": ("same number of regions drawn at random" if mask_control == "anywhere"
+                                         else "a region of the same size on each of the feature's images"),
+               "mask_control": mask_control,
                "features_checked": len(feats), "alpha": float(alpha),
                "checked": "the top features and every called one"}
     if not feats:
@@ -377,10 +466,15 @@ def check_features(findings: Findings, lm, ds, cluster_labels, region_image, box
         rows = np.flatnonzero(cluster_labels == int(feat.cluster_id))
         effect = causal_effect(lm, ds, rows, *args, fill=fill, attribute=feat.attribute,
                                batch_size=batch_size, before_pred=before)
+        paired = mask_control == "same-images"
         if control:
-            ctrl = random_control_rows(rows.size, len(cluster_labels), seed + int(feat.cluster_id))
-            controls[feat.cluster_id] = causal_effect(lm, ds, ctrl, *args, fill=fill, attribute=feat.attribute,
-                                                      batch_size=batch_size, before_pred=before)
-        effect["support"] = masking_support(effect, alpha, controls.get(feat.cluster_id))
+            ctrl = (same_image_control_rows(rows, region_image, boxes, seed + int(feat.cluster_id)) if paired
+                    else random_control_rows(rows.size, len(cluster_labels), seed + int(feat.cluster_id)))
+            controls[feat.cluster_id] = causal_effect(
+                lm, ds, ctrl, *args, fill=fill, attribute=feat.attribute, batch_size=batch_size, before_pred=before,
+                class_sign=effect[PER_IMAGE]["class_sign"] if paired else None)
+        effect["support"] = masking_support(effect, alpha, controls.get(feat.cluster_id), paired=paired)
+        for record in (effect, controls.get(feat.cluster_id) or {}):
+            record.pop(PER_IMAGE, None)
         effects[feat.cluster_id] = effect
     return MaskingCheck(effects, controls, summary)

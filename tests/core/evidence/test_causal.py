@@ -179,7 +179,10 @@ def test_before_pred_shortcut_matches_recomputing(tiny_eval):
     slow = causal.causal_effect(lm, ds, rows, *args, fill="blur")
     before = causal.predict_dataset(lm, ds, text, 0.07, batch_size=7)  # batches that do not divide 24
     fast = causal.causal_effect(lm, ds, rows, *args, fill="blur", before_pred=before)
+    a, b = fast.pop(causal.PER_IMAGE), slow.pop(causal.PER_IMAGE)
     assert fast == slow
+    for key in ("images", "outcome", "class_sign"):
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval):
@@ -206,9 +209,11 @@ def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval
         rows = np.flatnonzero(clusters == cid)
         effect = dict(check.effects[cid])
         support = effect.pop("support")
-        assert effect == causal.causal_effect(lm, ds, rows, emb.region_image, emb.boxes, labels, sc.image_pred,
-                                              classes, text, 0.07, fill="black",
-                                              attribute=findings.features[[0, 2][cid]].attribute)
+        again = causal.causal_effect(lm, ds, rows, emb.region_image, emb.boxes, labels, sc.image_pred,
+                                     classes, text, 0.07, fill="black",
+                                     attribute=findings.features[[0, 2][cid]].attribute)
+        again.pop(causal.PER_IMAGE)  # the per-image outcomes are for a paired control, never recorded
+        assert effect == again
         assert support == causal.masking_support(effect, 0.05, check.controls[cid])
         assert check.controls[cid]["n_regions"] == rows.size
     # black quadrants filled with black change nothing, which supports nothing
@@ -261,3 +266,89 @@ def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
     assert "significance" not in json.loads(out.read_text())
     assert cli.main(base + ["--alpha", "2"]) == 2
     assert "argument --alpha: must be a number in (0, 1), got '2'" in capsys.readouterr().err
+
+
+def test_same_image_control_takes_a_region_of_the_closest_size_on_each_image():
+    boxes = np.array([[0, 0, 2, 2], [2, 0, 4, 2], [0, 2, 2, 4], [2, 2, 4, 4],  # image 0: four equal quadrants
+                      [0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 19, 20],          # image 1: areas 100, 400, 380
+                      [0, 0, 5, 5]], dtype=float)                               # image 2: the feature alone
+    region_image = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    feature = np.array([1, 6, 7])
+    ctrl = causal.same_image_control_rows(feature, region_image, boxes, seed=0)
+    assert 5 in ctrl and 4 not in ctrl  # image 1: the region whose area (400) is closest to 380
+    assert len(ctrl) == 2 and not set(ctrl) & set(feature)  # image 2 has no other region: no control there
+    assert set(region_image[ctrl]) == {0, 1}
+    np.testing.assert_array_equal(ctrl, causal.same_image_control_rows(feature, region_image, boxes, seed=0))
+    # two feature regions on one image never share a control region
+    both = causal.same_image_control_rows(np.array([0, 1]), region_image, boxes, seed=3)
+    assert len(both) == 2 and set(both) <= {2, 3}
+
+
+def _per_image(outcomes, flipped, n_images=40):
+    outcome = np.zeros(n_images, dtype=int)
+    outcome[: len(outcomes)] = outcomes
+    return {"n_images": n_images, "n_flipped": flipped, "flip_rate": flipped / n_images,
+            "n_errors_fixed": int(np.sum(outcome > 0)), "n_errors_made": int(np.sum(outcome < 0)),
+            "n_toward_parity": 0, "n_away_from_parity": 0,
+            causal.PER_IMAGE: {"images": np.arange(n_images), "outcome": outcome, "class_sign": np.array([-1, 1])}}
+
+
+def test_random_masks_that_flip_many_predictions_but_undo_no_error_do_not_make_a_feature_inconclusive():
+    """Where the two controls disagree. Hiding the feature undoes 20 errors
+    and makes 3 (23 of 40 images flip); hiding a region of the same size on
+    the same images makes 25 errors and undoes none (25 flips). By flip
+    rates the feature does no more than random masks, so the verdict was
+    "inconclusive"; image by image the feature's masks end better on 22
+    images (the 20 errors undone, and 2 the random masks made) and worse on
+    none: what they undo is the feature's doing, not the
+    fill's. The like-for-like control is right, and says "supported"."""
+    feature = _per_image([1] * 20 + [-1] * 3, flipped=23)
+    random_masks = _per_image([-1] * 25, flipped=25)
+    by_flip_rate = causal.masking_support(feature, 0.05, random_masks)
+    assert by_flip_rate["verdict"] == "inconclusive"
+    like_for_like = causal.masking_support(feature, 0.05, random_masks, paired=True)
+    assert like_for_like["verdict"] == "supported" and like_for_like["supported"]
+    control = like_for_like["control"]
+    assert (control["better"], control["worse"], control["control_errors_fixed"]) == (22, 0, 0)
+    assert control["feature_flip_rate"] == 23 / 40 and control["control_flip_rate"] == 25 / 40  # reported beside
+
+
+def test_a_fill_that_undoes_the_errors_by_itself_is_inconclusive_like_for_like():
+    """Hiding the feature undoes 15 errors, but hiding a region of the same
+    size on the same images undoes the same ones: the fill, not the feature,
+    is what the model reacts to."""
+    feature = _per_image([1] * 15 + [-1] * 2, flipped=17)
+    same = _per_image([1] * 15 + [-1] * 2, flipped=17)
+    verdict = causal.masking_support(feature, 0.05, same, paired=True)
+    assert verdict["verdict"] == "inconclusive" and "does as well" in verdict["reason"]
+    # a mask that undoes nothing is not supported, whatever the control does
+    assert causal.masking_support(_per_image([-1] * 4, 4), 0.05, _per_image([-1] * 30, 30),
+                                  paired=True)["verdict"] == "not supported"
+
+
+def test_check_features_with_the_same_images_control(tiny_eval):
+    import json
+
+    from ravl_pipeline.core.embed import embed_dataset
+    from ravl_pipeline.core.scores import label_indices, score
+
+    ds, lm = tiny_eval
+    classes = ["zero", "one", "nine"]
+    templates = ["the number is a {}"]
+    emb = embed_dataset(lm, ds, progress=False)
+    sc = score(lm, emb, classes, templates, 0.07)
+    labels = label_indices(ds, classes)
+    region_labels = np.array([lab for labs in ds.region_labels for lab in labs])
+    clusters = np.where(region_labels == "red square", 0, 1)
+    findings = _findings([_feature(1, called=True, cluster_id=0)])
+    check = causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
+                                  classes, templates, 0.07, fill="black", seed=0, mask_control="same-images")
+    effect, control = check.effects[0], check.controls[0]
+    # the control hides one other quadrant (same size) on each image the feature's mask hid
+    assert control["n_images"] == effect["n_images"] and control["n_regions"] == effect["n_regions"]
+    assert effect["support"]["control"]["n_images"] == effect["n_images"]
+    assert check.summary["mask_control"] == "same-images"
+    json.dumps({"causal": effect, "causal_control": control})  # nothing but JSON is recorded
+    with pytest.raises(ValueError, match="unknown mask control"):
+        causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
+                              classes, templates, 0.07, fill="black", mask_control="nearby")
