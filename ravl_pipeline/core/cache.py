@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ..config import InputError
+from ..config import InputError, RegionsConfig
 from ..io.files import atomic_write, write_json_atomic
 from ..io.hashing import json_sha256, memo_file_sha256
 from ..models import WEIGHTS_NAME, LoadedModel
@@ -208,7 +208,7 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ embedding
 
     def embed(self, lm: LoadedModel, ds, proposer: str = "quadrants", mode: str = "auto",
-              batch_size: int = 64, progress: bool = True, view: str = DEFAULT_REGION_VIEW) -> Embeddings:
+              batch_size: int = RegionsConfig.batch_size, progress: bool = True, view: str = DEFAULT_REGION_VIEW) -> Embeddings:
         """:func:`~ravl_pipeline.core.embed.embed_dataset` through the cache:
         every image is looked up, only misses are embedded, and they are
         stored before the result is returned."""

@@ -163,7 +163,8 @@ def influence_score(
     )
 
 
-def is_spurious(gaps: Mapping, influence: float, threshold: float = 0.25) -> bool:
+def is_spurious(gaps: Mapping, influence: float,
+                threshold: float = DiscoveryConfig.influence_threshold) -> bool:
     """SPEC §2.4: some gap > 0, some gap < 0, and ``H_c >= threshold``."""
     values = [_gap_value(v) for v in gaps.values()]
     if influence is None or not math.isfinite(float(influence)):

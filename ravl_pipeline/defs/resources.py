@@ -81,11 +81,6 @@ class RavlProject(dg.ConfigurableResource):
     def outputs_root(self) -> Path:
         return Path(self.data_dir) / "outputs"
 
-    def output_dir(self, partition: str) -> Path:
-        out = self.outputs_root / partition
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-
     @property
     def audited_record_path(self) -> Path:
         return self.outputs_root / "audited_model.json"

@@ -185,7 +185,7 @@ class RegionAssignment:
 
 def assign_spurious_regions(audited: LoadedModel, ds, findings: Findings,
                             features: str | int = DEFAULT_FEATURE_SELECTION,
-                            embeddings: Embeddings | None = None, batch_size: int = 64,
+                            embeddings: Embeddings | None = None, batch_size: int = RegionsConfig.batch_size,
                             progress: bool = False) -> RegionAssignment:
     """Embed every region of ``ds`` with the frozen audited model and mark
     those nearest to a chosen feature's medoid as spurious (SPEC §3.1)."""

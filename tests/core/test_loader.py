@@ -129,8 +129,10 @@ def test_masking_predictions_are_the_same_with_0_and_2_workers(photos):
         before = causal.predict_dataset(lm, photos, text, 0.07, batch_size=3)
         effect = causal.causal_effect(lm, photos, np.arange(0, len(boxes), 2), region_image, boxes, labels, pred,
                                       CLASSES, text, 0.07, fill="black", batch_size=3)
-        out.append((before, effect))
+        per_image = effect.pop(causal.PER_IMAGE)
+        out.append((before, effect, per_image["outcome"]))
     assert np.array_equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+    assert np.array_equal(out[0][2], out[1][2])
     arrays = [np.asarray(photos.load_image(i).convert("RGB")) for i in range(len(photos))]
     assert np.array_equal(out[0][0], causal.predict_images(lm, arrays, text, 0.07, batch_size=3))
 

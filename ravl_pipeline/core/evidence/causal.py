@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import binomtest, fisher_exact
 
-from ...config import MASK_CONTROLS, DiscoveryConfig
+from ...config import MASK_CONTROLS, DiscoveryConfig, RegionsConfig
 from ..findings import Feature, Findings
 from ..loader import stream
 from ..scores import class_text_embeddings, zero_shot_probs
@@ -80,7 +80,7 @@ def _predict(lm, pixels: torch.Tensor, text_emb: np.ndarray, tau: float) -> np.n
 
 
 def predict_images(lm, images: Sequence[np.ndarray], text_emb: np.ndarray, tau: float,
-                   batch_size: int = 64) -> np.ndarray:
+                   batch_size: int = RegionsConfig.batch_size) -> np.ndarray:
     """Zero-shot class prediction of RGB arrays through the model's own
     evaluation transform and image tower (SPEC §1.4)."""
     lm.model.eval()
@@ -133,7 +133,8 @@ def _predict_stream(lm, ds, item, indices, text_emb, tau, batch_size) -> list[np
     return [np.concatenate(col) if col and col[0] is not None else None for col in zip(*out)] if out else []
 
 
-def predict_dataset(lm, ds, text_emb: np.ndarray, tau: float, batch_size: int = 64) -> np.ndarray:
+def predict_dataset(lm, ds, text_emb: np.ndarray, tau: float,
+                    batch_size: int = RegionsConfig.batch_size) -> np.ndarray:
     """:func:`predict_images` of every image of ``ds``, streamed (:mod:`..loader`)
     so memory does not grow with the dataset."""
     preds = _predict_stream(lm, ds, RgbItem(lm.preprocess), None, text_emb, tau, batch_size) if len(ds) else []
@@ -166,7 +167,7 @@ def _per_class_shift(labels_in, before_ok, after_ok, absent_labels, absent_ok, c
 def causal_effect(lm, ds, rows: np.ndarray, region_image: np.ndarray, boxes: np.ndarray,
                   image_labels: np.ndarray, image_pred: np.ndarray, classes: Sequence[str],
                   text_emb: np.ndarray, tau: float, *, fill: str,
-                  attribute: str | None = None, batch_size: int = 64,
+                  attribute: str | None = None, batch_size: int = RegionsConfig.batch_size,
                   before_pred: np.ndarray | None = None, class_sign: np.ndarray | None = None) -> dict:
     """Mask the regions ``rows`` (region rows) in their images and compare
     zero-shot predictions before and after.
@@ -395,7 +396,7 @@ def choose_fill(lm, ds, region_image: np.ndarray, boxes: np.ndarray, image_label
                 image_pred: np.ndarray, classes: Sequence[str], text_emb: np.ndarray, tau: float, *,
                 before_pred: np.ndarray, candidates: Sequence[str] = FILL_CANDIDATES,
                 n_regions: int = FILL_SAMPLE_REGIONS,
-                seed: int = DiscoveryConfig.seed, batch_size: int = 64) -> dict:
+                seed: int = DiscoveryConfig.seed, batch_size: int = RegionsConfig.batch_size) -> dict:
     """The fill that disturbs the model least: the same random regions
     (``n_regions`` of them, seeded) are hidden with each candidate, and the
     one whose mask flips the fewest predictions is chosen (the first of
@@ -433,7 +434,8 @@ def check_features(findings: Findings, lm, ds, cluster_labels, region_image, box
                    image_labels, image_pred, classes: Sequence[str], templates: Sequence[str], tau: float, *,
                    fill: str = DiscoveryConfig.mask_fill, control: bool = True, seed: int = DiscoveryConfig.seed,
                    max_features: int | None = 5, alpha: float = DiscoveryConfig.alpha,
-                   batch_size: int = 64, mask_control: str = DiscoveryConfig.mask_control) -> MaskingCheck:
+                   batch_size: int = RegionsConfig.batch_size,
+                   mask_control: str = DiscoveryConfig.mask_control) -> MaskingCheck:
     """Mask the regions of the first ``max_features`` features and of every
     called one, and, with ``control``, as many random regions; the verdict of
     each is :func:`masking_support`. ``fill="auto"`` chooses the fill first
