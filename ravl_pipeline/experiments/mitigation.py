@@ -173,6 +173,7 @@ PLANS: dict[str, list[Run]] = {
     "oracle": [Run("upsampled", features="oracle"), Run("ravl", features="oracle"),
                Run("ravl", features="oracle", region_loss="spec")],
     "ablation": [Run("upsampled"), Run("ravl"), Run("ravl", region_loss="spec")],
+    "pair": [Run("upsampled"), Run("ravl")],  # the closed loop's control and mitigated model, at the recipe's budget
     "order": [Run(m, order_seed=k) for k in (101, 102, 103, 104, 105) for m in ("upsampled", "ravl")],
     "sampler": [Run(m, max_repeat=k, features=f) for k in (None, 8) for f in (None, "oracle")
                 for m in ("upsampled", "ravl")],
