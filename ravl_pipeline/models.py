@@ -113,6 +113,22 @@ def meta_path(spec: str) -> Path | None:
     return Path(ident) / RAVL_META_NAME if kind == "local-dir" else None
 
 
+def model_inputs(spec: str | None, pretrained: str | None = None, flag: str = "--model",
+                 pretrained_flag: str = "--pretrained") -> list[tuple[str, Path]]:
+    """What loading model ``spec`` reads, as ``(name, path)`` for the output
+    rule (:func:`~ravl_pipeline.io.files.output_problem`): a ``local-dir:``
+    checkpoint's folder and files, and a ``pretrained`` weights file."""
+    out: list[tuple[str, Path]] = []
+    kind, ident = _parse_name(str(spec)) if spec else ("name", None)
+    if kind == "local-dir" and ident:
+        folder = Path(ident)
+        out += [(f"{flag} {spec}", folder)] + [(f"{flag} {spec}", folder / name)
+                                               for name in (CONFIG_NAME, WEIGHTS_NAME, RAVL_META_NAME)]
+    if pretrained and os.path.lexists(pretrained):
+        out.append((f"{pretrained_flag} {pretrained}", Path(pretrained)))
+    return out
+
+
 def read_meta(spec: str) -> dict[str, Any]:
     """What a checkpoint records of how it was made (:func:`meta_path`; its
     training configuration under ``train``); ``{}`` for any other model, or a

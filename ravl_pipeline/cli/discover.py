@@ -9,9 +9,9 @@ from ..config import EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, Region
 from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
-from ..io.dataset import load_dataset
+from ..io.dataset import dataset_inputs, load_dataset
 from ..io.manifest import SPLITS
-from ..models import load_model
+from ..models import load_model, model_inputs
 from ..pipeline import stages
 from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, print_findings,
                      proposer_flag, warn_if_untrained)
@@ -51,8 +51,14 @@ def discovery_config(args) -> DiscoveryConfig:
                            permutations=args.permutations, alpha=args.alpha, mask_fill=args.mask_fill)
 
 
+def inputs(args) -> list:
+    """What the command reads, which its output may not replace."""
+    return [*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained),
+            *(("--vocab", path) for path in args.vocab or [])]
+
+
 def run(args) -> int:
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=inputs(args))
     if args.cache:
         check_output_dir(args.cache, "--cache")
     compute = compute_flags(args)

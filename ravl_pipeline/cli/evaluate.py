@@ -3,7 +3,9 @@ model on one split (SPEC §4.2) → ``metrics.json``."""
 from __future__ import annotations
 
 from ..config import EvaluationConfig, RegionsConfig, option
+from ..io.dataset import dataset_inputs
 from ..io.manifest import SPLITS
+from ..models import model_inputs
 from ..pipeline import stages
 from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, metrics_line,
                      warn_if_untrained)
@@ -30,7 +32,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=[*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained)])
     compute = compute_flags(args)
     templates = flag_templates(args.template)
     classes = flag_classes(args.classes)

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from .files import read_json
 from .manifest import (MANIFEST_NAME, SPLITS, ManifestError, _check, _column, dataset_root, outside_link_problem,
                        probe_image, read_manifest)
 
-__all__ = ["Dataset", "load_dataset", "dataset_setting", "setting_templates", "induced_pairs"]
+__all__ = ["Dataset", "load_dataset", "dataset_inputs", "dataset_setting", "setting_templates", "induced_pairs"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,20 @@ def load_dataset(
     return dataset if selected is None else dataset.subset(selected)
 
 
+
+def dataset_inputs(root: str | os.PathLike, flag: str = "--data") -> list[tuple[str, Path]]:
+    """What a command reading dataset ``root`` reads, as ``(name, path)``
+    for the output rule (:func:`~ravl_pipeline.io.files.output_problem`):
+    its manifest, its ``setting.json`` and every image its manifest names
+    (none when the manifest cannot be read: loading it says why)."""
+    root = dataset_root(root)
+    name = f"{flag} {root}"
+    out = [(name, root / MANIFEST_NAME), (name, root / "setting.json"), (name, root.parent / "setting.json")]
+    try:
+        paths = pq.read_table(root / MANIFEST_NAME, columns=["path"]).column("path").to_pylist()
+    except (pa.ArrowException, OSError, KeyError):
+        return out
+    return out + [(name, root / p) for p in paths if isinstance(p, str) and p]
 
 
 # --------------------------------------------------------------------------

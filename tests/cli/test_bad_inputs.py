@@ -202,7 +202,25 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "results" / "report.html", "<html>my own page</html>\n")
     (ws / "results" / "subdir").mkdir()
     (ws / "results" / "somefile").write_text("x")
+    _special(ws)
     return ws
+
+
+def _special(ws: Path) -> None:
+    """Paths that are not regular files: a named pipe, links to a file and
+    to a checkpoint folder, a Parquet file that is not the manifest, and a
+    dataset whose image is a folder."""
+    (ws / "special").mkdir()
+    os.mkfifo(ws / "special" / "pipe")
+    os.mkfifo(ws / "special" / "pipe.html")
+    (ws / "special" / "link.json").symlink_to(ws / "results" / "findings.json")
+    (ws / "special" / "cklink").symlink_to(ws / "ck")
+    shutil.copyfile(ws / "set" / "eval" / "manifest.parquet", ws / "special" / "other.parquet")
+    root = ws / "data" / "imagedir"
+    root.mkdir(parents=True)
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(root / "img0.png")
+    (root / "img1.png").mkdir()
+    write_manifest(root, [{"image_id": f"i{i}", "path": f"img{i}.png", "label": CLASSES[i]} for i in range(2)])
 
 
 def snapshot_all(folder: Path) -> dict[str, bytes | str]:
@@ -322,6 +340,61 @@ CASES = [
     Case("output paths", "import-out-is-a-file",
          ["import", "imagefolder", "{ws}/set/eval/images", "--out", "{ws}/results/notes.txt"],
          ("--out", "notes.txt", "not a directory")),
+    # ---- the output rule: never an input of the same command, a link, a special file, a folder
+    Case("output paths", "discover-out-is-the-manifest", [*DISCOVER[:-1], "{ws}/set/eval/manifest.parquet"],
+         ("--out", "set/eval/manifest.parquet", "--data")),
+    Case("output paths", "discover-out-is-an-image", [*DISCOVER[:-1], "{ws}/set/eval/images/eval-000003.png"],
+         ("--out", "eval-000003.png", "--data")),
+    Case("output paths", "discover-out-is-a-vocabulary", [*DISCOVER[:-3], "--vocab", "{ws}/bad/vocab_empty.txt",
+                                                          "--out", "{ws}/bad/vocab_empty.txt"],
+         ("--out", "vocab_empty.txt", "--vocab")),
+    Case("output paths", "evaluate-out-is-the-manifest", [*EVALUATE[:-1], "{ws}/set/eval/./manifest.parquet"],
+         ("--out", "manifest.parquet", "--data")),
+    Case("output paths", "evaluate-out-is-the-weights", [*EVALUATE[:-1], f"{{ws}}/ck/{WEIGHTS_NAME}"],
+         ("--out", WEIGHTS_NAME, "--model")),
+    Case("output paths", "finetune-history-is-the-findings",
+         [*STAGE2, "{ws}/findings.json", "--history", "{ws}/findings.json"], ("--history", "--findings")),
+    Case("output paths", "finetune-history-inside-out", [*FINETUNE, "--history", "{ws}/new_ck/history.json"],
+         ("--history", "new_ck/history.json", "--out")),
+    Case("output paths", "finetune-out-is-the-model", [*FINETUNE[:5], "--out", "{ws}/ck", *FINETUNE[7:]],
+         ("--out", "/ck", "--model")),
+    Case("output paths", "finetune-out-holds-the-data",
+         [*FINETUNE[:5], "--out", "{ws}/set", *FINETUNE[7:]], ("--out", "/set", "--data")),
+    Case("output paths", "report-twin-is-the-findings",
+         ["report", "--findings", "{ws}/results/findings.json", "--out", "{ws}/results/findings.html"],
+         ("twin", "results/findings.json", "--findings")),
+    Case("output paths", "discover-out-is-a-named-pipe", [*DISCOVER[:-1], "{ws}/special/pipe"],
+         ("--out", "special/pipe", "named pipe")),
+    Case("output paths", "report-out-is-a-named-pipe", [*REPORT[:-1], "{ws}/special/pipe.html"],
+         ("--out", "pipe.html", "named pipe")),
+    Case("output paths", "evaluate-out-is-a-device", [*EVALUATE[:-1], "/dev/null"], ("--out", "/dev/null", "device")),
+    Case("output paths", "discover-out-is-a-symlink", [*DISCOVER[:-1], "{ws}/special/link.json"],
+         ("--out", "link.json", "symbolic link", "results/findings.json")),
+    Case("output paths", "finetune-out-is-a-symlink", [*FINETUNE[:5], "--out", "{ws}/special/cklink", *FINETUNE[7:]],
+         ("--out", "cklink", "symbolic link")),
+    Case("output paths", "import-out-is-a-symlink",
+         ["import", "imagefolder", "{ws}/set/eval/images", "--out", "{ws}/special/cklink"],
+         ("--out", "cklink", "symbolic link")),
+    Case("output paths", "evaluate-out-ends-in-slash", [*EVALUATE[:-1], "{ws}/results/newdir/"],
+         ("--out", "results/newdir/", "names a folder")),
+    Case("output paths", "finetune-history-ends-in-slash", [*FINETUNE, "--history", "{ws}/results/hist/"],
+         ("--history", "hist/", "names a folder")),
+    # ---- inputs that are not regular files: refused, never waited on
+    Case("input kinds", "report-findings-is-a-named-pipe", ["report", "--findings", "{ws}/special/pipe", *REPORT[3:]],
+         ("--findings", "special/pipe", "named pipe")),
+    Case("input kinds", "report-findings-is-a-folder", ["report", "--findings", "{ws}/results/subdir", *REPORT[3:]],
+         ("--findings", "results/subdir", "is a folder, expected a file")),
+    Case("input kinds", "report-metrics-is-a-named-pipe", [*REPORT, "--metrics", "{ws}/special/pipe"],
+         ("--metrics", "special/pipe", "named pipe")),
+    Case("input kinds", "report-provenance-is-a-folder", [*REPORT, "--provenance", "{ws}/results"],
+         ("--provenance", "is a folder")),
+    Case("input kinds", "finetune-findings-is-a-named-pipe", [*STAGE2, "{ws}/special/pipe"],
+         ("special/pipe", "named pipe")),
+    Case("input kinds", "discover-data-other-parquet", ["discover", *MODEL, "--data", "{ws}/special/other.parquet",
+                                                        *DISCOVER[7:]], ("other.parquet", "manifest.parquet")),
+    Case("input kinds", "discover-image-is-a-folder", ["discover", *MODEL, "--data", "{ws}/data/imagedir",
+                                                       *DISCOVER[7:]],
+         ("imagedir/manifest.parquet", "row 1", "is a folder, expected a file")),
     # ---- models and weights
     Case("models", "truncated-safetensors", ["discover", "--model", "local-dir:{ws}/ck_trunc", *DISCOVER[3:]],
          ("ck_trunc/open_clip_model.safetensors",)),
@@ -428,8 +501,8 @@ CASES = [
 def test_the_table_covers_every_group_and_names_are_unique():
     assert len({c.name for c in CASES}) == len(CASES)
     groups = {c.group for c in CASES}
-    assert groups == {"numeric and choice flags", "templates", "output paths", "models", "findings (Stage 2)",
-                      "report inputs", "datasets"}
+    assert groups == {"numeric and choice flags", "templates", "output paths", "input kinds", "models",
+                      "findings (Stage 2)", "report inputs", "datasets"}
 
 
 def run_ravl(argv: list[str]) -> int:
