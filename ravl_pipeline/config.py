@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -65,6 +66,16 @@ class InputError(ValueError):
 
 # Operating-system errors that are about a path the user named.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# ... and those the user can act on, whatever their Python type: a full disk or quota, a name too long, a
+# permission, a read-only file system; each with what to do
+USER_OS_ERRNOS = {errno.ENOSPC: "free some space, or write elsewhere",
+                  errno.EDQUOT: "free some space, or write elsewhere",
+                  errno.ENAMETOOLONG: "use a shorter name",
+                  errno.EACCES: "check its permissions, or write elsewhere",
+                  errno.EPERM: "check its permissions, or write elsewhere",
+                  errno.EROFS: "write to a writable file system",
+                  errno.ELOOP: "the path's symbolic links form a loop"}
+MESSAGE_LINE_LIMIT = 1000  # characters of one line of a message (a path or a value may be huge)
 
 
 def first_line(text: str, limit: int = 400) -> str:
@@ -73,15 +84,30 @@ def first_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def capped(text: str, limit: int = MESSAGE_LINE_LIMIT) -> str:
+    """``text`` with each line cut to ``limit`` characters, saying how many were left out."""
+    lines = []
+    for line in str(text).strip().splitlines():
+        if len(line) > limit:
+            line = f"{line[:limit]}… ({len(line) - limit:,} more characters)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def user_error_message(exc: BaseException) -> str | None:
     """The message of an error the user caused (an :class:`InputError`, or
-    an OS error about a path), ``None`` for anything else (an internal error)."""
+    an OS error about a path or one the user can act on: a full disk, a
+    name too long, a permission, a read-only file system), ``None`` for
+    anything else (an internal error). Long lines are cut."""
     if isinstance(exc, InputError):
-        return str(exc).strip()
-    if isinstance(exc, USER_OS_ERRORS):
+        return capped(exc)
+    if isinstance(exc, OSError) and (isinstance(exc, USER_OS_ERRORS) or exc.errno in USER_OS_ERRNOS):
+        hint = USER_OS_ERRNOS.get(exc.errno)
         if exc.filename is not None and exc.strerror:
-            return f"{exc.filename}: {exc.strerror}"
-        return first_line(str(exc))
+            text = f"{exc.filename}: {exc.strerror}" + (f" ({hint})" if hint else "")
+        else:
+            text = first_line(str(exc)) + (f" ({hint})" if hint and exc.strerror else "")
+        return capped(text)
     return None
 
 

@@ -253,8 +253,10 @@ def atomic_write(target: str | os.PathLike, write: Callable) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc  # a full disk: say where
         raise
     return target
 

@@ -7,6 +7,7 @@ appeared (bytes compared, hidden files included)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -203,7 +204,49 @@ def ws(tmp_path_factory) -> Path:
     (ws / "results" / "subdir").mkdir()
     (ws / "results" / "somefile").write_text("x")
     _special(ws)
+    _coco_files(ws)
     return ws
+
+
+def _coco_files(ws: Path) -> None:
+    """COCO instances files over the eval set's first two images, each with
+    one thing wrong, and an ImageFolder tree with a corrupt image."""
+    def coco(**changes):
+        data = {"images": [{"id": i + 1, "file_name": f"eval-00000{i}.png", "width": 56, "height": 56}
+                           for i in range(2)],
+                "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "nine"}],
+                "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [0, 0, 28, 28]},
+                                {"id": 11, "image_id": 2, "category_id": 2, "bbox": [28, 28, 20, 20]}]}
+        for key, value in changes.items():
+            top, _, rest = key.partition(".")
+            if not rest:
+                data[top] = value
+            else:
+                index, field = rest.split(".")
+                data[top][int(index)][field] = value
+        return data
+
+    for name, data in (("coco_nan_bbox", coco(**{"annotations.1.bbox": [28, float("nan"), 20, 20]})),
+                       ("coco_negative_size", coco(**{"annotations.1.bbox": [28, 28, -20, 20]})),
+                       ("coco_bbox_text", coco(**{"annotations.0.bbox": "0 0 28 28"})),
+                       ("coco_same_name", coco(**{"categories.1.name": "one"})),
+                       ("coco_annotations_object", coco(annotations={"id": 10})),
+                       ("coco_image_not_object", coco(images=[7, 8])),
+                       ("coco_file_name_dot", coco(**{"images.1.file_name": "."})),
+                       ("coco_missing_image", coco(**{"images.1.file_name": "absent.png"})),
+                       ("coco_wrong_size", coco(**{"images.0.width": 560, "images.0.height": 560,
+                                                   "annotations.0.bbox": [0, 0, 300, 300]})),
+                       ("coco_top_list", [coco()])):
+        _dump(ws / "bad" / f"{name}.json", data)
+    _dump(ws / "bad" / "coco_corrupt_image.json", coco(**{"images.1.file_name": "corrupt.png"}))
+    (ws / "bad" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    for i in range(2):
+        shutil.copyfile(ws / "set" / "eval" / "images" / f"eval-00000{i}.png", ws / "bad" / f"eval-00000{i}.png")
+    folder = ws / "imagefolder"
+    (folder / "one").mkdir(parents=True)
+    (folder / "nine").mkdir()
+    shutil.copyfile(ws / "set" / "eval" / "images" / "eval-000000.png", folder / "one" / "a.png")
+    (folder / "nine" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
 
 
 def _special(ws: Path) -> None:
@@ -489,6 +532,30 @@ CASES = [
          ("--images",)),
     Case("datasets", "coco-malformed", ["import", "coco", "{ws}/bad/coco.json", "--images", "{ws}/set/eval",
                                         "--out", "{ws}/imported"], ("coco.json",)),
+    # ---- imports: every row checked, every image copied, before an earlier dataset is replaced
+    *[Case("imports", f"import-{name.replace('_', '-')}",
+           ["import", "coco", f"{{ws}}/bad/{name}.json", "--images", images, "--out", out],
+           (f"bad/{name}.json", *needles))
+      for name, images, out, needles in (
+          ("coco_nan_bbox", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 11", "'bbox'", "finite")),
+          ("coco_negative_size", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 11", "negative")),
+          ("coco_bbox_text", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 10", "'bbox'")),
+          ("coco_same_name", "{ws}/set/eval/images", "{ws}/set/eval", ("categories[1]", "two categories named 'one'")),
+          ("coco_annotations_object", "{ws}/set/eval/images", "{ws}/set/eval", ("'annotations'", "a list")),
+          ("coco_image_not_object", "{ws}/set/eval/images", "{ws}/set/eval", ("images[0]", "JSON object")),
+          ("coco_top_list", "{ws}/set/eval/images", "{ws}/set/eval", ("JSON object",)),
+          ("coco_file_name_dot", "{ws}/bad", "{ws}/set/finetune", ("images[1]", "'file_name'", "'.'")),
+          ("coco_missing_image", "{ws}/bad", "{ws}/set/finetune", ("image id 2", "absent.png", "does not exist")),
+          ("coco_corrupt_image", "{ws}/bad", "{ws}/set/finetune", ("image id 2", "corrupt.png", "unreadable")),
+          ("coco_wrong_size", "{ws}/bad", "{ws}/set/finetune", ("row 0", "column 'boxes'", "outside")))],
+    Case("imports", "import-imagefolder-corrupt-image", ["import", "imagefolder", "{ws}/imagefolder",
+                                                         "--out", "{ws}/set/finetune"],
+         ("imagefolder: class 'nine'", "b.png", "unreadable")),
+    Case("imports", "import-coco-images-not-a-folder", ["import", "coco", "{ws}/bad/coco_nan_bbox.json",
+                                                        "--images", "{ws}/bad/corrupt.png", "--out", "{ws}/imp"],
+         ("--images", "corrupt.png", "expected a folder")),
+    Case("imports", "import-coco-file-is-a-folder", ["import", "coco", "{ws}/bad", "--images", "{ws}/bad",
+                                                     "--out", "{ws}/imp"], ("bad", "is a folder, expected a file")),
     Case("datasets", "imagefolder-not-a-folder", ["import", "imagefolder", "{ws}/nowhere", "--out", "{ws}/imported"],
          ("nowhere",)),
     Case("datasets", "vocabulary-empty", [*DISCOVER[:-3], "--out", "{ws}/results/new.json", "--vocab",
@@ -501,7 +568,7 @@ CASES = [
 def test_the_table_covers_every_group_and_names_are_unique():
     assert len({c.name for c in CASES}) == len(CASES)
     groups = {c.group for c in CASES}
-    assert groups == {"numeric and choice flags", "templates", "output paths", "input kinds", "models",
+    assert groups == {"numeric and choice flags", "templates", "output paths", "input kinds", "imports", "models",
                       "findings (Stage 2)", "report inputs", "datasets"}
 
 
@@ -614,3 +681,39 @@ def test_an_asset_fails_on_bad_input_with_one_line(ws, tmp_path, monkeypatch, ca
     assert len(failed) == 1 and "row 1 (image_id 'i1'), column 'path'" in failed[0], out
     assert "symbolic link" in failed[0] and "Traceback" not in out
     assert not (data / "outputs" / "linked" / "proposals").exists()
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "free some space"), (errno.EROFS, "writable file system"),
+                                        (errno.ENAMETOOLONG, "shorter name")])
+def test_an_os_error_the_user_can_act_on_is_one_line_naming_the_path(ws, tmp_path, monkeypatch, capsys, code, hint):
+    """A full disk, a read-only file system or a name too long while an
+    import copies its images: exit status 2, one line naming where the
+    image was to go and what to do; the earlier dataset is left as it was."""
+    out, src = tmp_path / "dataset", tmp_path / "src"
+    shutil.copytree(ws / "set" / "eval", out)
+    for label, name in (("one", "a.png"), ("nine", "b.png")):
+        (src / label).mkdir(parents=True)
+        shutil.copyfile(ws / "set" / "eval" / "images" / "eval-000000.png", src / label / name)
+    before = snapshot_all(tmp_path)
+
+    def failing(src, dst, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(shutil, "copyfile", failing)
+    rc = run_ravl(["import", "imagefolder", str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert_one_clear_line(err, "import")
+    assert str(out / "images" / "nine" / "b.png") in err and os.strerror(code) in err and hint in err
+    assert snapshot_all(tmp_path) == before
+
+
+def test_a_huge_message_is_cut_to_one_readable_line(tmp_path, capsys):
+    """A value of 100,000 characters in a message is cut, saying how much was left out."""
+    name = "x" * 100_000
+    rc = run_ravl(["discover", "--model", "ravl-tiny-rn", "--data", str(tmp_path), "--out", str(tmp_path / "f.json"),
+                   "--classes", f"{name},{name}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert_one_clear_line(err, "discover")
+    assert "--classes" in err and "more characters)" in err and len(err) < 2000
