@@ -36,17 +36,17 @@ import shutil
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..config import InputError
 
 __all__ = ["OutputPathError", "output_problem", "check_output", "input_problem", "check_input_file",
-           "atomic_write", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "json_bytes",
+           "atomic_write", "write_files_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "json_bytes",
            "read_json", "replace_dir", "atomic_dir", "copy_dir_atomic", "temporary_path", "remove_stale_temporaries",
            "process_alive"]
 
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ravl-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ravl-(?P<kind>tmp|old|unit)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+$")
 
 
 class OutputPathError(InputError):
@@ -174,7 +174,8 @@ def _refuse_unwritable_target(target: Path, folder: bool) -> None:
 
 def temporary_path(target: str | os.PathLike, kind: str = "tmp") -> Path:
     """A fresh name beside ``target`` for a temporary of this process
-    (``kind`` ``tmp``: being written; ``old``: a previous version moved aside)."""
+    (``kind`` ``tmp``: being written; ``old``: a previous version moved aside;
+    ``unit``: the list of files written as one unit, see :func:`write_files_atomic`)."""
     target = Path(target)
     return target.with_name(f".{target.name}.ravl-{kind}-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}")
 
@@ -204,6 +205,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return removed
+    for entry in entries:  # first, units whose writer died between their renames: finished
+        match = _TEMPORARY.match(entry.name)
+        if match and match["kind"] == "unit" and match["host"] == HOST_TAG and not _alive_or_self(int(match["pid"])):
+            _finish_unit(folder, Path(entry.path))
+            removed.append(Path(entry.path))
+    entries = [entry for entry in entries if os.path.lexists(entry.path)]
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
         if not match or match["host"] != HOST_TAG:
@@ -224,6 +231,24 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 path.unlink()
         removed.append(path)
     return removed
+
+
+def _alive_or_self(pid: int) -> bool:
+    return pid == os.getpid() or process_alive(pid)
+
+
+def _finish_unit(folder: Path, journal: Path) -> None:
+    """Complete the renames a unit's journal lists (each temporary was
+    written in full before the journal was), then remove the journal."""
+    try:
+        pairs = json.loads(journal.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pairs = []
+    for tmp, target in pairs if isinstance(pairs, list) else []:
+        if isinstance(tmp, str) and isinstance(target, str) and "/" not in tmp + target and os.path.lexists(folder / tmp):
+            with contextlib.suppress(OSError):
+                os.replace(folder / tmp, folder / target)
+    journal.unlink(missing_ok=True)
 
 
 def _new_temporary(target: Path, create: Callable[[Path], Any]) -> tuple[Path, Any]:
@@ -259,6 +284,59 @@ def atomic_write(target: str | os.PathLike, write: Callable) -> Path:
             raise OSError(exc.errno, exc.strerror, str(target)) from exc  # a full disk: say where
         raise
     return target
+
+
+def _write_temporary(target: Path, data: bytes) -> Path:
+    """``data`` in full in a fresh temporary beside ``target`` (synced)."""
+    tmp, fd = _new_temporary(target, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    try:
+        os.fchmod(fd, 0o644)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        raise
+    return tmp
+
+
+def write_files_atomic(contents: Mapping[str | os.PathLike, bytes]) -> list[Path]:
+    """Write several files of one folder as one unit (a report and its
+    twin): every file is written in full to its temporary first, so a
+    failure (a full disk) leaves all the previous versions; then a journal
+    listing the renames is created in one rename (the commit point), the
+    files are renamed into place and the journal removed. A process killed
+    between the renames leaves the journal, and the next write into the
+    folder (:func:`remove_stale_temporaries`) completes them: the files are
+    all old or all new once anything else is written there."""
+    targets = [Path(t) for t in contents]
+    if len({t.parent.resolve() for t in targets}) > 1:
+        raise ValueError("write_files_atomic writes the files of one folder")
+    for target in targets:
+        _refuse_unwritable_target(target, folder=False)
+    temps: list[Path] = []
+    try:
+        for target, data in zip(targets, contents.values()):
+            temps.append(_write_temporary(target, data))
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    journal = temporary_path(targets[0], "unit")
+    try:
+        journal_tmp = _write_temporary(journal, json_bytes([[t.name, p.name] for t, p in zip(temps, targets)]))
+        os.replace(journal_tmp, journal)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, target in zip(temps, targets):  # committed: an interruption here is finished by the next write
+        os.replace(tmp, target)
+    journal.unlink()
+    return targets
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
