@@ -9,6 +9,7 @@ from ..config import EMBEDDING_MODES, MASK_FILL_CHOICES, DiscoveryConfig, Region
 from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
+from ..core.scores import check_classes
 from ..io.dataset import dataset_inputs, load_dataset
 from ..io.manifest import SPLITS
 from ..models import load_model, model_inputs
@@ -67,7 +68,7 @@ def run(args) -> int:
     discovery = discovery_config(args)
     vocab = load_vocabulary(args.vocab) if args.vocab and discovery.evidence else None
     ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
-    classes = classes or ds.classes()
+    classes = check_classes(classes or ds.classes(), "--classes" if classes else f"{ds.manifest_file}: the classes")
     lm = load_model(args.model, args.pretrained, compute=compute, seed=args.seed)
     warn_if_untrained("discover", args.model, args.pretrained, args.seed)
     cache = EmbeddingCache(Path(args.cache)) if args.cache else None

@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 
 from ..compute import CPU, Compute
 from ..config import (DEFAULT_FEATURE_SELECTION, DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig,
-                     RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
+                     InputError, RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
 from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
 from ..core.evidence import causal, names, stats
@@ -29,7 +29,7 @@ from ..core.metrics import (PRECISION_K, core_regions, feature_presence, mitigat
                            region_label_map, validity)
 from ..core.rank import rank_features
 from ..core.regions import region_labels_for
-from ..core.scores import Scores, check_templates, label_indices
+from ..core.scores import Scores, check_classes, check_prompts, check_templates, label_indices
 from ..core.scores import score as score_regions
 from ..io.dataset import Dataset, dataset_setting, induced_pairs, load_dataset, setting_templates
 from ..io.files import write_json_atomic
@@ -185,6 +185,8 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
     for section in (regions, scores, discovery):
         check_bounds(section, type(section).__name__)
     templates = check_templates(templates)
+    check_classes(classes, f"{ds.manifest_file}: the classes")
+    check_prompts(lm, classes, templates)
     emb = embeddings if embeddings is not None else embed(lm, ds, regions, cache=cache, progress=progress)
     sc = score(lm, emb, classes, templates, scores)
     clustering = cluster(emb, len(classes), discovery)
@@ -389,6 +391,9 @@ def evaluate(model: str, data_dir, split: str | None = "test", features: Sequenc
     setting = dataset_setting(data_dir) or {}
     classes = list(classes or setting.get("classes") or ds.classes())
     templates = check_templates(list(templates or templates_for(data_dir)))
+    check_classes(classes, f"{ds.manifest_file}: the classes")
+    if features:
+        check_features(ds, features)
     features = list(features) if features else [name for name, _ in induced_pairs(data_dir)]
     lm = load_model(model, pretrained, compute=compute,
                     seed=0 if untrained(model, pretrained) else None)  # the same each run
@@ -438,6 +443,19 @@ def _region_pred(emb, sc, core_image: np.ndarray, core_idx: np.ndarray) -> np.nd
     row_of = {(int(i), int(j)): r for r, (i, j) in enumerate(zip(emb.region_image, emb.region_index))}
     rows = np.asarray([row_of[(int(i), int(j))] for i, j in zip(core_image, core_idx)], dtype=np.int64)
     return sc.region_probs.argmax(axis=1)[rows] if len(rows) else np.zeros(0, np.int64)
+
+
+def check_features(ds: Dataset, features: Sequence[str]) -> None:
+    """Every feature named for the groups labels some region of ``ds``; one
+    :class:`InputError` naming those that label none, before any work."""
+    if ds.region_labels is None:
+        return  # said as a warning: groups are classes only
+    present = {label for labels in ds.region_labels for label in labels}
+    missing = [name for name in features if name not in present]
+    if missing:
+        listed = ", ".join(map(repr, sorted(present)[:12])) + (", …" if len(present) > 12 else "")
+        raise InputError(f"--feature {', '.join(map(repr, missing))}: no region of {ds.manifest_file} is labelled "
+                         f"so (column 'region_labels'); the labels present: {listed or 'none'}")
 
 
 def _presence(ds, features: Sequence[str]) -> tuple[np.ndarray | None, list[str]]:

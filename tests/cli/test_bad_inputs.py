@@ -156,6 +156,11 @@ def _datasets(ws: Path) -> None:
     table = pa.Table.from_pylist([dict(r, boxes=[[0, 0, 90, 20]]) for r in rows])
     pq.write_table(table, ws / "data" / "badbox" / "manifest.parquet")
 
+    for name, labels in (("oneclass", ["one", "one"]), ("caselabels", ["one", "One "]),
+                         ("longlabels", ["a " * 90 + "one", "a " * 90 + "nine"])):
+        rows = images(ws / "data" / name)
+        write_manifest(ws / "data" / name, [dict(row, label=label) for row, label in zip(rows, labels)])
+
     (ws / "data" / "nomanifest").mkdir(parents=True)
     images(ws / "data" / "notparquet")
     (ws / "data" / "notparquet" / "manifest.parquet").write_text("image_id,path\ni0,img0.png\n")
@@ -195,6 +200,9 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "bad" / "vocab_braces.txt", "red {thing}\n")
     _dump(ws / "bad" / "params_tau.yaml", "scores:\n  tau: 0\n")
     _dump(ws / "bad" / "params_template.yaml", "scores:\n  templates: ['a {kind} of {}']\n")
+    _dump(ws / "bad" / "params_k_range.yaml", "discovery:\n  k_range: [10, 5]\n")
+    _dump(ws / "bad" / "params_seed.yaml", "discovery:\n  seed: -3\n")
+    _dump(ws / "bad" / "params_tau_tiny.yaml", "scores:\n  tau: 1.0e-45\n")
     _dump(ws / "bad" / "coco.json", {"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []})
     # earlier results of the user, beside which bad commands are run
     _dump(ws / "results" / "findings.json", _findings(ws))
@@ -332,6 +340,19 @@ CASES = [
     _flag("synth-n-val-0", SYNTH, "--n-val", "0"),
     _flag("report-top-regions-negative", REPORT, "--top-regions", "-1"),
     _flag("bench-workers-0", ["bench", "discovery", "--out", "{ws}/bench"], "--workers", "0"),
+    _flag("discover-tau-underflows", DISCOVER, "--tau", "1e-45"),
+    _flag("finetune-tau-underflows", FINETUNE, "--tau", "1e-45"),
+    _flag("discover-seed-negative", DISCOVER, "--seed", "-1"),
+    _flag("discover-seed-huge", DISCOVER, "--seed", str(2**64)),
+    _flag("finetune-seed-huge", FINETUNE, "--seed", str(2**32)),
+    Case("numeric and choice flags", "discover-proposer-grid-huge", [*DISCOVER, "--proposer", "grid:100000"],
+         ("proposer", "'grid:100000'", "[1, 32]")),
+    Case("numeric and choice flags", "params-k-range", ["materialize", "--select", "audited_model"],
+         ("params_k_range.yaml", "discovery.k_range", "[10, 5]")),
+    Case("numeric and choice flags", "params-seed", ["materialize", "--select", "audited_model"],
+         ("params_seed.yaml", "discovery.seed", "-3")),
+    Case("numeric and choice flags", "params-tau-tiny", ["materialize", "--select", "audited_model"],
+         ("params_tau_tiny.yaml", "scores.tau")),
     Case("numeric and choice flags", "discover-mode-unknown", [*DISCOVER, "--mode", "fast"], ("--mode", "'fast'")),
     Case("numeric and choice flags", "finetune-method-unknown", [*FINETUNE, "--method", "magic"],
          ("--method", "'magic'")),
@@ -520,6 +541,16 @@ CASES = [
          ("dupid/manifest.parquet", "row 1", "duplicate")),
     Case("datasets", "box-outside-image", ["discover", *MODEL, "--data", "{ws}/data/badbox", *DISCOVER[7:]],
          ("badbox/manifest.parquet", "column 'boxes'", "outside")),
+    Case("datasets", "single-class", ["discover", *MODEL, "--data", "{ws}/data/oneclass", *DISCOVER[7:]],
+         ("oneclass/manifest.parquet", "at least two classes", "'one'")),
+    Case("datasets", "evaluate-single-class", ["evaluate", *MODEL, "--data", "{ws}/data/oneclass", "--split", "all",
+                                               *EVALUATE[5:]], ("oneclass/manifest.parquet", "at least two classes")),
+    Case("datasets", "labels-differ-by-case", ["discover", *MODEL, "--data", "{ws}/data/caselabels", *DISCOVER[7:]],
+         ("caselabels/manifest.parquet", "'One '", "'one'", "case or spaces")),
+    Case("datasets", "prompts-identical-once-tokenized", ["discover", *MODEL, "--data", "{ws}/data/longlabels",
+                                                          *DISCOVER[7:]], ("identical once tokenized", "cut at 16 tokens")),
+    Case("datasets", "evaluate-feature-unknown", [*EVALUATE, "--feature", "plaid"],
+         ("--feature 'plaid'", "eval/manifest.parquet", "region_labels")),
     Case("datasets", "no-manifest", ["discover", *MODEL, "--data", "{ws}/data/nomanifest", *DISCOVER[7:]],
          ("nomanifest/manifest.parquet",)),
     Case("datasets", "manifest-not-parquet", ["discover", *MODEL, "--data", "{ws}/data/notparquet", *DISCOVER[7:]],
