@@ -11,11 +11,13 @@ value) are one line with status 2 as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..config import InputError, first_line, user_error_message
 from ..io.files import check_output, remove_stale_temporaries
@@ -35,10 +37,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# warnings of the project and of libraries (PIL's decompression bomb, numerical warnings) shown as the
+# project's own one-line warnings; deprecations stay the developers' business
+SHOWN_WARNINGS = (UserWarning, RuntimeWarning)
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Within: each warning of :data:`SHOWN_WARNINGS` printed once as
+    ``ravl <command>: warning: <its first line>`` (no source line, no
+    file of the library that raised it)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, SHOWN_WARNINGS):
+            return previous(message, category, filename, lineno, file, line)
+        text = first_line(str(message), 600)
+        if text not in seen:
+            seen.add(text)
+            warn(command, text)
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        warnings.showwarning = show
+        yield
+
+
 def run_guarded(command: str, func: Callable[[], int | None], verbose: bool = False) -> int:
     """Run one command behind the boundary; returns its exit status."""
     try:
-        return int(func() or 0)
+        with one_line_warnings(command):
+            return int(func() or 0)
     except KeyboardInterrupt:
         print(f"ravl {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -35,18 +35,21 @@ import secrets
 import shutil
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..config import InputError
 
 __all__ = ["OutputPathError", "output_problem", "check_output", "input_problem", "check_input_file",
-           "atomic_write", "write_files_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "json_bytes",
+           "atomic_write", "write_files_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+           "json_bytes",
            "read_json", "replace_dir", "atomic_dir", "copy_dir_atomic", "temporary_path", "remove_stale_temporaries",
            "process_alive"]
 
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ravl-(?P<kind>tmp|old|unit)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<target>.+)\.ravl-(?P<kind>tmp|old|unit)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+$")
 
 
 class OutputPathError(InputError):
@@ -99,7 +102,8 @@ def output_problem(path: str | os.PathLike, *, folder: bool = False,
         return (f"is a symbolic link (to {os.readlink(path)}); outputs are not written through links nor "
                 "replace them: name the link's target itself, or remove the link")
     if kind is not None:
-        return f"is a {kind}, not a regular {'folder' if folder else 'file'}: name a {'folder' if folder else 'file'} to write"
+        noun = "folder" if folder else "file"
+        return f"is a {kind}, not a regular {noun}: name a {noun} to write"
     if not folder and text.endswith((os.sep, "/")):
         return "ends in '/', so it names a folder: name the file to write (e.g. add its file name)"
     if not folder and path.is_dir():
@@ -152,7 +156,8 @@ def input_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
         return None if folder else "is a folder, expected a file"
     if stat.S_ISREG(mode):
         return "is a file, expected a folder" if folder else None
-    return f"is a {_kind_of(Path(os.path.realpath(path))) or 'special file'}, expected a {'folder' if folder else 'regular file'}"
+    kind = _kind_of(Path(os.path.realpath(path))) or "special file"
+    return f"is a {kind}, expected a {'folder' if folder else 'regular file'}"
 
 
 def check_input_file(path: str | os.PathLike, what: str = "", error: type = InputError) -> Path:
@@ -245,7 +250,8 @@ def _finish_unit(folder: Path, journal: Path) -> None:
     except (OSError, ValueError):
         pairs = []
     for tmp, target in pairs if isinstance(pairs, list) else []:
-        if isinstance(tmp, str) and isinstance(target, str) and "/" not in tmp + target and os.path.lexists(folder / tmp):
+        names = isinstance(tmp, str) and isinstance(target, str) and "/" not in tmp + target
+        if names and os.path.lexists(folder / tmp):
             with contextlib.suppress(OSError):
                 os.replace(folder / tmp, folder / target)
     journal.unlink(missing_ok=True)
@@ -370,6 +376,9 @@ def read_json(path: str | os.PathLike, error: type = InputError, expect: type | 
             data = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be read (lists or objects within each other "
+                    f"{sys.getrecursionlimit():,} levels or more)") from None
     if expect is not None and not isinstance(data, expect):
         noun = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
         raise error(f"{path}: expected {noun}, got {type(data).__name__}")

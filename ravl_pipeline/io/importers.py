@@ -12,7 +12,6 @@ only when every image is copied: a missing or unreadable image, a full
 disk or a kill leaves an earlier dataset in ``out_dir`` as it was."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,7 +23,7 @@ from PIL import Image
 
 from .dataset import Dataset, load_dataset
 from .files import atomic_dir, input_problem, read_json
-from .manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, ManifestError, probe_image, validate, write_manifest
+from .manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, ManifestError, probe_image, write_manifest
 
 __all__ = ["import_imagefolder", "import_coco"]
 

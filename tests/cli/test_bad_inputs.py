@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from ravl_pipeline.cli import main as ravl
 from ravl_pipeline.experiments.synth import SynthConfig, make_setting
@@ -177,6 +178,17 @@ def _models(ws: Path) -> None:
                          ("ck_noweights", lambda d: (d / WEIGHTS_NAME).unlink())):
         shutil.copytree(ws / "ck", ws / name)
         change(ws / name)
+    config = json.loads((ws / "ck" / CONFIG_NAME).read_text())
+    vit = load_model("ravl-tiny-vit", seed=0).model.state_dict()
+    nan = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    nan["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    for name, change in (
+            ("ck_nan", lambda d: save_file(nan, d / WEIGHTS_NAME)),
+            ("ck_cfgtype", lambda d: (d / CONFIG_NAME).write_text(json.dumps(
+                dict(config, model_cfg=dict(config["model_cfg"], vision_cfg=5))))),
+            ("ck_otherarch", lambda d: save_file(vit, d / WEIGHTS_NAME))):
+        shutil.copytree(ws / "ck", ws / name)
+        change(ws / name)
     state = lm.model.state_dict()
     torch.save({"state_dict": state, "args": argparse.Namespace(lr=1e-3)}, ws / "pickled.pt")
     torch.save({"state_dict": state, "hook": _Evil(ws / "EXECUTED")}, ws / "evil.pt")
@@ -197,6 +209,7 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "bad" / "metrics_text.json", dict(metrics, image_overall="good"))
     _dump(ws / "bad" / "provenance_list.json", ["not", "an", "object"])
     _dump(ws / "bad" / "vocab_empty.txt", "# nothing\n\n")
+    _dump(ws / "bad" / "deep.json", "[" * 200_000 + "]" * 200_000)
     _dump(ws / "bad" / "vocab_braces.txt", "red {thing}\n")
     _dump(ws / "bad" / "params_tau.yaml", "scores:\n  tau: 0\n")
     _dump(ws / "bad" / "params_template.yaml", "scores:\n  templates: ['a {kind} of {}']\n")
@@ -474,6 +487,13 @@ CASES = [
                                                   *DISCOVER[3:]], ("ck_badconfig/open_clip_config.json", "JSON")),
     Case("models", "malformed-ravl-model-json", ["discover", "--model", "local-dir:{ws}/ck_badmeta", *DISCOVER[3:]],
          ("ck_badmeta/ravl_model.json", "JSON")),
+    Case("models", "nan-weights", ["discover", "--model", "local-dir:{ws}/ck_nan", *DISCOVER[3:]],
+         ("ck_nan/open_clip_model.safetensors", "'visual.conv1.weight'", "NaN")),
+    Case("models", "config-of-wrong-type", ["discover", "--model", "local-dir:{ws}/ck_cfgtype", *DISCOVER[3:]],
+         ("ck_cfgtype/open_clip_config.json", "'model_cfg'", "wrong type")),
+    Case("models", "weights-of-another-architecture", ["evaluate", "--model", "local-dir:{ws}/ck_otherarch",
+                                                       *EVALUATE[3:]],
+         ("ck_otherarch/open_clip_model.safetensors", "Missing key(s)", "visual.")),
     Case("models", "checkpoint-without-weights", ["discover", "--model", "local-dir:{ws}/ck_noweights",
                                                   *DISCOVER[3:]], ("ck_noweights", WEIGHTS_NAME)),
     Case("models", "checkpoint-folder-missing", ["discover", "--model", "local-dir:{ws}/nowhere", *DISCOVER[3:]],
@@ -514,6 +534,8 @@ CASES = [
                             ("box_outside", ("feature rank 1", "eval-000000", "outside", "56x56")),
                             ("unknown_image", ("no-such-image",)),
                             ("schema_version", ("schema_version 9",)))],
+    Case("report inputs", "report-findings-nested-deep", ["report", "--findings", "{ws}/bad/deep.json", *REPORT[3:]],
+         ("bad/deep.json", "nested too deeply")),
     Case("report inputs", "report-metrics-missing-key",
          [*REPORT, "--metrics", "ravl={ws}/bad/metrics_missing.json"], ("metrics_missing.json", "region_overall")),
     Case("report inputs", "report-metrics-not-a-number",
@@ -748,3 +770,25 @@ def test_a_huge_message_is_cut_to_one_readable_line(tmp_path, capsys):
     assert rc == 2
     assert_one_clear_line(err, "discover")
     assert "--classes" in err and "more characters)" in err and len(err) < 2000
+
+
+def test_warnings_of_libraries_are_the_projects_one_line_warnings(ws, tmp_path, monkeypatch, capsys):
+    """A 16-bit image (scaled to 8 bits, not clipped) and PIL's decompression
+    bomb warning each end as one ``ravl discover: warning:`` line, once,
+    without the library's file and source line."""
+    from ravl_pipeline.io import dataset as dataset_module
+
+    root = tmp_path / "wide"
+    shutil.copytree(ws / "set" / "eval", root)
+    first = root / "images" / "eval-000000.png"
+    Image.fromarray((np.asarray(Image.open(first).convert("L")).astype(np.uint16) * 257)).save(first)
+    dataset_module._warned_modes.clear()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 56×56 images: above it, below twice it
+    argv = ["discover", *[a.replace("{ws}", str(ws)) for a in MODEL], "--data", str(root), "--split", "val",
+            "--no-evidence", "--quiet", "--out", str(tmp_path / "f.json")]
+    assert run_ravl(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert all(line.startswith("ravl discover: warning: ") for line in lines), lines
+    wide = [line for line in lines if "I;16 image" in line]
+    bomb = [line for line in lines if "decompression bomb" in line.lower()]
+    assert len(wide) == 1 and "eval-000000.png" in wide[0] and len(bomb) == 1, lines
