@@ -492,6 +492,13 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          f"one of {', '.join(DEVICE_CHOICES)} or cuda:N", params.compute.device)
     need(params.compute.precision in PRECISIONS, "compute.precision", f"one of {', '.join(PRECISIONS)}",
          params.compute.precision)
+    templates, classes = params.scores.templates, params.labels.classes
+    need(templates is None or (isinstance(templates, list) and templates), "scores.templates",
+         "a list of templates (or null)", templates)
+    need(classes is None or (isinstance(classes, list) and len(classes) >= 2
+                             and all(isinstance(c, str) and c.strip() for c in classes)
+                             and len(set(classes)) == len(classes)),
+         "labels.classes", "a list of at least two distinct class names (or null)", classes)
     for i, template in enumerate(params.scores.templates or []):
         problem = template_problem(template)
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)

@@ -4,6 +4,7 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import (COUNT, DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig,
                       check_template, flag_type, stage2_config, train_config)
@@ -82,6 +83,8 @@ def run(args) -> int:
     if args.findings:
         check_input_file(args.findings, "--findings")
     findings = read_findings(args.findings) if args.findings else None
+    if findings is not None and not args.audited_model:
+        check_recorded_model(findings.model, args.findings)
     flags = training_flags(args, template)
     cfg = stage2_train_config(args, flags, findings) if findings is not None else train_config(None, **flags)
     world = world_from_env()
@@ -101,6 +104,14 @@ def run(args) -> int:
         print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), {where}, "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
     return 0
+
+
+def check_recorded_model(model: str | None, findings_path: str) -> None:
+    """The audited model a findings file records, when it is a checkpoint
+    folder, still exists; the error says where the path came from."""
+    if model and model.startswith("local-dir:") and not os.path.isdir(model.removeprefix("local-dir:")):
+        raise InputError(f"{findings_path}, key 'model': the audited checkpoint {model.removeprefix('local-dir:')} "
+                         "is not a folder (moved or removed?); pass --audited-model local-dir:PATH to say where it is")
 
 
 def stage2_train_config(args, flags: dict, findings) -> TrainConfig:

@@ -91,6 +91,11 @@ BAD_FINDINGS = {
                                          "similarity": 0.9}]},
     "unknown_image": {"feature.regions": [{"image_id": "no-such-image", "region_index": 0, "box": QUADRANTS[0],
                                            "similarity": 0.9}]},
+    "names_number": {"feature.names": 3},
+    "causal_text": {"feature.causal": "flips"},
+    "called_text": {"feature.called": "yes"},
+    "significance_text": {"significance": "none"},
+    "model_moved": {"model": "local-dir:/nonexistent/ravl-audited"},
 }
 
 
@@ -215,6 +220,8 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "bad" / "params_template.yaml", "scores:\n  templates: ['a {kind} of {}']\n")
     _dump(ws / "bad" / "params_k_range.yaml", "discovery:\n  k_range: [10, 5]\n")
     _dump(ws / "bad" / "params_seed.yaml", "discovery:\n  seed: -3\n")
+    _dump(ws / "bad" / "params_classes.yaml", "labels:\n  classes: one, nine\n")
+    _dump(ws / "bad" / "params_templates.yaml", "scores:\n  templates: 'a photo of a {}.'\n")
     _dump(ws / "bad" / "params_tau_tiny.yaml", "scores:\n  tau: 1.0e-45\n")
     _dump(ws / "bad" / "coco.json", {"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []})
     # earlier results of the user, beside which bad commands are run
@@ -364,6 +371,10 @@ CASES = [
          ("params_k_range.yaml", "discovery.k_range", "[10, 5]")),
     Case("numeric and choice flags", "params-seed", ["materialize", "--select", "audited_model"],
          ("params_seed.yaml", "discovery.seed", "-3")),
+    Case("templates", "params-templates", ["materialize", "--select", "audited_model"],
+         ("params_templates.yaml", "scores.templates", "a list")),
+    Case("numeric and choice flags", "params-classes", ["materialize", "--select", "audited_model"],
+         ("params_classes.yaml", "labels.classes", "'one, nine'")),
     Case("numeric and choice flags", "params-tau-tiny", ["materialize", "--select", "audited_model"],
          ("params_tau_tiny.yaml", "scores.tau")),
     Case("numeric and choice flags", "discover-mode-unknown", [*DISCOVER, "--mode", "fast"], ("--mode", "'fast'")),
@@ -521,7 +532,10 @@ CASES = [
                             ("features_not_list", ("'features'",)),
                             ("not_json", ("not valid JSON",)),
                             ("not_object", ("JSON object",)),
-                            ("missing_key", ("missing required key", "k")))],
+                            ("missing_key", ("missing required key", "k")),
+                            ("causal_text", ("rank 1", "'causal'", "an object")),
+                            ("called_text", ("rank 1", "'called'", "true or false")),
+                            ("model_moved", ("key 'model'", "/nonexistent/ravl-audited", "--audited-model")))],
     Case("findings (Stage 2)", "finetune-findings-missing", [*STAGE2, "{ws}/bad/nothing.json"],
          ("bad/nothing.json",)),
     Case("findings (Stage 2)", "finetune-ravl-without-findings", [*FINETUNE, "--method", "ravl"], ("--findings",)),
@@ -533,7 +547,9 @@ CASES = [
                             ("score_nan", ("rank 1", "'score'")),
                             ("box_outside", ("feature rank 1", "eval-000000", "outside", "56x56")),
                             ("unknown_image", ("no-such-image",)),
-                            ("schema_version", ("schema_version 9",)))],
+                            ("schema_version", ("schema_version 9",)),
+                            ("names_number", ("rank 1", "'names'", "an object")),
+                            ("significance_text", ("'significance'", "an object")))],
     Case("report inputs", "report-findings-nested-deep", ["report", "--findings", "{ws}/bad/deep.json", *REPORT[3:]],
          ("bad/deep.json", "nested too deeply")),
     Case("report inputs", "report-metrics-missing-key",
