@@ -7,9 +7,11 @@ appeared (bytes compared, hidden files included)."""
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -639,6 +641,17 @@ def test_the_table_covers_every_group_and_names_are_unique():
     groups = {c.group for c in CASES}
     assert groups == {"numeric and choice flags", "templates", "output paths", "input kinds", "imports", "models",
                       "findings (Stage 2)", "report inputs", "datasets"}
+
+
+def test_the_readme_counts_the_table_as_it_is():
+    """README's reliability section states the number of cases and each group's count."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Reliability"):]
+    section = section[:section.index("\n## ", 3)]
+    prose = " ".join(section.split())
+    assert f"runs {len(CASES)} bad inputs" in prose and f"all {len(CASES)} end in a clear error" in prose
+    rows = dict(re.findall(r"^\| ([A-Za-z (),0-9]+?) \| (\d+) \|", section, re.M))
+    assert {group: int(n) for group, n in rows.items()} == dict(collections.Counter(c.group for c in CASES))
 
 
 def run_ravl(argv: list[str]) -> int:
