@@ -95,7 +95,7 @@ def _write_dataset(out_dir: Path, rows: list[dict], sources: list[Path], origins
     if not copying:  # referenced in place: only the manifest is written, once every row is checked
         for row, src in zip(rows, sources):
             row["path"] = src.resolve().relative_to(out_dir.resolve()).as_posix()
-        write_manifest(out_dir, rows)
+        write_manifest(out_dir, rows, check_images=True, require_labels=require_labels)  # boxes against images
         return load_dataset(out_dir, require_labels=require_labels)
     with atomic_dir(out_dir) as stage:
         _carry_over(out_dir, stage)

@@ -221,12 +221,16 @@ def write_manifest(
     root: str | os.PathLike,
     table_or_rows: pa.Table | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
     overwrite: bool = True,
+    *,
+    check_images: bool = False,
+    require_labels: bool = False,
 ) -> Path:
     """Write a manifest into dataset directory ``root`` (created if needed).
 
     ``table_or_rows`` is a pyarrow table, a list of row dicts, or a dict of
     columns. The table is converted to the canonical schema and checked with
-    :func:`validate` (without opening images) *before* anything is written,
+    :func:`validate` (opening the images only with ``check_images``) *before*
+    anything is written,
     then written to a temporary file in ``root`` and moved over the manifest
     with ``os.replace``, so readers see the old manifest or the new one,
     never a partial file. Returns the manifest path.
@@ -240,7 +244,7 @@ def write_manifest(
     else:
         table = _table_from_rows(table_or_rows, file)
     table = canonicalize(table, file)
-    validate(table, root, check_images=False)
+    validate(table, root, require_labels=require_labels, check_images=check_images)
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file}: manifest exists and overwrite=False")
     root.mkdir(parents=True, exist_ok=True)
