@@ -7,7 +7,8 @@ written (a COCO file's types, ids, category names and boxes; every source
 image a readable regular file). Images referenced in place leave only the
 manifest to write, in one atomic rename. Images copied are staged in a
 temporary folder beside ``out_dir`` (holding, as hard links, whatever
-``out_dir`` already held), checked there, and swapped in with one rename
+``out_dir`` already held: it must be new, empty or an earlier dataset),
+checked there, and swapped in with one rename
 only when every image is copied: a missing or unreadable image, a full
 disk or a kill leaves an earlier dataset in ``out_dir`` as it was."""
 from __future__ import annotations
@@ -90,6 +91,10 @@ def _write_dataset(out_dir: Path, rows: list[dict], sources: list[Path], origins
     """Place the images and write the manifest, all or nothing (see the
     module); ``origins`` say where each row came from and ``source`` what
     is imported, for messages."""
+    if copying and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ManifestError(f"{out_dir}: an existing folder that is not a dataset (no {MANIFEST_NAME}); an import "
+                            "that copies its images replaces the folder as a whole, so it writes only into a new or "
+                            "empty folder or an earlier dataset")
     for src, where in zip(sources, origins):
         _check_source(src, where)
     if not copying:  # referenced in place: only the manifest is written, once every row is checked

@@ -622,6 +622,8 @@ CASES = [
     Case("imports", "import-in-place-box-outside", ["import", "coco", "{ws}/bad/coco_wrong_size.json", "--images",
                                                     "{ws}/set/eval/images", "--out", "{ws}/set/eval"],
          ("set/eval/manifest.parquet", "row 0", "column 'boxes'", "outside")),
+    Case("imports", "import-copying-into-unrelated-folder", ["import", "imagefolder", "{ws}/imagefolder", "--out",
+                                                             "{ws}/results"], ("results", "not a dataset")),
     Case("imports", "import-imagefolder-corrupt-image", ["import", "imagefolder", "{ws}/imagefolder",
                                                          "--out", "{ws}/set/finetune"],
          ("imagefolder: class 'nine'", "b.png", "unreadable")),

@@ -135,6 +135,9 @@ def test_an_import_into_an_existing_folder_keeps_its_other_files(tmp_path: Path)
     out = tmp_path / "out"
     _imagefolder(out / "raw")
     (out / "notes.txt").write_text("mine")
+    with pytest.raises(ManifestError, match="not a dataset"):  # copying replaces the folder: not any folder
+        import_coco(instances, images, out, split="val")
+    import_imagefolder(out / "raw", out)  # an earlier dataset, its images in place
     ds = import_coco(instances, images, out, split="val")
     assert (out / "notes.txt").read_text() == "mine" and (out / "raw" / "cat" / "1.png").is_file()
     assert ds.paths == ["images/000001.png", "images/000002.png"]
