@@ -13,8 +13,11 @@ through: the message names its target), never a device, named pipe or
 socket, never a folder where a file is asked for (``out/``, with its
 trailing slash, names a folder), and never one of the inputs of the same
 command, whatever path names it. The command line checks it before any
-work; :func:`atomic_write` and :func:`replace_dir` check the first three
-again at the moment of writing.
+work, on the paths the user names. The write functions check it again at
+the moment of writing, but for one case: a file output that is a link
+(as DVC's symlink or hardlink cache makes the pipeline's outputs) is
+replaced by the new file, never written through, so the file it pointed to
+is left as it was.
 
 A temporary is named ``.<target>.ravl-tmp-<host>-<pid>-<random>`` (a hash
 of the host name and the id of the process writing it), so that it is
@@ -170,8 +173,11 @@ def check_input_file(path: str | os.PathLike, what: str = "", error: type = Inpu
 
 
 def _refuse_unwritable_target(target: Path, folder: bool) -> None:
-    """The output rule at the moment of writing: never replace a link, a
-    special file, or a folder with a file (or a file with a folder)."""
+    """The output rule at the moment of writing: never replace a special
+    file, or a folder with a file (or a file with a folder), nor a link
+    with a folder; a link where a file goes is replaced, not written through."""
+    if not folder and _kind_of(target) == "symbolic link":
+        return
     problem = output_problem(target, folder=folder)
     if problem:
         raise OutputPathError(f"{target}: {problem}")
