@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -72,6 +73,16 @@ class InputError(ValueError):
 
 # Operating-system errors that are about a path the user named.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# ... and those the user can act on, whatever their Python type: a full disk or quota, a name too long, a
+# permission, a read-only file system; each with what to do
+USER_OS_ERRNOS = {errno.ENOSPC: "free some space, or write elsewhere",
+                  errno.EDQUOT: "free some space, or write elsewhere",
+                  errno.ENAMETOOLONG: "use a shorter name",
+                  errno.EACCES: "check its permissions, or write elsewhere",
+                  errno.EPERM: "check its permissions, or write elsewhere",
+                  errno.EROFS: "write to a writable file system",
+                  errno.ELOOP: "the path's symbolic links form a loop"}
+MESSAGE_LINE_LIMIT = 1000  # characters of one line of a message (a path or a value may be huge)
 
 
 def first_line(text: str, limit: int = 400) -> str:
@@ -80,15 +91,30 @@ def first_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def capped(text: str, limit: int = MESSAGE_LINE_LIMIT) -> str:
+    """``text`` with each line cut to ``limit`` characters, saying how many were left out."""
+    lines = []
+    for line in str(text).strip().splitlines():
+        if len(line) > limit:
+            line = f"{line[:limit]}… ({len(line) - limit:,} more characters)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def user_error_message(exc: BaseException) -> str | None:
     """The message of an error the user caused (an :class:`InputError`, or
-    an OS error about a path), ``None`` for anything else (an internal error)."""
+    an OS error about a path or one the user can act on: a full disk, a
+    name too long, a permission, a read-only file system), ``None`` for
+    anything else (an internal error). Long lines are cut."""
     if isinstance(exc, InputError):
-        return str(exc).strip()
-    if isinstance(exc, USER_OS_ERRORS):
+        return capped(exc)
+    if isinstance(exc, OSError) and (isinstance(exc, USER_OS_ERRORS) or exc.errno in USER_OS_ERRNOS):
+        hint = USER_OS_ERRNOS.get(exc.errno)
         if exc.filename is not None and exc.strerror:
-            return f"{exc.filename}: {exc.strerror}"
-        return first_line(str(exc))
+            text = f"{exc.filename}: {exc.strerror}" + (f" ({hint})" if hint else "")
+        else:
+            text = first_line(str(exc)) + (f" ({hint})" if hint and exc.strerror else "")
+        return capped(text)
     return None
 
 
@@ -107,13 +133,13 @@ class Bound:
 
     def describe(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
-        lo, hi = self.low, self.high
+        lo, hi = (None if v is None else str(v) if isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
         if lo is not None and hi is not None:
-            return f"{noun} in {'(' if self.open_low else '['}{lo:g}, {hi:g}{')' if self.open_high else ']'}"
+            return f"{noun} in {'(' if self.open_low else '['}{lo}, {hi}{')' if self.open_high else ']'}"
         if lo is not None:
-            return f"{noun} {'>' if self.open_low else '≥'} {lo:g}"
+            return f"{noun} {'>' if self.open_low else '≥'} {lo}"
         if hi is not None:
-            return f"{noun} {'<' if self.open_high else '≤'} {hi:g}"
+            return f"{noun} {'<' if self.open_high else '≤'} {hi}"
         return noun
 
     def accepts(self, value: Any) -> bool:
@@ -146,6 +172,9 @@ NON_NEGATIVE = Bound(float, 0)
 UNIT = Bound(float, 0, 1)  # a fraction in [0, 1]
 OPEN_UNIT = Bound(float, 0, 1, open_low=True, open_high=True)
 NUMBER = Bound(float)
+SEED = Bound(int, 0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
+# a temperature below this makes similarities / τ overflow to infinities (NaN probabilities) or one-hot scores
+TEMPERATURE = Bound(float, 1e-4)
 
 
 def template_problem(template: Any) -> str | None:
@@ -236,14 +265,14 @@ class LabelsConfig:
 
 @dataclass(frozen=True)
 class ScoresConfig:
-    tau: float = _f(DEFAULT_TAU, "softmax temperature of the zero-shot scores", POSITIVE)
+    tau: float = _f(DEFAULT_TAU, "softmax temperature of the zero-shot scores", TEMPERATURE)
     templates: list[str] | None = _f(None, "prompt templates with {} for the class (default: the dataset's "
                                            "setting.json caption template, else 'a photo of a {}.')")
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    seed: int = _f(0, "seed of the clustering and the permutation draws", INTEGER)
+    seed: int = _f(0, "seed of the clustering and the permutation draws", SEED)
     influence_threshold: float = _f(0.25, "H_c threshold of the spurious criterion (SPEC §2.4)", UNIT)
     k_range: list[int] | None = _f(None, "[lo, hi) of K (default [2|Y|, 5|Y|))")
     max_regions: int = _f(20000, "regions clustered at most; more are sampled and the rest assigned", Bound(int, 2))
@@ -276,7 +305,7 @@ class MitigationConfig:
     epochs: float | None = _f(None, "epochs (default: the audited model's fine-tuning)", POSITIVE)
     lr: float | None = _f(None, "learning rate (default: the audited model's fine-tuning)", POSITIVE)
     batch_size: int | None = _f(None, "batch size (default: the audited model's fine-tuning)", COUNT)
-    seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)", INTEGER)
+    seed: int | None = _f(None, "seed (default: the audited model's fine-tuning)", SEED)
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
     # 256 steps: 16 epochs of the built-in settings' 2,000 fine-tuning images at batch 128. Over the audited model's
     # 64 steps RaVL gains on image overall, region overall and region worst-group (intervals above 0) on both model
@@ -333,11 +362,11 @@ class TrainConfig:
     lr: float = _f(5e-4, "learning rate", POSITIVE)
     weight_decay: float = _f(0.1, "AdamW weight decay (not on biases and norms)", NON_NEGATIVE)
     warmup_steps: int = _f(0, "linear warm-up steps before the cosine schedule", NON_NEGATIVE_INT)
-    seed: int = _f(0, "seed of initialisation, data order and sampling", INTEGER)
+    seed: int = _f(0, "seed of initialisation, data order and sampling", SEED)
     lock_text: bool = _f(False, "freeze the text tower")
     caption_template: str = _f(DEFAULT_TEMPLATE, "caption for rows without one, {} = label")
     lam: float = _f(MitigationConfig.lam, "λ of the region-aware loss (SPEC §3.3)", UNIT)
-    tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", POSITIVE)
+    tau: float = _f(DEFAULT_TAU, "temperature of the region-aware loss", TEMPERATURE)
     region_loss: str = _f(MitigationConfig.region_loss, "form of the region-aware loss: correlated | spec")
     max_steps: int | None = _f(None, "stop after this many steps", COUNT)
     min_steps: int | None = _f(None, "train at least this many steps, whatever the epochs give (none: the epochs "
@@ -464,6 +493,11 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
     need(isinstance(disc.evidence, bool), "discovery.evidence", "true or false", disc.evidence)
     need(isinstance(params.mitigation.control, bool), "mitigation.control", "true or false",
          params.mitigation.control)
+    k_range = disc.k_range
+    need(k_range is None or (isinstance(k_range, list) and len(k_range) == 2
+                             and all(isinstance(k, int) and not isinstance(k, bool) for k in k_range)
+                             and 2 <= k_range[0] < k_range[1]),
+         "discovery.k_range", "[lo, hi), two integers with 2 ≤ lo < hi (or null for the default)", k_range)
     need(disc.mask_fill in MASK_FILL_CHOICES, "discovery.mask_fill", f"one of {', '.join(MASK_FILL_CHOICES)}",
          disc.mask_fill)
     need(disc.mask_control in MASK_CONTROLS, "discovery.mask_control", f"one of {', '.join(MASK_CONTROLS)}",
@@ -476,6 +510,13 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
          f"one of {', '.join(DEVICE_CHOICES)} or cuda:N", params.compute.device)
     need(params.compute.precision in PRECISIONS, "compute.precision", f"one of {', '.join(PRECISIONS)}",
          params.compute.precision)
+    templates, classes = params.scores.templates, params.labels.classes
+    need(templates is None or (isinstance(templates, list) and templates), "scores.templates",
+         "a list of templates (or null)", templates)
+    need(classes is None or (isinstance(classes, list) and len(classes) >= 2
+                             and all(isinstance(c, str) and c.strip() for c in classes)
+                             and len(set(classes)) == len(classes)),
+         "labels.classes", "a list of at least two distinct class names (or null)", classes)
     for i, template in enumerate(params.scores.templates or []):
         problem = template_problem(template)
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import itertools
 import logging
 import os
 import pickle
@@ -30,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .compute import CPU, Compute, use_device
-from .config import InputError, first_line
+from .config import InputError
 from .io.files import atomic_dir, read_json
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -113,6 +114,22 @@ def meta_path(spec: str) -> Path | None:
     return Path(ident) / RAVL_META_NAME if kind == "local-dir" else None
 
 
+def model_inputs(spec: str | None, pretrained: str | None = None, flag: str = "--model",
+                 pretrained_flag: str = "--pretrained") -> list[tuple[str, Path]]:
+    """What loading model ``spec`` reads, as ``(name, path)`` for the output
+    rule (:func:`~ravl_pipeline.io.files.output_problem`): a ``local-dir:``
+    checkpoint's folder and files, and a ``pretrained`` weights file."""
+    out: list[tuple[str, Path]] = []
+    kind, ident = _parse_name(str(spec)) if spec else ("name", None)
+    if kind == "local-dir" and ident:
+        folder = Path(ident)
+        out += [(f"{flag} {spec}", folder)] + [(f"{flag} {spec}", folder / name)
+                                               for name in (CONFIG_NAME, WEIGHTS_NAME, RAVL_META_NAME)]
+    if pretrained and os.path.lexists(pretrained):
+        out.append((f"{pretrained_flag} {pretrained}", Path(pretrained)))
+    return out
+
+
 def read_meta(spec: str) -> dict[str, Any]:
     """What a checkpoint records of how it was made (:func:`meta_path`; its
     training configuration under ``train``); ``{}`` for any other model, or a
@@ -167,16 +184,37 @@ def load_model(spec: str, pretrained: str | None = None, compute: Compute | None
                 model_name, pretrained=pretrained, device=compute.device, weights_only=True, **overrides)
     except pickle.UnpicklingError as exc:
         raise ModelError(_refused_pickle(pretrained, exc)) from exc
+    except (TypeError, AttributeError) as exc:  # a model_cfg value of the wrong type
+        if kind != "local-dir":
+            raise
+        raise ModelError(f"cannot build model {spec!r} from {Path(ident) / CONFIG_NAME}: its 'model_cfg' holds a "
+                         f"value of the wrong type ({_reason(exc)})") from exc
     except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
         weights = pretrained if kind == "name" else Path(ident) / WEIGHTS_NAME
         raise ModelError(f"cannot load model {spec!r}: weights {weights} are unreadable or do not fit the "
-                         f"architecture ({first_line(str(exc), 300)})") from exc
+                         f"architecture ({_reason(exc)})") from exc
+    if kind == "local-dir" or pretrained is not None:
+        weights = Path(ident) / WEIGHTS_NAME if kind == "local-dir" else pretrained
+        # parameters finite; buffers without NaN (the text tower's causal mask holds -inf by design)
+        tensors = itertools.chain(((n, t, lambda x: ~torch.isfinite(x)) for n, t in model.named_parameters()),
+                                  ((n, t, torch.isnan) for n, t in model.named_buffers()))
+        for name, tensor, bad in tensors:
+            if tensor.is_floating_point() and bool(bad(tensor).any()):
+                raise ModelError(f"cannot load model {spec!r}: weights {weights}: tensor {name!r} holds NaN or "
+                                 "infinite values (a corrupt file, or a training run that diverged)")
     tokenizer = open_clip.get_tokenizer(model_name)
     model_cfg = _model_cfg(model_name)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     model.eval()
     return LoadedModel(model, preprocess, tokenizer, str(spec), model_cfg, preprocess_cfg, meta,
                        random_init=untrained(spec, pretrained), pretrained=pretrained, compute=compute)
+
+
+def _reason(exc: BaseException, limit: int = 600) -> str:
+    """An exception's message on one line (a state_dict mismatch lists its
+    keys on the lines after its heading), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _refused_pickle(pretrained: str | None, exc: Exception) -> str:

@@ -10,9 +10,10 @@ from ..config import (EMBEDDING_MODES, MASK_CONTROLS, MASK_FILL_CHOICES, Discove
 from ..core.cache import EmbeddingCache
 from ..core.evidence.names import load_vocabulary
 from ..core.findings import write_findings
-from ..io.dataset import load_dataset
+from ..core.scores import check_classes
+from ..io.dataset import dataset_inputs, load_dataset
 from ..io.manifest import SPLITS
-from ..models import load_model
+from ..models import load_model, model_inputs
 from ..pipeline import stages
 from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, print_findings,
                      proposer_flag, warn_if_untrained)
@@ -54,8 +55,14 @@ def discovery_config(args) -> DiscoveryConfig:
                            mask_control=args.mask_control)
 
 
+def inputs(args) -> list:
+    """What the command reads, which its output may not replace."""
+    return [*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained),
+            *(("--vocab", path) for path in args.vocab or [])]
+
+
 def run(args) -> int:
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=inputs(args))
     if args.cache:
         check_output_dir(args.cache, "--cache")
     compute = compute_flags(args)
@@ -64,7 +71,7 @@ def run(args) -> int:
     discovery = discovery_config(args)
     vocab = load_vocabulary(args.vocab) if args.vocab and discovery.evidence else None
     ds = load_dataset(args.data, classes=classes, split=args.split, require_labels=True)
-    classes = classes or ds.classes()
+    classes = check_classes(classes or ds.classes(), "--classes" if classes else f"{ds.manifest_file}: the classes")
     lm = load_model(args.model, args.pretrained, compute=compute, seed=args.seed)
     warn_if_untrained("discover", args.model, args.pretrained, args.seed)
     cache = EmbeddingCache(Path(args.cache)) if args.cache else None

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from ..config import EvaluationConfig, InputError, RegionsConfig, option
 from ..core.findings import read_findings
-from ..io.dataset import load_dataset
+from ..io.dataset import dataset_inputs, load_dataset
 from ..io.manifest import SPLITS
-from ..models import load_model
+from ..models import load_model, model_inputs
 from ..pipeline import stages
 from .common import (add_compute_args, add_model_args, compute_flags, flag_classes, flag_templates, metrics_line,
                      warn_if_untrained)
@@ -42,7 +42,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=[*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained),
+                                        *([args.findings] if args.findings else [])])
     compute = compute_flags(args)
     templates = flag_templates(args.template)
     classes = flag_classes(args.classes)

@@ -4,13 +4,15 @@ registered method; Stage-2 methods read ``--findings``. Under ``torchrun
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import (COUNT, DEFAULT_FEATURE_SELECTION, FEATURE_SELECTIONS, InputError, ParamsError, TrainConfig,
                       check_template, flag_type, stage2_config, train_config)
 from ..core.findings import read_findings
-from ..io.files import write_json_atomic
+from ..io.files import check_input_file, write_json_atomic
 from ..mitigate.distributed import world_from_env
-from ..models import CONFIG_NAME, meta_path, read_meta
+from ..io.dataset import dataset_inputs
+from ..models import CONFIG_NAME, meta_path, model_inputs, read_meta
 from ..pipeline import stages
 from .common import add_compute_args, add_model_args, add_training_args, compute_flags, training_flags
 from .errors import check_output_dir, check_output_file
@@ -60,17 +62,29 @@ def features_flag(text: str) -> str:
                                      f"got {text!r}")
 
 
+def inputs(args) -> list:
+    """What the command reads, which its outputs may not replace."""
+    return [*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained),
+            *model_inputs(args.audited_model, args.audited_pretrained, "--audited-model", "--audited-pretrained"),
+            *([("--findings", args.findings)] if args.findings else [])]
+
+
 def run(args) -> int:
-    check_output_dir(args.out, replaces_if=CONFIG_NAME, what="checkpoint")
+    reads = inputs(args)
+    check_output_dir(args.out, replaces_if=CONFIG_NAME, what="checkpoint", inputs=reads)
     compute = compute_flags(args)
     if args.history:
-        check_output_file(args.history, "--history")
+        check_output_file(args.history, "--history", inputs=reads, outputs=[("--out", args.out, True)])
     if args.cache_dir:
         check_output_dir(args.cache_dir, "--cache-dir")
     if args.caption_template:
         check_template(args.caption_template, "--caption-template")
     template = args.caption_template or stages.templates_for(args.data)[0]
+    if args.findings:
+        check_input_file(args.findings, "--findings")
     findings = read_findings(args.findings) if args.findings else None
+    if findings is not None and not args.audited_model:
+        check_recorded_model(findings.model, args.findings)
     flags = training_flags(args, template)
     if findings is not None or args.audited_model or (args.method or "standard") != "standard":
         cfg = stage2_train_config(args, flags, findings)  # Stage 2 or a baseline to it: Stage 2's budget
@@ -96,6 +110,14 @@ def run(args) -> int:
         print(f"wrote {args.out}  ({cfg.method}: {history['steps']} steps on {world.world_size} process(es), {where}, "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {history['seconds']:.1f}s)")
     return 0
+
+
+def check_recorded_model(model: str | None, findings_path: str) -> None:
+    """The audited model a findings file records, when it is a checkpoint
+    folder, still exists; the error says where the path came from."""
+    if model and model.startswith("local-dir:") and not os.path.isdir(model.removeprefix("local-dir:")):
+        raise InputError(f"{findings_path}, key 'model': the audited checkpoint {model.removeprefix('local-dir:')} "
+                         "is not a folder (moved or removed?); pass --audited-model local-dir:PATH to say where it is")
 
 
 def stage2_train_config(args, flags: dict, findings) -> TrainConfig:

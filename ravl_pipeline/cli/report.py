@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..config import NON_NEGATIVE_INT, InputError, flag_type
-from ..io.files import read_json
+from ..io.dataset import dataset_inputs
+from ..io.files import check_input_file, input_problem, read_json
 from ..report.html import DEFAULT_TOP_REGIONS, check_report_outputs, twin_path, write_report
 from ..report.inputs import load_metrics
 from .errors import check_output_file
@@ -28,9 +29,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def input_files(args) -> list:
+    """The files the command reads, as ``(flag, path)``."""
+    reads = [("--findings", args.findings)]
+    reads += [("--metrics", metrics_arg(item)[1]) for item in args.metrics or []]
+    return reads + [(flag, value) for flag, value in (("--reaudit", args.reaudit), ("--provenance", args.provenance))
+                    if value]
+
+
 def run(args) -> int:
+    files = input_files(args)
+    reads = files + (dataset_inputs(args.data) if args.data else [])
+    check_output_file(args.out, inputs=reads)
+    check_output_file(twin_path(args.out), "--out (its JSON twin)", inputs=reads)
     check_report_outputs(args.out)
-    check_output_file(args.out)
+    for flag, path in files:  # a named pipe or a folder is refused, not waited on
+        check_input_file(path, flag)
     metrics = {}
     for item in args.metrics or []:
         name, path = metrics_arg(item)
@@ -50,10 +64,12 @@ def metrics_arg(item: str) -> tuple[str, Path]:
         name, path = item.split("=", 1)
         return name, Path(path)
     path = Path(item)
-    try:
-        method = json.loads(path.read_text(encoding="utf-8")).get("method")
-    except (OSError, ValueError, AttributeError):
-        method = None
+    method = None
+    if input_problem(path) is None:  # never wait on a named pipe
+        try:
+            method = json.loads(path.read_text(encoding="utf-8")).get("method")
+        except (OSError, ValueError, AttributeError):
+            method = None
     if method:
         return str(method), path
     return (path.parent.name or path.stem) if path.stem == "metrics" else path.stem, path

@@ -310,9 +310,17 @@ class CropItem:
 
     def __call__(self, ds, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         image = ds.load_image(i)
-        crops = [self.transform(image.crop((float(x1), float(y1), float(x2), float(y2))))
-                 for x1, y1, x2, y2 in self.proposals[i]]
+        crops = [self.transform(image.crop(pixel_box(box, image.width, image.height))) for box in self.proposals[i]]
         return self.transform(image), crops
+
+
+def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixels a crop of ``box`` takes: its corners rounded, as PIL rounds
+    them, and at least one pixel wide and high inside the image (a box of a
+    fraction of a pixel would otherwise crop to nothing)."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    x1, y1 = min(max(x1, 0), width - 1), min(max(y1, 0), height - 1)
+    return x1, y1, min(max(x2, x1 + 1), width), min(max(y2, y1 + 1), height)
 
 
 def shard_rows(n: int, shards: int, index: int) -> range:

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import InputError
 from ..io.files import json_bytes, read_json, write_bytes_atomic
@@ -281,8 +281,28 @@ def _shown(x: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: x is None or ok(x)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_object(x: Any) -> bool:
+    return isinstance(x, Mapping)
+
+
 # What a key holds when present (SPEC §5); readers may rely on these types.
 _TOP_TYPES = {
+    "seconds": (_is_number, "a number"),
+    "silhouette": (_is_number, "a number"),
+    "image_accuracy": (_is_number, "a number"),
+    "n_regions": (lambda x: _is_int(x) and x >= 0, "a non-negative integer"),
+    "medoids": (lambda x: isinstance(x, list) and all(_is_int(m) for m in x), "a list of integers"),
+    "significance": (_is_object, "an object"),
+    "causal": (_is_object, "an object"),
+    "ground_truth": (_is_object, "an object"),
     "classes": (lambda x: isinstance(x, list) and all(isinstance(c, str) and c for c in x)
                 and len(set(x)) == len(x), "a list of distinct class names"),
     "k": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
@@ -296,6 +316,15 @@ _FEATURE_TYPES = {
     "influence": (lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)), "a number"),
     "per_class": (_rows, "a list of objects (one per class)"),
     "regions": (_rows, "a list of objects (one per region)"),
+    "called": (_optional(lambda x: isinstance(x, bool)), "true or false"),
+    "p_value": (_optional(_is_number), "a number"),
+    "q_value": (_optional(_is_number), "a number"),
+    "size": (_optional(lambda x: _is_int(x) and x >= 0), "a non-negative integer"),
+    "attribute": (_optional(lambda x: isinstance(x, str)), "a string"),
+    "names": (_optional(_is_object), "an object"),
+    "causal": (_optional(_is_object), "an object"),
+    "causal_control": (_optional(_is_object), "an object"),
+    "support": (_optional(_is_object), "an object"),
 }
 
 

@@ -28,6 +28,9 @@ def grid_boxes(width: float, height: float, n: int) -> np.ndarray:
                     dtype=np.float32)
 
 
+MAX_GRID = 32  # grid:N at most: N×N regions per image, each embedded and clustered
+
+
 def parse_proposer(spec: str) -> tuple[str, int]:
     """``quadrants`` → (grid, 2); ``grid:N`` → (grid, N); ``boxes`` → (boxes, 0)."""
     spec = spec.strip()
@@ -36,8 +39,12 @@ def parse_proposer(spec: str) -> tuple[str, int]:
     if spec == "boxes":
         return "boxes", 0
     match = re.fullmatch(r"grid:(\d+)", spec)
-    if match and int(match.group(1)) >= 1:
+    if match and 1 <= int(match.group(1)) <= MAX_GRID:
         return "grid", int(match.group(1))
+    if match:
+        raise ProposerError(f"region proposer {spec!r}: N must be in [1, {MAX_GRID}] (grid:N proposes N×N regions "
+                            f"per image, and {MAX_GRID ** 2} is already more than a CLIP model's images resolve); "
+                            f"expected one of {', '.join(PROPOSERS)}")
     raise ProposerError(f"unknown region proposer {spec!r}; expected one of {', '.join(PROPOSERS)}")
 
 

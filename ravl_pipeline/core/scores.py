@@ -52,6 +52,45 @@ def check_templates(templates: Sequence[str], where: str = "prompt template") ->
     return list(templates)
 
 
+def class_key(name: str) -> str:
+    """A class name as its prompts read it: case and runs of spaces ignored."""
+    return " ".join(str(name).split()).casefold()
+
+
+def check_classes(classes: Sequence[str], where: str = "classes") -> list[str]:
+    """At least two classes, no two of which differ only by case or spaces
+    (their prompts would name the same thing); :class:`ScoresError` naming
+    ``where`` otherwise."""
+    classes = list(classes)
+    if len(classes) < 2:
+        raise ScoresError(f"{where}: a contrastive audit needs at least two classes, got {len(classes)} "
+                          f"({', '.join(map(repr, classes)) or 'none'})")
+    seen: dict[str, str] = {}
+    for name in classes:
+        key = class_key(name)
+        if key in seen:
+            raise ScoresError(f"{where}: classes {seen[key]!r} and {name!r} differ only by case or spaces, so their "
+                              "prompts name the same thing: give their images one label")
+        seen[key] = name
+    return classes
+
+
+def check_prompts(lm: LoadedModel, classes: Sequence[str], templates: Sequence[str]) -> None:
+    """No two classes whose prompts the tokenizer makes identical (a long
+    name cut at the text tower's context length); :class:`ScoresError`
+    naming both, before any image is embedded."""
+    for template in templates:
+        tokens = lm.tokenizer([template.format(c) for c in classes])
+        seen: dict[tuple, str] = {}
+        for name, row in zip(classes, tokens.tolist()):
+            key = tuple(row)
+            if key in seen:
+                raise ScoresError(f"classes {seen[key]!r} and {name!r}: the prompts {template.format(seen[key])!r} "
+                                  f"and {template.format(name)!r} are identical once tokenized (cut at "
+                                  f"{len(row)} tokens): shorten the class names or the template")
+            seen[key] = name
+
+
 def check_tau(tau: float) -> float:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         raise ScoresError(f"the softmax temperature tau must be a number > 0, got {tau!r}")
@@ -121,6 +160,7 @@ class Scores:
 def score(lm: LoadedModel, emb, classes: Sequence[str], templates: Sequence[str],
           tau: float | None = None) -> Scores:
     """SPEC §1.4 for every image and region of ``emb`` (an :class:`~.embed.Embeddings`)."""
+    check_classes(classes)
     text = class_text_embeddings(lm, classes, templates).cpu().numpy()
     tau = model_tau(lm) if tau is None else tau
     return Scores(list(classes), zero_shot_probs(emb.image_emb, text, tau),

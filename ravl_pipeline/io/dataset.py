@@ -4,6 +4,7 @@ the features it correlates with a class)."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,13 +13,44 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from .files import read_json
 from .manifest import (MANIFEST_NAME, SPLITS, ManifestError, _check, _column, dataset_root, outside_link_problem,
                        probe_image, read_manifest)
 
-__all__ = ["Dataset", "load_dataset", "dataset_setting", "setting_templates", "induced_pairs"]
+__all__ = ["Dataset", "ImageModeWarning", "to_rgb", "load_dataset", "dataset_inputs", "dataset_setting",
+           "setting_templates", "induced_pairs"]
+
+
+class ImageModeWarning(UserWarning):
+    """An image whose mode had to be converted with a loss (16-bit grey levels to 8)."""
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per sample
+_warned_modes: set[str] = set()
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike = "") -> Image.Image:
+    """``im`` as 8-bit RGB. 16-bit (or wider) grey levels are scaled to the
+    full 8-bit range rather than clipped at 255, which would leave a white
+    image; the first such image of each mode is named in a warning."""
+    if im.mode not in _WIDE_MODES:
+        return im.convert("RGB")
+    values = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) <= 65535) else \
+        max(float(values.max(initial=0)), 1.0)
+    if im.mode == "F":
+        low, high = float(values.min(initial=0)), float(values.max(initial=1))
+        values, top = values - low, max(high - low, 1e-12)
+    grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    if im.mode not in _warned_modes:
+        _warned_modes.add(im.mode)
+        warnings.warn(f"{path}: a {im.mode} image (more than 8 bits per grey level) is scaled to 8 bits, as the "
+                      "model sees every image; further images of this mode are converted alike",
+                      ImageModeWarning, stacklevel=2)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -101,7 +133,7 @@ class Dataset:
             raise ManifestError(f"{self._where(i)}: {escape}")
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return to_rgb(im, path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ManifestError(f"{self._where(i)}: image file {path} is unreadable: {exc}") from exc
 
@@ -167,6 +199,20 @@ def load_dataset(
     return dataset if selected is None else dataset.subset(selected)
 
 
+
+def dataset_inputs(root: str | os.PathLike, flag: str = "--data") -> list[tuple[str, Path]]:
+    """What a command reading dataset ``root`` reads, as ``(name, path)``
+    for the output rule (:func:`~ravl_pipeline.io.files.output_problem`):
+    its manifest, its ``setting.json`` and every image its manifest names
+    (none when the manifest cannot be read: loading it says why)."""
+    root = dataset_root(root)
+    name = f"{flag} {root}"
+    out = [(name, root / MANIFEST_NAME), (name, root / "setting.json"), (name, root.parent / "setting.json")]
+    try:
+        paths = pq.read_table(root / MANIFEST_NAME, columns=["path"]).column("path").to_pylist()
+    except (pa.ArrowException, OSError, KeyError):
+        return out
+    return out + [(name, root / p) for p in paths if isinstance(p, str) and p]
 
 
 # --------------------------------------------------------------------------

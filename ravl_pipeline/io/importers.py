@@ -1,17 +1,30 @@
 """Importers that build a dataset directory (SPEC §5) from the layouts users
 already have: an ImageFolder tree (one folder per class) or a COCO
-instances file with its images."""
+instances file with its images.
+
+An import is all or nothing. Every row is checked before anything is
+written (a COCO file's types, ids, category names and boxes; every source
+image a readable regular file). Images referenced in place leave only the
+manifest to write, in one atomic rename. Images copied are staged in a
+temporary folder beside ``out_dir`` (holding, as hard links, whatever
+``out_dir`` already held: it must be new, empty or an earlier dataset),
+checked there, and swapped in with one rename
+only when every image is copied: a missing or unreadable image, a full
+disk or a kill leaves an earlier dataset in ``out_dir`` as it was."""
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
 from .dataset import Dataset, load_dataset
-from .manifest import IMAGE_EXTENSIONS, ManifestError, write_manifest
+from .files import atomic_dir, input_problem, read_json
+from .manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, ManifestError, probe_image, write_manifest
 
 __all__ = ["import_imagefolder", "import_coco"]
 
@@ -24,15 +37,85 @@ def _is_within(path: Path, directory: Path) -> bool:
         return False
 
 
-def _place_image(src: Path, out_dir: Path, copy_to: Path | None) -> str:
-    """Manifest path of ``src``: copied to ``copy_to`` when given, otherwise
-    referenced relative to ``out_dir`` (which must contain it)."""
-    if copy_to is None:
-        return src.resolve().relative_to(out_dir.resolve()).as_posix()
-    copy_to.parent.mkdir(parents=True, exist_ok=True)
-    if not (copy_to.exists() and os.path.samefile(src, copy_to)):
-        shutil.copyfile(src, copy_to)
-    return copy_to.relative_to(out_dir).as_posix()
+def _check_source(src: Path, where: str) -> None:
+    """A source image is a regular file PIL can read; otherwise
+    :class:`ManifestError` naming ``where`` (the row's origin) and the file."""
+    problem = input_problem(src)
+    if problem:
+        raise ManifestError(f"{where}: image file {src} {problem}")
+    try:
+        probe_image(src)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ManifestError(f"{where}: image file {src} is unreadable: {exc}") from exc
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """What ``out_dir`` held, carried into the staged folder: a hard link
+    (no bytes copied), a copy where the file system has none."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(out_dir: Path, stage: Path) -> None:
+    """Everything ``out_dir`` holds but its manifest, into ``stage``."""
+    if not out_dir.is_dir():
+        return
+    for entry in os.scandir(out_dir):
+        if entry.name == MANIFEST_NAME:
+            continue
+        target = stage / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, str(target))
+
+
+def _copy_image(src: Path, target: Path, shown: Path) -> None:
+    """Copy ``src`` to ``target`` in the stage; a failed write (a full disk)
+    names ``shown``, where the image was to go."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(target):  # a link to an earlier file: never write through it
+            target.unlink()
+        shutil.copyfile(src, target)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, str(target), str(target.parent)):
+            raise OSError(exc.errno, exc.strerror, str(shown)) from exc
+        raise
+
+
+def _write_dataset(out_dir: Path, rows: list[dict], sources: list[Path], origins: list[str], copying: bool,
+                   require_labels: bool, source: str) -> Dataset:
+    """Place the images and write the manifest, all or nothing (see the
+    module); ``origins`` say where each row came from and ``source`` what
+    is imported, for messages."""
+    if copying and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ManifestError(f"{out_dir}: an existing folder that is not a dataset (no {MANIFEST_NAME}); an import "
+                            "that copies its images replaces the folder as a whole, so it writes only into a new or "
+                            "empty folder or an earlier dataset")
+    for src, where in zip(sources, origins):
+        _check_source(src, where)
+    if not copying:  # referenced in place: only the manifest is written, once every row is checked
+        for row, src in zip(rows, sources):
+            row["path"] = src.resolve().relative_to(out_dir.resolve()).as_posix()
+        write_manifest(out_dir, rows, check_images=True, require_labels=require_labels)  # boxes against images
+        return load_dataset(out_dir, require_labels=require_labels)
+    with atomic_dir(out_dir) as stage:
+        _carry_over(out_dir, stage)
+        for row, src in zip(rows, sources):
+            _copy_image(src, stage / "images" / row["path"], out_dir / "images" / row["path"])
+            row["path"] = f"images/{row['path']}"
+        write_manifest(stage, rows)
+        try:
+            load_dataset(stage, require_labels=require_labels)  # every image as copied, every box in bounds
+        except ManifestError as exc:  # said of what was imported, not of the stage
+            def said(text: str) -> str:
+                text = text.replace(f"{stage / MANIFEST_NAME}: ", "").replace(str(stage), str(out_dir))
+                return f"{source}: not imported ({out_dir} left as it was): {text}"
+            raise ManifestError(said(str(exc)), [said(p) for p in exc.problems]) from None
+    return load_dataset(out_dir, require_labels=require_labels, check_images=False)  # checked in the stage
 
 
 def _is_image_file(path: Path) -> bool:
@@ -54,25 +137,26 @@ def import_imagefolder(
     ``src_dir`` is not inside ``out_dir``; otherwise referenced in place.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if not src_dir.is_dir():
-        raise ManifestError(f"{src_dir}: not a directory")
+    problem = input_problem(src_dir, folder=True)
+    if problem:
+        raise ManifestError(f"{src_dir}: {problem} (an ImageFolder root: one folder per class)")
     copying = copy or not _is_within(src_dir, out_dir)
-    rows = []
+    rows, sources = [], []
     class_dirs = sorted(d for d in src_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     for class_dir in class_dirs:
         for file in sorted(p for p in class_dir.rglob("*") if _is_image_file(p)):
             rel = file.relative_to(src_dir).as_posix()
             if any(part.startswith(".") for part in rel.split("/")):
                 continue
-            target = out_dir / "images" / rel if copying else None
-            row = {"image_id": rel, "path": _place_image(file, out_dir, target), "label": class_dir.name}
+            row = {"image_id": rel, "path": rel, "label": class_dir.name}
             if split is not None:
                 row["split"] = split
             rows.append(row)
+            sources.append(file)
     if not rows:
         raise ManifestError(f"{src_dir}: no images found in class folders ({', '.join(IMAGE_EXTENSIONS)})")
-    write_manifest(out_dir, rows)
-    return load_dataset(out_dir, require_labels=True)
+    return _write_dataset(out_dir, rows, sources, [f"{src_dir}: class {r['label']!r}" for r in rows], copying,
+                          require_labels=True, source=str(src_dir))
 
 
 def _coco_box(bbox: Sequence[float], width: float | None, height: float | None) -> list[float] | None:
@@ -126,9 +210,12 @@ def import_coco(
         raise ManifestError(f"give one split per instances file ({len(files)} files), or one for all; got {splits}")
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     copying = copy or not _is_within(images_dir, out_dir)
-    rows, sources, seen = [], [], {}
+    problem = input_problem(images_dir, folder=True)
+    if problem:
+        raise ManifestError(f"--images {images_dir}: {problem}")
+    rows, sources, origins, seen = [], [], [], {}
     for path, file_split in zip(files, splits):
-        for row, file_name in _coco_rows(path, label_from, include_crowd, copying):
+        for row, file_name in _coco_rows(path, label_from, include_crowd):
             if row["image_id"] in seen:
                 raise ManifestError(f"{path}: image id {row['image_id']} is already in {seen[row['image_id']]}")
             seen[row["image_id"]] = path
@@ -136,56 +223,72 @@ def import_coco(
                 row["split"] = file_split
             rows.append(row)
             sources.append(images_dir / file_name)
+            origins.append(f"{path}: image id {row['image_id']}")
     if not rows:
         raise ManifestError(f"{', '.join(map(str, files))}: no images to import")
     # every file is checked before the first image is copied
-    for row, src in zip(rows, sources):
-        row["path"] = _place_image(src, out_dir, out_dir / "images" / row["path"] if copying else None)
-    write_manifest(out_dir, rows)
-    return load_dataset(out_dir, require_labels=label_from is not None)
+    return _write_dataset(out_dir, rows, sources, origins, copying, require_labels=label_from is not None,
+                          source=", ".join(map(str, files)))
 
 
-def _coco_rows(instances_json: Path, label_from: str | None, include_crowd: bool,
-               copying: bool) -> list[tuple[dict, str]]:
+def _coco_rows(instances_json: Path, label_from: str | None, include_crowd: bool) -> list[tuple[dict, str]]:
     """Manifest rows of one COCO instances file (see :func:`import_coco`)
-    with each image's ``file_name``; ``path`` is still to be placed (when
-    ``copying``, the file's path under ``images/``)."""
-    try:
-        coco = json.loads(instances_json.read_text())
-        categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
-        images = coco["images"]
-        annotations = coco.get("annotations", [])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(f"{instances_json}: not a readable COCO instances file: {exc}") from exc
+    with each image's ``file_name`` (``path`` is that name, still to be
+    placed). Every type, id, name and box is checked first, each problem a
+    :class:`ManifestError` naming the file and the key."""
+    problem = input_problem(instances_json)
+    if problem:
+        raise ManifestError(f"{instances_json}: {problem} (a COCO instances JSON file)")
+    coco = read_json(instances_json, ManifestError)
+    where = str(instances_json)
+    images = _objects(coco, "images", where, required=True)
+    annotations = _objects(coco, "annotations", where)
+    categories: dict[Any, str] = {}
+    named: dict[str, Any] = {}
+    for k, cat in enumerate(_objects(coco, "categories", where)):
+        cid, name = _id(cat, f"categories[{k}]", where), cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ManifestError(f"{where}: categories[{k}] (id {cid!r}), key 'name': expected a non-empty "
+                                f"string, got {name!r}")
+        if cid in categories:
+            raise ManifestError(f"{where}: categories[{k}]: category id {cid!r} appears twice")
+        if name in named:
+            raise ManifestError(f"{where}: categories[{k}]: two categories named {name!r} (ids {named[name]!r} and "
+                                f"{cid!r}) would become one class; rename one or give both the same id")
+        categories[cid], named[name] = name, cid
 
-    try:
-        return _import_coco_rows(categories, images, annotations, instances_json, label_from, include_crowd,
-                                 copying)
-    except ManifestError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ManifestError(f"{instances_json}: not a COCO instances file ({type(exc).__name__}: {exc}); "
-                            "expected images with 'id' and 'file_name', annotations with 'image_id', "
-                            "'category_id' and 'bbox'") from exc
+    image_info: dict[Any, dict] = {}
+    for k, img in enumerate(images):
+        iid = _id(img, f"images[{k}]", where)
+        if iid in image_info:
+            raise ManifestError(f"{where}: images[{k}]: image id {iid!r} appears twice")
+        _file_name(img, f"images[{k}] (id {iid!r})", where)
+        for key in ("width", "height"):
+            value = img.get(key)
+            if value is not None and not (_number(value) and value > 0):
+                raise ManifestError(f"{where}: images[{k}] (id {iid!r}), key {key!r}: expected a positive number, "
+                                    f"got {value!r}")
+        image_info[iid] = img
 
-
-def _import_coco_rows(categories, images, annotations, instances_json: Path, label_from, include_crowd,
-                      copying: bool) -> list[tuple[dict, str]]:
-    """The rows of :func:`_coco_rows`, once the file is parsed."""
-    image_info = {img["id"]: img for img in images}
-    regions: dict[Any, list[tuple[list[float], str, float]]] = {img["id"]: [] for img in images}
+    regions: dict[Any, list[tuple[list[float], str, float]]] = {iid: [] for iid in image_info}
     for k, ann in enumerate(annotations):
+        name = f"annotations[{k}] (annotation id {ann.get('id', '?')!r})"
         if ann.get("iscrowd", 0) and not include_crowd:
             continue
         info = image_info.get(ann.get("image_id"))
         if info is None:
-            raise ManifestError(f"{instances_json}: annotation {k} refers to unknown image_id {ann.get('image_id')!r}")
+            raise ManifestError(f"{where}: {name} refers to unknown image_id {ann.get('image_id')!r}")
         if ann.get("category_id") not in categories:
-            raise ManifestError(f"{instances_json}: annotation {k} has unknown category_id {ann.get('category_id')!r}")
-        box = _coco_box(ann["bbox"], info.get("width"), info.get("height"))
+            raise ManifestError(f"{where}: {name} has unknown category_id {ann.get('category_id')!r}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            raise ManifestError(f"{where}: {name}, key 'bbox': expected [x, y, width, height], four finite "
+                                f"numbers, got {_short(bbox)}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ManifestError(f"{where}: {name}, key 'bbox': width and height must not be negative, got {bbox}")
+        box = _coco_box(bbox, info.get("width"), info.get("height"))
         if box is not None:
-            area = float(ann["bbox"][2]) * float(ann["bbox"][3])
-            regions[info["id"]].append((box, categories[ann["category_id"]], area))
+            regions[info["id"]].append((box, categories[ann["category_id"]], float(bbox[2]) * float(bbox[3])))
 
     rows = []
     for img in images:
@@ -193,8 +296,6 @@ def _import_coco_rows(categories, images, annotations, instances_json: Path, lab
         if label_from == "largest" and not found:
             continue
         rel = PurePosixPath(img["file_name"].replace("\\", "/"))
-        if copying and (rel.is_absolute() or ".." in rel.parts):
-            raise ManifestError(f"{instances_json}: image {img['id']!r} has an unsafe file_name {img['file_name']!r}")
         row = {
             "image_id": str(img["id"]),
             "path": rel.as_posix(),
@@ -205,3 +306,45 @@ def _import_coco_rows(categories, images, annotations, instances_json: Path, lab
             row["label"] = max(found, key=lambda r: r[2])[1]  # max() keeps the first on ties
         rows.append((row, img["file_name"]))
     return rows
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _objects(coco: dict, key: str, where: str, required: bool = False) -> list[dict]:
+    """``coco[key]``: a list of JSON objects."""
+    if key not in coco:
+        if required:
+            raise ManifestError(f"{where}: missing key {key!r}; not a COCO instances file")
+        return []
+    value = coco[key]
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: key {key!r}: expected a list, got {type(value).__name__}")
+    for k, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ManifestError(f"{where}: {key}[{k}]: expected a JSON object, got {_short(item)}")
+    return value
+
+
+def _id(item: dict, name: str, where: str) -> Any:
+    value = item.get("id")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ManifestError(f"{where}: {name}, key 'id': expected an integer or a string, got {_short(value)}")
+    return value
+
+
+def _file_name(img: dict, name: str, where: str) -> None:
+    """An image's ``file_name``: a relative path naming a file under the images folder."""
+    value = img.get("file_name")
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: {name}, key 'file_name': expected a string, got {_short(value)}")
+    rel = PurePosixPath(value.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.name in (".", "") or value.endswith(("/", "\\")):
+        raise ManifestError(f"{where}: {name}, key 'file_name': {value!r} does not name a file inside the images "
+                            "folder (expected a relative path such as '000001.jpg')")

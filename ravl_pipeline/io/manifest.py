@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..config import InputError
-from .files import atomic_write
+from .files import atomic_write, input_problem
 
 __all__ = [
     "BOX_TOLERANCE",
@@ -109,7 +109,14 @@ def manifest_path(root: str | os.PathLike) -> Path:
 
 
 def _names_manifest_file(path: Path) -> bool:
-    return path.suffix == ".parquet" and not path.is_dir()
+    """Whether ``path`` names the manifest file rather than its folder; a
+    Parquet file of another name is refused (it would not be what is read)."""
+    if path.suffix != ".parquet" or path.is_dir():
+        return False
+    if path.name != MANIFEST_NAME:
+        raise ManifestError(f"{path}: a dataset is its folder with a {MANIFEST_NAME}, and {path.name} is not "
+                            f"that file: name the folder ({path.parent}) or a file called {MANIFEST_NAME}")
+    return True
 
 
 def dataset_root(root: str | os.PathLike) -> Path:
@@ -157,8 +164,11 @@ def read_manifest(root: str | os.PathLike) -> pa.Table:
     table is checked here; row-level checks are :func:`validate`'s.
     """
     file = manifest_path(root)
-    if not file.is_file():
+    problem = input_problem(file)
+    if problem == "does not exist":
         raise ManifestError(f"{file}: no manifest (expected a {MANIFEST_NAME} in {file.parent})")
+    if problem:
+        raise ManifestError(f"{file}: {problem} (the dataset's manifest)")
     try:
         table = pq.read_table(file)
     except (pa.ArrowException, OSError) as exc:
@@ -211,12 +221,16 @@ def write_manifest(
     root: str | os.PathLike,
     table_or_rows: pa.Table | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
     overwrite: bool = True,
+    *,
+    check_images: bool = False,
+    require_labels: bool = False,
 ) -> Path:
     """Write a manifest into dataset directory ``root`` (created if needed).
 
     ``table_or_rows`` is a pyarrow table, a list of row dicts, or a dict of
     columns. The table is converted to the canonical schema and checked with
-    :func:`validate` (without opening images) *before* anything is written,
+    :func:`validate` (opening the images only with ``check_images``) *before*
+    anything is written,
     then written to a temporary file in ``root`` and moved over the manifest
     with ``os.replace``, so readers see the old manifest or the new one,
     never a partial file. Returns the manifest path.
@@ -230,7 +244,7 @@ def write_manifest(
     else:
         table = _table_from_rows(table_or_rows, file)
     table = canonicalize(table, file)
-    validate(table, root, check_images=False)
+    validate(table, root, require_labels=require_labels, check_images=check_images)
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file}: manifest exists and overwrite=False")
     root.mkdir(parents=True, exist_ok=True)
@@ -441,8 +455,9 @@ def _check_image_files(root: Path, paths: list, rows: Iterable[int], problems: _
             problems.row(i, "path", escape)
             continue
         file = root / path
-        if not file.is_file():
-            problems.row(i, "path", f"image file {file} does not exist")
+        problem = input_problem(file)
+        if problem:
+            problems.row(i, "path", f"image file {file} {problem}")
             continue
         try:
             sizes[i] = probe_image(file)

@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 
 from ..compute import CPU, Compute
 from ..config import (DEFAULT_FEATURE_SELECTION, DEFAULT_TEMPLATES, DiscoveryConfig, EvaluationConfig, LabelsConfig,
-                     RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
+                     InputError, RegionsConfig, ScoresConfig, TrainConfig, check_bounds)
 from ..core.cluster import Clustering, cluster_regions
 from ..core.embed import Embeddings, embed_dataset
 from ..core.evidence import causal, names, stats
@@ -29,7 +29,7 @@ from ..core.metrics import (PRECISION_K, Groups, core_regions, feature_presence,
                            paired_differences, precision_at_k, region_label_map, validity)
 from ..core.rank import rank_features
 from ..core.regions import region_labels_for
-from ..core.scores import Scores, check_templates, label_indices
+from ..core.scores import Scores, check_classes, check_prompts, check_templates, label_indices
 from ..core.scores import score as score_regions
 from ..io.dataset import Dataset, dataset_setting, induced_pairs, load_dataset, setting_templates
 from ..io.files import write_json_atomic
@@ -194,6 +194,8 @@ def stage1(lm: LoadedModel, ds: Dataset, classes: Sequence[str], *, templates: S
     for section in (regions, scores, discovery):
         check_bounds(section, type(section).__name__)
     templates = check_templates(templates)
+    check_classes(classes, f"{ds.manifest_file}: the classes")
+    check_prompts(lm, classes, templates)
     emb = embeddings if embeddings is not None else embed(lm, ds, regions, cache=cache, progress=progress)
     sc = score(lm, emb, classes, templates, scores)
     clustering = cluster(emb, len(classes), discovery)
@@ -406,7 +408,9 @@ def _load_split(data_dir, split, classes):
     split = None if split in (None, "all") else split
     ds = load_dataset(data_dir, classes=classes, split=split, require_labels=True)
     setting = dataset_setting(data_dir) or {}
-    return split, ds, list(classes or setting.get("classes") or ds.classes())
+    classes = list(classes or setting.get("classes") or ds.classes())
+    check_classes(classes, f"{ds.manifest_file}: the classes")
+    return split, ds, classes
 
 
 def evaluate(model: str, data_dir, split: str | None = "test", features: Sequence[str] | None = None,
@@ -440,6 +444,8 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], data_dir, split: 
     the same split and groups; with ``pairs``, also ``"comparisons"``: the
     paired bootstrap differences of :func:`core.metrics.paired_differences`."""
     split, ds, classes = _load_split(data_dir, split, classes)
+    if features:
+        check_features(ds, features)
     groups = groups or groups_for(ds, data_dir, features, discovered)
     labels = label_indices(ds, classes)
     out, preds = {}, {}
@@ -570,6 +576,19 @@ def findings_label(feats: Sequence) -> str:
     ranks = ", ".join(str(f.rank) for f in feats)
     names = _feature_names(feats)
     return f"finding{'s' if len(feats) > 1 else ''} {ranks}" + (f" ({' / '.join(names)})" if names else "")
+
+
+def check_features(ds: Dataset, features: Sequence[str]) -> None:
+    """Every feature named for the groups labels some region of ``ds``; one
+    :class:`InputError` naming those that label none, before any work."""
+    if ds.region_labels is None:
+        return  # said as a warning: groups are classes only
+    present = {label for labels in ds.region_labels for label in labels}
+    missing = [name for name in features if name not in present]
+    if missing:
+        listed = ", ".join(map(repr, sorted(present)[:12])) + (", …" if len(present) > 12 else "")
+        raise InputError(f"--feature {', '.join(map(repr, missing))}: no region of {ds.manifest_file} is labelled "
+                         f"so (column 'region_labels'); the labels present: {listed or 'none'}")
 
 
 def write_metrics(metrics: dict, path) -> Path:

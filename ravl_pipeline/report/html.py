@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from PIL import Image, ImageDraw
 
 from ..core.findings import STANDINGS, standing_of
-from ..io.files import json_bytes, write_bytes_atomic
+from ..io.files import json_bytes, write_files_atomic
 from .inputs import (METRIC_KEYS, ImageSource, checked_box, default_provenance, json_safe, load_findings,
                      metric_value, normalise_metrics, row_intervals)
 from .outputs import GENERATOR, HTML_MARK, check_report_outputs, twin_path
@@ -594,8 +594,9 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
     ``findings``, ``metrics`` (method → metrics), ``reaudit`` and ``drift``. An
     existing page or twin that is not an earlier report is refused
     (:func:`check_report_outputs`) before anything else; everything is
-    rendered before anything is written, and each file is renamed into
-    place, so a failure leaves earlier files untouched.
+    rendered before anything is written, and the page and its twin are
+    replaced as one unit (:func:`~ravl_pipeline.io.files.write_files_atomic`),
+    so a failure leaves both earlier files untouched.
     """
     out, twin = check_report_outputs(out_path)
     sources = tuple(str(x) if isinstance(x, (str, os.PathLike)) else name
@@ -611,6 +612,5 @@ def write_report(out_path, findings, *, dataset_root=None, metrics=None, reaudit
               "metrics": json_safe(metrics) if metrics else None,
               "reaudit": json_safe(reaudit) if reaudit is not None else None,
               "drift": json_safe(drift) if drift else None}
-    write_bytes_atomic(twin, json_bytes(record))
-    write_bytes_atomic(out, page.encode("utf-8"))
+    write_files_atomic({twin: json_bytes(record), out: page.encode("utf-8")})  # one unit: never one new, one old
     return out

@@ -7,8 +7,11 @@ appeared (bytes compared, hidden files included)."""
 from __future__ import annotations
 
 import argparse
+import collections
+import errno
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from ravl_pipeline.cli import main as ravl
 from ravl_pipeline.experiments.synth import SynthConfig, make_setting
@@ -89,6 +93,11 @@ BAD_FINDINGS = {
                                          "similarity": 0.9}]},
     "unknown_image": {"feature.regions": [{"image_id": "no-such-image", "region_index": 0, "box": QUADRANTS[0],
                                            "similarity": 0.9}]},
+    "names_number": {"feature.names": 3},
+    "causal_text": {"feature.causal": "flips"},
+    "called_text": {"feature.called": "yes"},
+    "significance_text": {"significance": "none"},
+    "model_moved": {"model": "local-dir:/nonexistent/ravl-audited"},
 }
 
 
@@ -155,6 +164,11 @@ def _datasets(ws: Path) -> None:
     table = pa.Table.from_pylist([dict(r, boxes=[[0, 0, 90, 20]]) for r in rows])
     pq.write_table(table, ws / "data" / "badbox" / "manifest.parquet")
 
+    for name, labels in (("oneclass", ["one", "one"]), ("caselabels", ["one", "One "]),
+                         ("longlabels", ["a " * 90 + "one", "a " * 90 + "nine"])):
+        rows = images(ws / "data" / name)
+        write_manifest(ws / "data" / name, [dict(row, label=label) for row, label in zip(rows, labels)])
+
     (ws / "data" / "nomanifest").mkdir(parents=True)
     images(ws / "data" / "notparquet")
     (ws / "data" / "notparquet" / "manifest.parquet").write_text("image_id,path\ni0,img0.png\n")
@@ -169,6 +183,17 @@ def _models(ws: Path) -> None:
                          ("ck_badconfig", lambda d: (d / CONFIG_NAME).write_text("{\"model_cfg\": ")),
                          ("ck_badmeta", lambda d: (d / RAVL_META_NAME).write_text("{broken")),
                          ("ck_noweights", lambda d: (d / WEIGHTS_NAME).unlink())):
+        shutil.copytree(ws / "ck", ws / name)
+        change(ws / name)
+    config = json.loads((ws / "ck" / CONFIG_NAME).read_text())
+    vit = load_model("ravl-tiny-vit", seed=0).model.state_dict()
+    nan = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    nan["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    for name, change in (
+            ("ck_nan", lambda d: save_file(nan, d / WEIGHTS_NAME)),
+            ("ck_cfgtype", lambda d: (d / CONFIG_NAME).write_text(json.dumps(
+                dict(config, model_cfg=dict(config["model_cfg"], vision_cfg=5))))),
+            ("ck_otherarch", lambda d: save_file(vit, d / WEIGHTS_NAME))):
         shutil.copytree(ws / "ck", ws / name)
         change(ws / name)
     state = lm.model.state_dict()
@@ -191,9 +216,15 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "bad" / "metrics_text.json", dict(metrics, image_overall="good"))
     _dump(ws / "bad" / "provenance_list.json", ["not", "an", "object"])
     _dump(ws / "bad" / "vocab_empty.txt", "# nothing\n\n")
+    _dump(ws / "bad" / "deep.json", "[" * 200_000 + "]" * 200_000)
     _dump(ws / "bad" / "vocab_braces.txt", "red {thing}\n")
     _dump(ws / "bad" / "params_tau.yaml", "scores:\n  tau: 0\n")
     _dump(ws / "bad" / "params_template.yaml", "scores:\n  templates: ['a {kind} of {}']\n")
+    _dump(ws / "bad" / "params_k_range.yaml", "discovery:\n  k_range: [10, 5]\n")
+    _dump(ws / "bad" / "params_seed.yaml", "discovery:\n  seed: -3\n")
+    _dump(ws / "bad" / "params_classes.yaml", "labels:\n  classes: one, nine\n")
+    _dump(ws / "bad" / "params_templates.yaml", "scores:\n  templates: 'a photo of a {}.'\n")
+    _dump(ws / "bad" / "params_tau_tiny.yaml", "scores:\n  tau: 1.0e-45\n")
     _dump(ws / "bad" / "coco.json", {"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []})
     # earlier results of the user, beside which bad commands are run
     _dump(ws / "results" / "findings.json", _findings(ws))
@@ -202,7 +233,67 @@ def ws(tmp_path_factory) -> Path:
     _dump(ws / "results" / "report.html", "<html>my own page</html>\n")
     (ws / "results" / "subdir").mkdir()
     (ws / "results" / "somefile").write_text("x")
+    _special(ws)
+    _coco_files(ws)
     return ws
+
+
+def _coco_files(ws: Path) -> None:
+    """COCO instances files over the eval set's first two images, each with
+    one thing wrong, and an ImageFolder tree with a corrupt image."""
+    def coco(**changes):
+        data = {"images": [{"id": i + 1, "file_name": f"eval-00000{i}.png", "width": 56, "height": 56}
+                           for i in range(2)],
+                "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "nine"}],
+                "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [0, 0, 28, 28]},
+                                {"id": 11, "image_id": 2, "category_id": 2, "bbox": [28, 28, 20, 20]}]}
+        for key, value in changes.items():
+            top, _, rest = key.partition(".")
+            if not rest:
+                data[top] = value
+            else:
+                index, field = rest.split(".")
+                data[top][int(index)][field] = value
+        return data
+
+    for name, data in (("coco_nan_bbox", coco(**{"annotations.1.bbox": [28, float("nan"), 20, 20]})),
+                       ("coco_negative_size", coco(**{"annotations.1.bbox": [28, 28, -20, 20]})),
+                       ("coco_bbox_text", coco(**{"annotations.0.bbox": "0 0 28 28"})),
+                       ("coco_same_name", coco(**{"categories.1.name": "one"})),
+                       ("coco_annotations_object", coco(annotations={"id": 10})),
+                       ("coco_image_not_object", coco(images=[7, 8])),
+                       ("coco_file_name_dot", coco(**{"images.1.file_name": "."})),
+                       ("coco_missing_image", coco(**{"images.1.file_name": "absent.png"})),
+                       ("coco_wrong_size", coco(**{"images.0.width": 560, "images.0.height": 560,
+                                                   "annotations.0.bbox": [0, 0, 300, 300]})),
+                       ("coco_top_list", [coco()])):
+        _dump(ws / "bad" / f"{name}.json", data)
+    _dump(ws / "bad" / "coco_corrupt_image.json", coco(**{"images.1.file_name": "corrupt.png"}))
+    (ws / "bad" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    for i in range(2):
+        shutil.copyfile(ws / "set" / "eval" / "images" / f"eval-00000{i}.png", ws / "bad" / f"eval-00000{i}.png")
+    folder = ws / "imagefolder"
+    (folder / "one").mkdir(parents=True)
+    (folder / "nine").mkdir()
+    shutil.copyfile(ws / "set" / "eval" / "images" / "eval-000000.png", folder / "one" / "a.png")
+    (folder / "nine" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+
+
+def _special(ws: Path) -> None:
+    """Paths that are not regular files: a named pipe, links to a file and
+    to a checkpoint folder, a Parquet file that is not the manifest, and a
+    dataset whose image is a folder."""
+    (ws / "special").mkdir()
+    os.mkfifo(ws / "special" / "pipe")
+    os.mkfifo(ws / "special" / "pipe.html")
+    (ws / "special" / "link.json").symlink_to(ws / "results" / "findings.json")
+    (ws / "special" / "cklink").symlink_to(ws / "ck")
+    shutil.copyfile(ws / "set" / "eval" / "manifest.parquet", ws / "special" / "other.parquet")
+    root = ws / "data" / "imagedir"
+    root.mkdir(parents=True)
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(root / "img0.png")
+    (root / "img1.png").mkdir()
+    write_manifest(root, [{"image_id": f"i{i}", "path": f"img{i}.png", "label": CLASSES[i]} for i in range(2)])
 
 
 def snapshot_all(folder: Path) -> dict[str, bytes | str]:
@@ -271,6 +362,23 @@ CASES = [
     _flag("synth-n-val-0", SYNTH, "--n-val", "0"),
     _flag("report-top-regions-negative", REPORT, "--top-regions", "-1"),
     _flag("bench-workers-0", ["bench", "discovery", "--out", "{ws}/bench"], "--workers", "0"),
+    _flag("discover-tau-underflows", DISCOVER, "--tau", "1e-45"),
+    _flag("finetune-tau-underflows", FINETUNE, "--tau", "1e-45"),
+    _flag("discover-seed-negative", DISCOVER, "--seed", "-1"),
+    _flag("discover-seed-huge", DISCOVER, "--seed", str(2**64)),
+    _flag("finetune-seed-huge", FINETUNE, "--seed", str(2**32)),
+    Case("numeric and choice flags", "discover-proposer-grid-huge", [*DISCOVER, "--proposer", "grid:100000"],
+         ("proposer", "'grid:100000'", "[1, 32]")),
+    Case("numeric and choice flags", "params-k-range", ["materialize", "--select", "audited_model"],
+         ("params_k_range.yaml", "discovery.k_range", "[10, 5]")),
+    Case("numeric and choice flags", "params-seed", ["materialize", "--select", "audited_model"],
+         ("params_seed.yaml", "discovery.seed", "-3")),
+    Case("templates", "params-templates", ["materialize", "--select", "audited_model"],
+         ("params_templates.yaml", "scores.templates", "a list")),
+    Case("numeric and choice flags", "params-classes", ["materialize", "--select", "audited_model"],
+         ("params_classes.yaml", "labels.classes", "'one, nine'")),
+    Case("numeric and choice flags", "params-tau-tiny", ["materialize", "--select", "audited_model"],
+         ("params_tau_tiny.yaml", "scores.tau")),
     Case("numeric and choice flags", "discover-mode-unknown", [*DISCOVER, "--mode", "fast"], ("--mode", "'fast'")),
     Case("numeric and choice flags", "finetune-method-unknown", [*FINETUNE, "--method", "magic"],
          ("--method", "'magic'")),
@@ -322,6 +430,61 @@ CASES = [
     Case("output paths", "import-out-is-a-file",
          ["import", "imagefolder", "{ws}/set/eval/images", "--out", "{ws}/results/notes.txt"],
          ("--out", "notes.txt", "not a directory")),
+    # ---- the output rule: never an input of the same command, a link, a special file, a folder
+    Case("output paths", "discover-out-is-the-manifest", [*DISCOVER[:-1], "{ws}/set/eval/manifest.parquet"],
+         ("--out", "set/eval/manifest.parquet", "--data")),
+    Case("output paths", "discover-out-is-an-image", [*DISCOVER[:-1], "{ws}/set/eval/images/eval-000003.png"],
+         ("--out", "eval-000003.png", "--data")),
+    Case("output paths", "discover-out-is-a-vocabulary", [*DISCOVER[:-3], "--vocab", "{ws}/bad/vocab_empty.txt",
+                                                          "--out", "{ws}/bad/vocab_empty.txt"],
+         ("--out", "vocab_empty.txt", "--vocab")),
+    Case("output paths", "evaluate-out-is-the-manifest", [*EVALUATE[:-1], "{ws}/set/eval/./manifest.parquet"],
+         ("--out", "manifest.parquet", "--data")),
+    Case("output paths", "evaluate-out-is-the-weights", [*EVALUATE[:-1], f"{{ws}}/ck/{WEIGHTS_NAME}"],
+         ("--out", WEIGHTS_NAME, "--model")),
+    Case("output paths", "finetune-history-is-the-findings",
+         [*STAGE2, "{ws}/findings.json", "--history", "{ws}/findings.json"], ("--history", "--findings")),
+    Case("output paths", "finetune-history-inside-out", [*FINETUNE, "--history", "{ws}/new_ck/history.json"],
+         ("--history", "new_ck/history.json", "--out")),
+    Case("output paths", "finetune-out-is-the-model", [*FINETUNE[:5], "--out", "{ws}/ck", *FINETUNE[7:]],
+         ("--out", "/ck", "--model")),
+    Case("output paths", "finetune-out-holds-the-data",
+         [*FINETUNE[:5], "--out", "{ws}/set", *FINETUNE[7:]], ("--out", "/set", "--data")),
+    Case("output paths", "report-twin-is-the-findings",
+         ["report", "--findings", "{ws}/results/findings.json", "--out", "{ws}/results/findings.html"],
+         ("twin", "results/findings.json", "--findings")),
+    Case("output paths", "discover-out-is-a-named-pipe", [*DISCOVER[:-1], "{ws}/special/pipe"],
+         ("--out", "special/pipe", "named pipe")),
+    Case("output paths", "report-out-is-a-named-pipe", [*REPORT[:-1], "{ws}/special/pipe.html"],
+         ("--out", "pipe.html", "named pipe")),
+    Case("output paths", "evaluate-out-is-a-device", [*EVALUATE[:-1], "/dev/null"], ("--out", "/dev/null", "device")),
+    Case("output paths", "discover-out-is-a-symlink", [*DISCOVER[:-1], "{ws}/special/link.json"],
+         ("--out", "link.json", "symbolic link", "results/findings.json")),
+    Case("output paths", "finetune-out-is-a-symlink", [*FINETUNE[:5], "--out", "{ws}/special/cklink", *FINETUNE[7:]],
+         ("--out", "cklink", "symbolic link")),
+    Case("output paths", "import-out-is-a-symlink",
+         ["import", "imagefolder", "{ws}/set/eval/images", "--out", "{ws}/special/cklink"],
+         ("--out", "cklink", "symbolic link")),
+    Case("output paths", "evaluate-out-ends-in-slash", [*EVALUATE[:-1], "{ws}/results/newdir/"],
+         ("--out", "results/newdir/", "names a folder")),
+    Case("output paths", "finetune-history-ends-in-slash", [*FINETUNE, "--history", "{ws}/results/hist/"],
+         ("--history", "hist/", "names a folder")),
+    # ---- inputs that are not regular files: refused, never waited on
+    Case("input kinds", "report-findings-is-a-named-pipe", ["report", "--findings", "{ws}/special/pipe", *REPORT[3:]],
+         ("--findings", "special/pipe", "named pipe")),
+    Case("input kinds", "report-findings-is-a-folder", ["report", "--findings", "{ws}/results/subdir", *REPORT[3:]],
+         ("--findings", "results/subdir", "is a folder, expected a file")),
+    Case("input kinds", "report-metrics-is-a-named-pipe", [*REPORT, "--metrics", "{ws}/special/pipe"],
+         ("--metrics", "special/pipe", "named pipe")),
+    Case("input kinds", "report-provenance-is-a-folder", [*REPORT, "--provenance", "{ws}/results"],
+         ("--provenance", "is a folder")),
+    Case("input kinds", "finetune-findings-is-a-named-pipe", [*STAGE2, "{ws}/special/pipe"],
+         ("special/pipe", "named pipe")),
+    Case("input kinds", "discover-data-other-parquet", ["discover", *MODEL, "--data", "{ws}/special/other.parquet",
+                                                        *DISCOVER[7:]], ("other.parquet", "manifest.parquet")),
+    Case("input kinds", "discover-image-is-a-folder", ["discover", *MODEL, "--data", "{ws}/data/imagedir",
+                                                       *DISCOVER[7:]],
+         ("imagedir/manifest.parquet", "row 1", "is a folder, expected a file")),
     # ---- models and weights
     Case("models", "truncated-safetensors", ["discover", "--model", "local-dir:{ws}/ck_trunc", *DISCOVER[3:]],
          ("ck_trunc/open_clip_model.safetensors",)),
@@ -337,6 +500,13 @@ CASES = [
                                                   *DISCOVER[3:]], ("ck_badconfig/open_clip_config.json", "JSON")),
     Case("models", "malformed-ravl-model-json", ["discover", "--model", "local-dir:{ws}/ck_badmeta", *DISCOVER[3:]],
          ("ck_badmeta/ravl_model.json", "JSON")),
+    Case("models", "nan-weights", ["discover", "--model", "local-dir:{ws}/ck_nan", *DISCOVER[3:]],
+         ("ck_nan/open_clip_model.safetensors", "'visual.conv1.weight'", "NaN")),
+    Case("models", "config-of-wrong-type", ["discover", "--model", "local-dir:{ws}/ck_cfgtype", *DISCOVER[3:]],
+         ("ck_cfgtype/open_clip_config.json", "'model_cfg'", "wrong type")),
+    Case("models", "weights-of-another-architecture", ["evaluate", "--model", "local-dir:{ws}/ck_otherarch",
+                                                       *EVALUATE[3:]],
+         ("ck_otherarch/open_clip_model.safetensors", "Missing key(s)", "visual.")),
     Case("models", "checkpoint-without-weights", ["discover", "--model", "local-dir:{ws}/ck_noweights",
                                                   *DISCOVER[3:]], ("ck_noweights", WEIGHTS_NAME)),
     Case("models", "checkpoint-folder-missing", ["discover", "--model", "local-dir:{ws}/nowhere", *DISCOVER[3:]],
@@ -364,7 +534,10 @@ CASES = [
                             ("features_not_list", ("'features'",)),
                             ("not_json", ("not valid JSON",)),
                             ("not_object", ("JSON object",)),
-                            ("missing_key", ("missing required key", "k")))],
+                            ("missing_key", ("missing required key", "k")),
+                            ("causal_text", ("rank 1", "'causal'", "an object")),
+                            ("called_text", ("rank 1", "'called'", "true or false")),
+                            ("model_moved", ("key 'model'", "/nonexistent/ravl-audited", "--audited-model")))],
     Case("findings (Stage 2)", "finetune-findings-missing", [*STAGE2, "{ws}/bad/nothing.json"],
          ("bad/nothing.json",)),
     Case("findings (Stage 2)", "finetune-ravl-without-findings", [*FINETUNE, "--method", "ravl"], ("--findings",)),
@@ -376,7 +549,11 @@ CASES = [
                             ("score_nan", ("rank 1", "'score'")),
                             ("box_outside", ("feature rank 1", "eval-000000", "outside", "56x56")),
                             ("unknown_image", ("no-such-image",)),
-                            ("schema_version", ("schema_version 9",)))],
+                            ("schema_version", ("schema_version 9",)),
+                            ("names_number", ("rank 1", "'names'", "an object")),
+                            ("significance_text", ("'significance'", "an object")))],
+    Case("report inputs", "report-findings-nested-deep", ["report", "--findings", "{ws}/bad/deep.json", *REPORT[3:]],
+         ("bad/deep.json", "nested too deeply")),
     Case("report inputs", "report-metrics-missing-key",
          [*REPORT, "--metrics", "ravl={ws}/bad/metrics_missing.json"], ("metrics_missing.json", "region_overall")),
     Case("report inputs", "report-metrics-not-a-number",
@@ -404,6 +581,16 @@ CASES = [
          ("dupid/manifest.parquet", "row 1", "duplicate")),
     Case("datasets", "box-outside-image", ["discover", *MODEL, "--data", "{ws}/data/badbox", *DISCOVER[7:]],
          ("badbox/manifest.parquet", "column 'boxes'", "outside")),
+    Case("datasets", "single-class", ["discover", *MODEL, "--data", "{ws}/data/oneclass", *DISCOVER[7:]],
+         ("oneclass/manifest.parquet", "at least two classes", "'one'")),
+    Case("datasets", "evaluate-single-class", ["evaluate", *MODEL, "--data", "{ws}/data/oneclass", "--split", "all",
+                                               *EVALUATE[5:]], ("oneclass/manifest.parquet", "at least two classes")),
+    Case("datasets", "labels-differ-by-case", ["discover", *MODEL, "--data", "{ws}/data/caselabels", *DISCOVER[7:]],
+         ("caselabels/manifest.parquet", "'One '", "'one'", "case or spaces")),
+    Case("datasets", "prompts-identical-once-tokenized", ["discover", *MODEL, "--data", "{ws}/data/longlabels",
+                                                          *DISCOVER[7:]], ("identical once tokenized", "cut at 16 tokens")),
+    Case("datasets", "evaluate-feature-unknown", [*EVALUATE, "--feature", "plaid"],
+         ("--feature 'plaid'", "eval/manifest.parquet", "region_labels")),
     Case("datasets", "no-manifest", ["discover", *MODEL, "--data", "{ws}/data/nomanifest", *DISCOVER[7:]],
          ("nomanifest/manifest.parquet",)),
     Case("datasets", "manifest-not-parquet", ["discover", *MODEL, "--data", "{ws}/data/notparquet", *DISCOVER[7:]],
@@ -416,6 +603,35 @@ CASES = [
          ("--images",)),
     Case("datasets", "coco-malformed", ["import", "coco", "{ws}/bad/coco.json", "--images", "{ws}/set/eval",
                                         "--out", "{ws}/imported"], ("coco.json",)),
+    # ---- imports: every row checked, every image copied, before an earlier dataset is replaced
+    *[Case("imports", f"import-{name.replace('_', '-')}",
+           ["import", "coco", f"{{ws}}/bad/{name}.json", "--images", images, "--out", out],
+           (f"bad/{name}.json", *needles))
+      for name, images, out, needles in (
+          ("coco_nan_bbox", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 11", "'bbox'", "finite")),
+          ("coco_negative_size", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 11", "negative")),
+          ("coco_bbox_text", "{ws}/set/eval/images", "{ws}/set/eval", ("annotation id 10", "'bbox'")),
+          ("coco_same_name", "{ws}/set/eval/images", "{ws}/set/eval", ("categories[1]", "two categories named 'one'")),
+          ("coco_annotations_object", "{ws}/set/eval/images", "{ws}/set/eval", ("'annotations'", "a list")),
+          ("coco_image_not_object", "{ws}/set/eval/images", "{ws}/set/eval", ("images[0]", "JSON object")),
+          ("coco_top_list", "{ws}/set/eval/images", "{ws}/set/eval", ("JSON object",)),
+          ("coco_file_name_dot", "{ws}/bad", "{ws}/set/finetune", ("images[1]", "'file_name'", "'.'")),
+          ("coco_missing_image", "{ws}/bad", "{ws}/set/finetune", ("image id 2", "absent.png", "does not exist")),
+          ("coco_corrupt_image", "{ws}/bad", "{ws}/set/finetune", ("image id 2", "corrupt.png", "unreadable")),
+          ("coco_wrong_size", "{ws}/bad", "{ws}/set/finetune", ("row 0", "column 'boxes'", "outside")))],
+    Case("imports", "import-in-place-box-outside", ["import", "coco", "{ws}/bad/coco_wrong_size.json", "--images",
+                                                    "{ws}/set/eval/images", "--out", "{ws}/set/eval"],
+         ("set/eval/manifest.parquet", "row 0", "column 'boxes'", "outside")),
+    Case("imports", "import-copying-into-unrelated-folder", ["import", "imagefolder", "{ws}/imagefolder", "--out",
+                                                             "{ws}/results"], ("results", "not a dataset")),
+    Case("imports", "import-imagefolder-corrupt-image", ["import", "imagefolder", "{ws}/imagefolder",
+                                                         "--out", "{ws}/set/finetune"],
+         ("imagefolder: class 'nine'", "b.png", "unreadable")),
+    Case("imports", "import-coco-images-not-a-folder", ["import", "coco", "{ws}/bad/coco_nan_bbox.json",
+                                                        "--images", "{ws}/bad/corrupt.png", "--out", "{ws}/imp"],
+         ("--images", "corrupt.png", "expected a folder")),
+    Case("imports", "import-coco-file-is-a-folder", ["import", "coco", "{ws}/bad", "--images", "{ws}/bad",
+                                                     "--out", "{ws}/imp"], ("bad", "is a folder, expected a file")),
     Case("datasets", "imagefolder-not-a-folder", ["import", "imagefolder", "{ws}/nowhere", "--out", "{ws}/imported"],
          ("nowhere",)),
     Case("datasets", "vocabulary-empty", [*DISCOVER[:-3], "--out", "{ws}/results/new.json", "--vocab",
@@ -428,8 +644,19 @@ CASES = [
 def test_the_table_covers_every_group_and_names_are_unique():
     assert len({c.name for c in CASES}) == len(CASES)
     groups = {c.group for c in CASES}
-    assert groups == {"numeric and choice flags", "templates", "output paths", "models", "findings (Stage 2)",
-                      "report inputs", "datasets"}
+    assert groups == {"numeric and choice flags", "templates", "output paths", "input kinds", "imports", "models",
+                      "findings (Stage 2)", "report inputs", "datasets"}
+
+
+def test_the_readme_counts_the_table_as_it_is():
+    """README's reliability section states the number of cases and each group's count."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Reliability"):]
+    section = section[:section.index("\n## ", 3)]
+    prose = " ".join(section.split())
+    assert f"runs {len(CASES)} bad inputs" in prose and f"all {len(CASES)} end in a clear error" in prose
+    rows = dict(re.findall(r"^\| ([A-Za-z (),0-9]+?) \| (\d+) \|", section, re.M))
+    assert {group: int(n) for group, n in rows.items()} == dict(collections.Counter(c.group for c in CASES))
 
 
 def run_ravl(argv: list[str]) -> int:
@@ -541,3 +768,61 @@ def test_an_asset_fails_on_bad_input_with_one_line(ws, tmp_path, monkeypatch, ca
     assert len(failed) == 1 and "row 1 (image_id 'i1'), column 'path'" in failed[0], out
     assert "symbolic link" in failed[0] and "Traceback" not in out
     assert not (data / "outputs" / "linked" / "proposals").exists()
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "free some space"), (errno.EROFS, "writable file system"),
+                                        (errno.ENAMETOOLONG, "shorter name")])
+def test_an_os_error_the_user_can_act_on_is_one_line_naming_the_path(ws, tmp_path, monkeypatch, capsys, code, hint):
+    """A full disk, a read-only file system or a name too long while an
+    import copies its images: exit status 2, one line naming where the
+    image was to go and what to do; the earlier dataset is left as it was."""
+    out, src = tmp_path / "dataset", tmp_path / "src"
+    shutil.copytree(ws / "set" / "eval", out)
+    for label, name in (("one", "a.png"), ("nine", "b.png")):
+        (src / label).mkdir(parents=True)
+        shutil.copyfile(ws / "set" / "eval" / "images" / "eval-000000.png", src / label / name)
+    before = snapshot_all(tmp_path)
+
+    def failing(src, dst, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(shutil, "copyfile", failing)
+    rc = run_ravl(["import", "imagefolder", str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert_one_clear_line(err, "import")
+    assert str(out / "images" / "nine" / "b.png") in err and os.strerror(code) in err and hint in err
+    assert snapshot_all(tmp_path) == before
+
+
+def test_a_huge_message_is_cut_to_one_readable_line(tmp_path, capsys):
+    """A value of 100,000 characters in a message is cut, saying how much was left out."""
+    name = "x" * 100_000
+    rc = run_ravl(["discover", "--model", "ravl-tiny-rn", "--data", str(tmp_path), "--out", str(tmp_path / "f.json"),
+                   "--classes", f"{name},{name}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert_one_clear_line(err, "discover")
+    assert "--classes" in err and "more characters)" in err and len(err) < 2000
+
+
+def test_warnings_of_libraries_are_the_projects_one_line_warnings(ws, tmp_path, monkeypatch, capsys):
+    """A 16-bit image (scaled to 8 bits, not clipped) and PIL's decompression
+    bomb warning each end as one ``ravl discover: warning:`` line, once,
+    without the library's file and source line."""
+    from ravl_pipeline.io import dataset as dataset_module
+
+    root = tmp_path / "wide"
+    shutil.copytree(ws / "set" / "eval", root)
+    first = root / "images" / "eval-000000.png"
+    Image.fromarray((np.asarray(Image.open(first).convert("L")).astype(np.uint16) * 257)).save(first)
+    dataset_module._warned_modes.clear()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 56×56 images: above it, below twice it
+    argv = ["discover", *[a.replace("{ws}", str(ws)) for a in MODEL], "--data", str(root), "--split", "val",
+            "--no-evidence", "--quiet", "--out", str(tmp_path / "f.json")]
+    assert run_ravl(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert all(line.startswith("ravl discover: warning: ") for line in lines), lines
+    wide = [line for line in lines if "I;16 image" in line]
+    bomb = [line for line in lines if "decompression bomb" in line.lower()]
+    assert len(wide) == 1 and "eval-000000.png" in wide[0] and len(bomb) == 1, lines

@@ -3,6 +3,7 @@ the previous outputs byte-identical, and the next run completes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -233,6 +234,20 @@ elif point == "swapped-old-not-removed":  # after the exchange, before the previ
         if ".ravl-tmp-" in str(path):
             die()
     shutil.rmtree = killing_rmtree
+elif point == "report-twin-renamed-page-not":  # write_files_atomic: between the renames of one unit
+    rename = os.replace
+    def killing_replace(src, dst):
+        rename(src, dst)
+        if ".ravl-tmp-" in str(src) and str(dst).endswith("report.json"):
+            die()
+    os.replace = killing_replace
+elif point == "report-page-disk-full":  # the page cannot be written in full (a full disk)
+    fsync = os.fsync
+    def failing_fsync(fd):
+        if ".html.ravl-tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+    os.fsync = failing_fsync
 from ravl_pipeline.cli import main
 sys.exit(main(argv))
 """
@@ -316,3 +331,35 @@ def test_only_stale_temporaries_of_this_tool_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [n for n, what in names.items() if what == "kept"] + ["model"])
     assert (tmp_path / "model" / "open_clip_config.json").read_text() == "{}"  # the previous version, put back
+
+
+def _run_point(point: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", KILLER, point, *argv], env=env, capture_output=True, timeout=600)
+
+
+def test_a_report_and_its_twin_are_replaced_as_one_unit(tmp_path):
+    """The page and its JSON twin are never one new and one old once the
+    folder is written again: a full disk leaves both earlier files; a kill
+    between their renames is completed by the next write into the folder."""
+    from ravl_pipeline.io.files import remove_stale_temporaries
+
+    findings = {"schema_version": 1, "dataset": "d", "classes": ["a", "b"], "k": 2, "features": []}
+    page, twin = tmp_path / "report.html", tmp_path / "report.json"
+    (tmp_path / "a.json").write_text(json.dumps(dict(findings, model="model-A")))
+    (tmp_path / "b.json").write_text(json.dumps(dict(findings, model="model-B")))
+    assert ravl(["report", "--findings", str(tmp_path / "a.json"), "--out", str(page)]) == 0
+    before = {"page": page.read_bytes(), "twin": twin.read_bytes()}
+    new = ["report", "--findings", str(tmp_path / "b.json"), "--out", str(page)]
+
+    proc = _run_point("report-page-disk-full", new)
+    assert proc.returncode == 2 and b"No space left on device" in proc.stderr and str(page).encode() in proc.stderr
+    assert page.read_bytes() == before["page"] and twin.read_bytes() == before["twin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "report.html", "report.json"]
+
+    proc = _run_point("report-twin-renamed-page-not", new)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    assert b"model-B" in twin.read_bytes() and page.read_bytes() == before["page"]  # the moment of the kill
+    remove_stale_temporaries(tmp_path)  # what the next write into the folder does first
+    assert b"model-B" in twin.read_bytes() and b"model-B" in page.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "report.html", "report.json"]

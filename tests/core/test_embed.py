@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ravl_pipeline.core.embed import (Embeddings, EmbedError, embed_dataset, encode_image_and_regions,
-                                      input_boxes, pool_at_size)
+                                      input_boxes, pixel_box, pool_at_size)
 from ravl_pipeline.core.scores import ScoresError, class_text_embeddings, zero_shot_probs
 from ravl_pipeline.io.dataset import load_dataset
 from ravl_pipeline.io.manifest import write_manifest
@@ -357,3 +357,12 @@ def test_random_init_warning_only_for_models_that_are_not_built_in(caplog):
         load_model("RN50", seed=0)  # an open_clip model without weights: the user is told
     assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
     assert not logging.getLogger().filters  # the filter does not outlive the call
+
+
+@pytest.mark.parametrize("box, expected", [
+    ([1, 1, 1.4, 1.4], (1, 1, 2, 2)),  # a fraction of a pixel: one pixel, not an empty crop
+    ([55.8, 0, 56.2, 0.2], (55, 0, 56, 1)),  # at the edge: still inside the image
+    ([2.4, 3.6, 20.5, 30.2], (2, 4, 20, 30)),  # an ordinary box: rounded as PIL rounds it
+])
+def test_a_crop_takes_at_least_one_pixel_inside_the_image(box, expected):
+    assert pixel_box(box, 56, 56) == expected

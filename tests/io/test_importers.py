@@ -3,7 +3,9 @@ become dataset directories."""
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,85 @@ def test_import_coco_several_files_one_split_each(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one split per instances file"):
         import_coco([instances, other], images, tmp_path / "bad", split=["val", "test", "train"])
     assert not (tmp_path / "dup").exists() and not (tmp_path / "bad").exists()
+
+
+def _tree(folder: Path) -> dict[str, bytes | str]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def test_an_import_into_an_existing_folder_keeps_its_other_files(tmp_path: Path) -> None:
+    """A copying import replaces the folder's manifest and adds its images;
+    what else the folder held stays (carried over, not rewritten), and so do
+    sources that lie inside it."""
+    instances, images = _coco(tmp_path)
+    out = tmp_path / "out"
+    _imagefolder(out / "raw")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ManifestError, match="not a dataset"):  # copying replaces the folder: not any folder
+        import_coco(instances, images, out, split="val")
+    import_imagefolder(out / "raw", out)  # an earlier dataset, its images in place
+    ds = import_coco(instances, images, out, split="val")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "raw" / "cat" / "1.png").is_file()
+    assert ds.paths == ["images/000001.png", "images/000002.png"]
+    ds = import_imagefolder(out / "raw", out, copy=True)  # sources inside the folder it replaces
+    assert ds.paths[0] == "images/cat/1.png" and (out / "raw" / "cat" / "1.png").is_file()
+    assert (out / "images" / "000001.png").is_file()  # the earlier import's images stay
+    assert not [p for p in tmp_path.iterdir() if ".ravl-" in p.name]
+
+
+@pytest.mark.parametrize("failure", ["missing", "unreadable", "full-disk", "box-outside"])
+def test_a_failed_import_leaves_an_earlier_dataset_as_it_was(tmp_path: Path, monkeypatch, failure) -> None:
+    """All or nothing: whatever fails, before or after the first image is
+    copied, the earlier dataset in --out is byte-identical and nothing is
+    left beside it."""
+    instances, images = _coco(tmp_path)
+    out = tmp_path / "out"
+    import_coco(instances, images, out, split="val")
+    before = _tree(out)
+    coco = json.loads(instances.read_text())
+    if failure == "missing":
+        coco["images"][1]["file_name"] = "absent.png"
+    elif failure == "unreadable":
+        (images / "000002.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    elif failure == "box-outside":
+        coco["images"][0].update(width=400, height=300)
+        coco["annotations"][1]["bbox"] = [100, 100, 200, 100]
+    else:
+        real, calls = shutil.copyfile, []
+
+        def full_disk(src, dst, *args, **kwargs):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, "copyfile", full_disk)
+    instances.write_text(json.dumps(coco))
+    error = OSError if failure == "full-disk" else ManifestError
+    with pytest.raises(error) as caught:
+        import_coco(instances, images, out, split="test")
+    if failure == "full-disk":
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out / "images" / "000002.png")
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "out"]
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"annotations": {"bbox": [0, 0, 1, 1]}}, ("key 'annotations'", "a list")),
+    ({"categories": [{"id": 18, "name": "dog"}, {"id": 62, "name": "dog"}]}, ("two categories named 'dog'",)),
+    ({"categories": [{"id": 18, "name": 5}]}, ("categories[0]", "'name'")),
+    ({"images": [{"id": 1, "file_name": "../x.png"}]}, ("images[0]", "'file_name'")),
+    ({"images": [{"id": 1.5, "file_name": "000001.png"}]}, ("images[0]", "'id'")),
+    ({"images": [{"id": 1, "file_name": "000001.png", "width": -4}]}, ("images[0]", "'width'")),
+])
+def test_coco_types_and_values_are_checked_naming_the_key(tmp_path: Path, change, needles) -> None:
+    instances, images = _coco(tmp_path)
+    coco = json.loads(instances.read_text())
+    coco.update(change)
+    instances.write_text(json.dumps(coco))
+    with pytest.raises(ManifestError) as caught:
+        import_coco(instances, images, tmp_path / "out")
+    assert str(instances) in str(caught.value)
+    for needle in needles:
+        assert needle in str(caught.value)
+    assert not (tmp_path / "out").exists()
