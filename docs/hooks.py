@@ -21,10 +21,27 @@ def on_files(files, config):
     return files
 
 
+_LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]*)\]\((?:\./)?(?P<target>[^)\s]+)\)")
+_KEEP = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|#|/)|^(?:" + "|".join(re.escape(n) for n in ROOT_PAGES) + r")(?:#|$)")
+
+
+def _repository_link(m: re.Match) -> str:
+    """A link of README.md or BENCHMARKS.md as seen from ``repository/``:
+    into docs/ it goes up to the site's root; to the other root page it
+    stays; to any other file of the repository (a script, the licence), not
+    part of the site, it becomes its text."""
+    target = m["target"]
+    if target.startswith("docs/"):
+        return f"{m['bang']}[{m['text']}](../{target[len('docs/'):]})"
+    if _KEEP.match(target):
+        return m[0]
+    return m["text"]
+
+
 def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri.startswith(f"{SITE_FOLDER}/"):
         # the repository's pages point at docs/ from the root; here docs/ is the site's root
-        return markdown.replace('src="docs/', 'src="../')
+        return _LINK.sub(_repository_link, markdown.replace('src="docs/', 'src="../'))
     return _ROOT_LINK.sub(rf"]({SITE_FOLDER}/\1", markdown)
 
 
