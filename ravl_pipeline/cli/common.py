@@ -140,11 +140,17 @@ def print_findings(findings: Findings, path) -> None:
           f"{findings.n_regions} regions, image accuracy {fmt(findings.image_accuracy)}{took}")
     if not feats:
         print("  no spurious feature found")
+    elif findings.has_significance:
+        standing = [f.standing for f in feats]
+        print(f"  {standing.count('confirmed')} confirmed (significant, masking supports), "
+              f"{standing.count('candidate')} candidate(s) (significant, masking inconclusive), "
+              f"{standing.count('other')} other cluster(s) kept")
     warning = (findings.significance or {}).get("warning")
     if warning:
         print(f"  significance: {warning}")
     for f in feats[:5]:
-        print(f"  #{f.rank} cluster {f.cluster_id}: score {f.score:.3f}, influence "
+        standing = f" [{f.standing}]" if findings.has_significance else ""
+        print(f"  #{f.rank}{standing} cluster {f.cluster_id}: score {f.score:.3f}, influence "
               f"{f.influence:.2f}, attribute {f.attribute!r}, {f.size if f.size is not None else '?'} regions")
         if f.q_value is not None:
             names = ", ".join(t["term"] for t in (f.names or {}).get("terms", [])[:3])
