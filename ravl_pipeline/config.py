@@ -398,6 +398,10 @@ SECTION_TYPES = {"audited_model": AuditedModelConfig, "regions": RegionsConfig, 
 SECTIONS = tuple(SECTION_TYPES)
 # the sections that change results, each observed as a source asset; `compute` says where and how fast
 VERSIONED_SECTIONS = tuple(name for name in SECTIONS if name != "compute")
+# keys observed apart from their section, so that changing one makes only what reads it stale: the control is
+# trained beside the mitigated model, and switching it must not retrain that model
+SPLIT_KEYS = {"control": ("mitigation", "control")}
+PARAMS_SOURCE_NAMES = VERSIONED_SECTIONS + tuple(SPLIT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -522,10 +526,20 @@ def check_params(params: Params, where: str | os.PathLike = PARAMS_NAME) -> None
         need(problem is None, f"scores.templates[{i}]", f"a template with one '{{}}' ({problem})", template)
 
 
+def section_values(params: Params | Mapping[str, Any], name: str) -> Any:
+    """What one observed parameter source holds: a section less the keys
+    observed apart (:data:`SPLIT_KEYS`), or one such key's value."""
+    values = params.as_dict() if isinstance(params, Params) else params
+    if name in SPLIT_KEYS:
+        section, key = SPLIT_KEYS[name]
+        return values[section][key]
+    split = {key for section, key in SPLIT_KEYS.values() if section == name}
+    return {k: v for k, v in values[name].items() if k not in split}
+
+
 def section_version(params: Params | Mapping[str, Any], section: str) -> str:
-    """A short content hash of one section (stable key order)."""
-    values = params.as_dict()[section] if isinstance(params, Params) else params[section]
-    text = json.dumps(values, sort_keys=True, default=str)
+    """A short content hash of one observed parameter source (stable key order)."""
+    text = json.dumps(section_values(params, section), sort_keys=True, default=str)
     return hashlib.sha256(f"{section}:{text}".encode()).hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG, extract_data_version_from_entry
 
-from ..config import VERSIONED_SECTIONS, first_line
+from ..config import PARAMS_SOURCE_NAMES, first_line
 from ..definitions import EXECUTOR_ENV, executor_name
 from ..defs.jobs import AUDIT_JOB, MODEL_JOB
 from ..defs.partitions import INPUT_ERROR, SET_VERSION_TAG, validation_sets
@@ -111,7 +111,7 @@ def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[
     assets themselves, with the same versions.) Returns what changed."""
     project = _project(defs)
     changed = []
-    for section in VERSIONED_SECTIONS:
+    for section in PARAMS_SOURCE_NAMES:
         version, metadata = params_observation(project, section)
         if _report_version(instance, dg.AssetKey(f"params_{section}"), version, metadata=metadata):
             changed.append(f"params_{section}")

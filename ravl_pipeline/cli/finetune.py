@@ -79,20 +79,24 @@ def run(args) -> int:
         check_output_dir(args.cache_dir, "--cache-dir")
     if args.caption_template:
         check_template(args.caption_template, "--caption-template")
-    template = args.caption_template or stages.templates_for(args.data)[0]
     if args.findings:
         check_input_file(args.findings, "--findings")
     findings = read_findings(args.findings) if args.findings else None
+    # Stage 2's class texts in the audit's prompt: the one the findings were scored with
+    template = (args.caption_template or (findings.templates[0] if findings is not None and findings.templates
+                                          else stages.templates_for(args.data)[0]))
     if findings is not None and not args.audited_model:
         check_recorded_model(findings.model, args.findings)
     flags = training_flags(args, template)
+    budget = None
     if findings is not None or args.audited_model or (args.method or "standard") != "standard":
         cfg = stage2_train_config(args, flags, findings)  # Stage 2 or a baseline to it: Stage 2's budget
     else:
         cfg = train_config(None, **flags)
-        if not args.quiet:
-            print(f"plain fine-tuning: {cfg.epochs:g} epochs at batch {cfg.batch_size}, no Stage 2 step floor "
+        budget = (f"plain fine-tuning: {cfg.epochs:g} epochs at batch {cfg.batch_size}, no Stage 2 step floor "
                   "(for a baseline at Stage 2's budget, name the model it is compared with: --audited-model)")
+        if not args.quiet:
+            print(budget)
     world = world_from_env()
     history = stages.train(args.model, args.data, args.out, cfg, pretrained=args.pretrained, split=args.split,
                            findings=findings, findings_path=args.findings, audited_model=args.audited_model,
@@ -101,7 +105,8 @@ def run(args) -> int:
                            record_indices=args.record_indices,
                            progress=not (args.quiet or not world.is_main), compute=compute,
                            checkpoint_every=args.checkpoint_every,
-                           inherited_transform=findings is not None and args.train_transform is None)
+                           inherited_transform=findings is not None and args.train_transform is None,
+                           extra_meta={"budget": budget} if budget else None)
     if world.is_main:
         if args.history:
             write_json_atomic(args.history, history)

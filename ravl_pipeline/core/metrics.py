@@ -111,6 +111,8 @@ class Groups:
     known: np.ndarray | None = None  # per image: presence known (None: everywhere)
     features: list[dict] = field(default_factory=list)  # per column: feature, class (tied to), finding's facts
     notes: list[str] = field(default_factory=list)
+    # per feature, its own presence, where the groups join several (annotation: any of the named features)
+    each: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in GROUP_SOURCES:
@@ -121,7 +123,10 @@ class Groups:
         cols = dict(_columns(self.presence))
         out = []
         for feat in self.features:
-            col = cols.get(feat["feature"]) if isinstance(self.presence, Mapping) else cols.get(None)
+            if self.each is not None:
+                col = self.each.get(feat["feature"])
+            else:
+                col = cols.get(feat["feature"]) if isinstance(self.presence, Mapping) else cols.get(None)
             if col is None or feat.get("class") not in classes:
                 continue
             out.append({**feat, **feature_effect(labels, image_pred, col, list(classes).index(feat["class"]),
@@ -236,14 +241,16 @@ def answer_lines(metrics: Mapping) -> list[str]:
     metrics were measured on (each mitigated finding, or the annotated
     feature): its class's accuracy on images with it, audited → mitigated
     (control), then without it, then the other classes with it."""
-    models = [m for m in ("audited", "mitigated", "control") if metrics.get(m)]
-    effects = {m: {e["feature"]: e for e in metrics[m].get("by_feature") or []} for m in models}
+    effects = {m: {e["feature"]: e for e in (metrics.get(m) or {}).get("by_feature") or []}
+               for m in ("audited", "mitigated", "control")}
     lines = []
-    for feat, audited in effects.get("audited", {}).items():
+    for feat, audited in effects["audited"].items():
         def cell(side: str, key: str) -> str:
-            values = [effects[m].get(feat, {}).get(side, {}).get(key) for m in models]
-            text = " → ".join(_pct(v) for v in values[:2])
-            return text + (f" (control {_pct(values[2])})" if len(values) > 2 else "")
+            value = {m: effects[m].get(feat, {}).get(side, {}).get(key) for m in effects}
+            text = _pct(value["audited"])
+            if metrics.get("mitigated"):
+                text += f" → {_pct(value['mitigated'])}"
+            return text + (f" (control {_pct(value['control'])})" if metrics.get("control") else "")
 
         lines.append(f"images with {feat}: class {audited['class']} accuracy {cell('own_class', 'acc_present')}; "
                      f"without it {cell('own_class', 'acc_absent')}; other classes with it "
@@ -260,22 +267,26 @@ BOOTSTRAP_DRAWS = 1000
 
 
 def _weighted_metrics(w: np.ndarray, image_ok: np.ndarray, masks: np.ndarray, core_image: np.ndarray | None,
-                      region_ok: np.ndarray | None, min_group_size: int) -> dict[str, np.ndarray]:
+                      region_ok: np.ndarray | None, counted: np.ndarray,
+                      counted_regions: np.ndarray | None) -> dict[str, np.ndarray]:
     """The four metrics under image weights ``w`` [B, N] (bootstrap counts);
-    ``masks`` [G, N] 0/1 per group, ``image_ok``/``region_ok`` 0/1."""
+    ``masks`` [G, N] 0/1 per group, ``image_ok``/``region_ok`` 0/1. Which
+    groups count in the worst-group minimum (``counted``, ``counted_regions``
+    [G]) is decided once, on the data as it is, as :func:`mitigation_metrics`
+    decides it; a draw takes the minimum over those of them it holds."""
     with np.errstate(invalid="ignore", divide="ignore"):
         n = w.sum(axis=1)
         sizes = w @ masks.T  # [B, G]
         acc = (w @ (masks * image_ok).T) / sizes
         out = {"image_overall": (w @ image_ok) / n,
-               "image_worst_group": np.where(sizes >= min_group_size, acc, np.inf).min(axis=1)}
+               "image_worst_group": np.where(counted[None, :] & (sizes > 0), acc, np.inf).min(axis=1)}
         if core_image is not None:
             wr = w[:, core_image]  # a core region weighs what its image does
             rmasks = masks[:, core_image]
             rsizes = wr @ rmasks.T
             racc = (wr @ (rmasks * region_ok).T) / rsizes
             out["region_overall"] = (wr @ region_ok) / wr.sum(axis=1)
-            out["region_worst_group"] = np.where(rsizes >= min_group_size, racc, np.inf).min(axis=1)
+            out["region_worst_group"] = np.where(counted_regions[None, :] & (rsizes > 0), racc, np.inf).min(axis=1)
     return {k: np.where(np.isinf(v), np.nan, v) for k, v in out.items()}
 
 
@@ -298,10 +309,13 @@ def paired_differences(labels: np.ndarray, image_preds: Mapping[str, np.ndarray]
     core = None if core_image is None or core_preds is None else np.asarray(core_image, np.int64)
     alpha = (1.0 - level) / 2
 
+    counted = masks.sum(axis=1) >= min_group_size  # the groups mitigation_metrics counts, fixed for every draw
+    counted_regions = None if core is None else masks[:, core].sum(axis=1) >= min_group_size
+
     def scored(name: str, w: np.ndarray) -> dict[str, np.ndarray]:
         image_ok = (labels == np.asarray(image_preds[name])).astype(np.float64)
         region_ok = None if core is None else (np.asarray(core_preds[name]) == labels[core]).astype(np.float64)
-        return _weighted_metrics(w, image_ok, masks, core, region_ok, min_group_size)
+        return _weighted_metrics(w, image_ok, masks, core, region_ok, counted, counted_regions)
 
     models = list(dict.fromkeys(m for pair in pairs for m in pair))
     point = {m: scored(m, np.ones((1, n))) for m in models}

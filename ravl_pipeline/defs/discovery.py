@@ -64,7 +64,7 @@ def region_embeddings(region_proposals, audited_model, params_regions):
 
 
 @audit_asset(deps=[region_embeddings, audited_model, params_scores, params_labels], kinds={"parquet"},
-             code_version="1", pool=MODEL_POOL,
+             code_version="2", pool=MODEL_POOL,
              description="Zero-shot class probabilities of images and regions (SPEC §1.3–1.4).")
 def zero_shot_scores(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)

@@ -5,19 +5,19 @@ mitigated_findings (the mitigated model audited again) → evaluation_report
 
 import dagster as dg
 
-from ..config import VERSIONED_SECTIONS
+from ..config import VERSIONED_SECTIONS, section_values
 from ..io.hashing import json_sha256
 from . import metadata as meta
 from .discovery import DISCOVERY_ASSETS, spurious_features
 from .model import audited_model
 from .partitions import MITIGATION_GROUP, MODEL_POOL, audit_asset, set_data_version
 from .resources import RavlProject
-from .sources import (params_discovery, params_evaluation, params_labels, params_mitigation, params_regions,
-                      params_scores, validation_set)
+from .sources import (params_control, params_discovery, params_evaluation, params_labels, params_mitigation,
+                      params_regions, params_scores, validation_set)
 
 
 @audit_asset(deps=[spurious_features, audited_model, params_mitigation], kinds={"pytorch", "open_clip"},
-             code_version="2", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
+             code_version="3", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
              description="A model trained from the audited model's initialisation with the region-aware "
                          "loss on its fine-tuning data (SPEC §3).")
 def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
@@ -26,8 +26,8 @@ def mitigated_model(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.
     return dg.MaterializeResult(metadata=meta.mitigated_model(audit, record, history))
 
 
-@audit_asset(deps=[spurious_features, audited_model, params_mitigation], kinds={"pytorch", "open_clip"},
-             code_version="1", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
+@audit_asset(deps=[spurious_features, audited_model, params_mitigation, params_control],
+             kinds={"pytorch", "open_clip"}, code_version="1", pool=MODEL_POOL, group_name=MITIGATION_GROUP,
              description="The same-budget control: Upsampled FT (RaVL's λ = 1 ablation) from the same "
                          "initialisation, data order, sampler and steps as mitigated_model "
                          "(mitigation.control in params.yaml).")
@@ -49,7 +49,7 @@ def mitigation_metrics(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
 
 
 @audit_asset(deps=[mitigated_model, validation_set, params_regions, params_scores, params_labels,
-                   params_discovery], kinds={"json"}, code_version="2", pool=MODEL_POOL,
+                   params_discovery], kinds={"json"}, code_version="3", pool=MODEL_POOL,
              group_name=MITIGATION_GROUP,
              description="Stage 1 run again on the mitigated model: the findings after mitigation.")
 def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
@@ -58,14 +58,14 @@ def mitigated_findings(context: dg.AssetExecutionContext, ravl: RavlProject) -> 
     if found is None:
         return dg.MaterializeResult(metadata={"reaudited": False,
                                               "reason": "nothing was mitigated: the audited model's findings stand"})
-    versioned = {k: v for k, v in audit.params.as_dict().items() if k in VERSIONED_SECTIONS}
+    versioned = {k: section_values(audit.params, k) for k in VERSIONED_SECTIONS}
     version = set_data_version(audit.dataset_dir, json_sha256(versioned), audit.mitigated.model)
     return dg.MaterializeResult(data_version=version,
                                 metadata=meta.findings(audit, found, audit.paths.findings_mitigated, compared=False))
 
 
 @audit_asset(deps=[spurious_features, mitigated_findings, mitigation_metrics], kinds={"html", "json"},
-             code_version="2", group_name=MITIGATION_GROUP,
+             code_version="3", group_name=MITIGATION_GROUP,
              description="Findings before and after mitigation with the metrics: summary.json and report.html.")
 def evaluation_report(context: dg.AssetExecutionContext, ravl: RavlProject) -> dg.MaterializeResult:
     audit = ravl.audit(context.partition_key)

@@ -19,7 +19,7 @@ def _recipe_version() -> str:
 
 
 @dg.asset(deps=[params_audited_model], kinds={"pytorch", "open_clip"}, group_name=AUDIT_GROUP,
-          code_version=f"1-{_recipe_version()}", pool=MODEL_POOL,
+          code_version=f"2-{_recipe_version()}", pool=MODEL_POOL,
           description="The fine-tuned CLIP model under audit: the built-in synthetic default "
                       "(recipe) or an existing checkpoint named in params.yaml.")
 @failing_cleanly

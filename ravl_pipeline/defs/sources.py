@@ -5,14 +5,16 @@
   bytes), so a changed set makes only its own downstream stale;
 * ``params_<section>`` — one source per ``params.yaml`` section with the
   section's hash as data version, so changing a parameter makes exactly the
-  assets that read that section (and their downstream) stale.
+  assets that read that section (and their downstream) stale; a key that
+  only some of a section's readers use (``mitigation.control``) is a source
+  of its own (``params_control``).
 """
 
 import warnings
 
 import dagster as dg
 
-from ..config import VERSIONED_SECTIONS, section_version
+from ..config import PARAMS_SOURCE_NAMES, SPLIT_KEYS, section_values, section_version
 from ..io.hashing import dataset_fingerprint
 from .partitions import validation_sets
 from .resources import RavlProject
@@ -31,7 +33,7 @@ def set_versions(ravl: RavlProject, known: set[str]) -> dict[str, str]:
 def params_observation(ravl: RavlProject, section: str) -> tuple[str, dict]:
     """Data version and metadata of one ``params.yaml`` section."""
     params = ravl.params()
-    return section_version(params, section), {"values": dg.MetadataValue.json(params.as_dict()[section]),
+    return section_version(params, section), {"values": dg.MetadataValue.json(section_values(params, section)),
                                               "path": dg.MetadataValue.path(ravl.params_path)}
 
 
@@ -43,8 +45,10 @@ def validation_set(context, ravl: RavlProject) -> dg.DataVersionsByPartition:
 
 
 def _params_source(section: str) -> dg.SourceAsset:
-    @dg.observable_source_asset(name=f"params_{section}", group_name="params",
-                                description=f"The `{section}` section of params.yaml.")
+    what = (f"The `{section}` section of params.yaml" if section not in SPLIT_KEYS
+            else f"`{'.'.join(SPLIT_KEYS[section])}` in params.yaml (observed apart from its section)")
+
+    @dg.observable_source_asset(name=f"params_{section}", group_name="params", description=f"{what}.")
     def _observe(ravl: RavlProject) -> dg.ObserveResult:
         version, metadata = params_observation(ravl, section)
         return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
@@ -52,7 +56,7 @@ def _params_source(section: str) -> dg.SourceAsset:
     return _observe
 
 
-PARAMS_SOURCES = {section: _params_source(section) for section in VERSIONED_SECTIONS}
+PARAMS_SOURCES = {section: _params_source(section) for section in PARAMS_SOURCE_NAMES}
 params_audited_model = PARAMS_SOURCES["audited_model"]
 params_regions = PARAMS_SOURCES["regions"]
 params_labels = PARAMS_SOURCES["labels"]
@@ -60,3 +64,4 @@ params_scores = PARAMS_SOURCES["scores"]
 params_discovery = PARAMS_SOURCES["discovery"]
 params_mitigation = PARAMS_SOURCES["mitigation"]
 params_evaluation = PARAMS_SOURCES["evaluation"]
+params_control = PARAMS_SOURCES["control"]

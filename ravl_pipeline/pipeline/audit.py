@@ -396,7 +396,8 @@ class Audit:
     def stage2_config(self) -> TrainConfig:
         """Stage 2's training configuration: the audited model's own fine-tuning
         (SPEC §3.4) with the non-null values of ``params.mitigation`` on top."""
-        return stage2_config(self.audited.train, self.params.mitigation)
+        # the class texts of the region loss and captions of uncaptioned rows: the audit's one prompt
+        return stage2_config(self.audited.train, self.params.mitigation, caption_template=self.templates[0])
 
     def mitigate(self) -> tuple[ModelRecord, dict]:
         """Stage 2 from the audited model's initialisation on its fine-tuning
@@ -411,6 +412,9 @@ class Audit:
         show what the region-aware loss bought apart from the extra training.
         Its record says why when it is not trained."""
         cfg = dataclasses.replace(self.stage2_config, method=CONTROL_METHOD)
+        if get_method(self.stage2_config.method).region_pass:
+            # a method that embeds regions trains on the evaluation transform; the control sees the same images
+            cfg = dataclasses.replace(cfg, train_transform="none")
         why = None
         if not self.params.mitigation.control:
             why = "the same-budget control is off (params.yaml: mitigation.control: false)"
@@ -472,6 +476,7 @@ class Audit:
         try:
             select_features(findings)
         except MitigationError:
+            self.paths.groups.unlink(missing_ok=True)  # an earlier audit's groups are not this one's
             return None
         ds = load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
                           require_labels=True)
@@ -510,8 +515,10 @@ class Audit:
                    "steps": {name: (rec.extra.get("steps") if rec is not None and
                                     (name == "audited" or rec.extra.get("trained")) else None)
                              for name, rec in records.items()},
-                   "not_trained": {name: rec.extra.get("reason") for name, rec in records.items()
-                                   if name != "audited" and rec is not None and not rec.extra.get("trained")},
+                   "not_trained": {name: (rec.extra.get("reason") if rec is not None else
+                                          f"{name}_model has not been materialized")
+                                   for name, rec in records.items()
+                                   if name != "audited" and (rec is None or not rec.extra.get("trained"))},
                    "comparisons": result.get("comparisons", {}), "warnings": warnings}
         if discovered is not None and metrics["groups_from"] == "annotation":
             metrics["discovered_agreement"] = self._agreement(discovered)

@@ -167,6 +167,8 @@ def ground_truth(findings: Findings, ds: Dataset, emb: Embeddings, sc: Scores,
     top = findings.features[0] if findings.features else None
     lead = findings.lead() if findings.causal is not None else None
     labels = label_indices(ds, sc.classes)
+    # rows whose region_labels are null: presence unknown, left out of validity (not counted as "absent")
+    known = ds.region_labels_known if ds.region_labels_known is not None else np.ones(len(ds), bool)
     out = {}
     for feature, cls in induced:
         presence = feature_presence(gt, feature)
@@ -178,7 +180,7 @@ def ground_truth(findings: Findings, ds: Dataset, emb: Embeddings, sc: Scores,
             **({f"precision_at_{k}_lead": precision_at_k(lead, lookup, feature, k)}
                if findings.causal is not None else {}),
             "top_attribute": top.attribute if top else None,
-            "validity": validity(labels, sc.image_pred, presence, sc.classes, cls),
+            "validity": validity(labels[known], sc.image_pred[known], presence[known], sc.classes, cls),
         }
     return out
 
@@ -522,16 +524,15 @@ def groups_for(ds: Dataset, data_dir, features: Sequence[str] | None = None,
     names = list(features) if features else list(induced)
     if names and ds.region_labels is not None:
         known = ds.region_labels_known
-        present = np.zeros(len(ds), dtype=bool)
-        for name in names:
-            present |= feature_presence(ds.region_labels, name)
+        each = {name: feature_presence(ds.region_labels, name) for name in names}
+        present = np.logical_or.reduce(list(each.values()))
         notes = []
         if not known.all():
             notes.append(f"{ds.manifest_file}: {int((~known).sum())} of {len(ds)} rows have null region_labels: "
                          f"whether {names} is present there is unknown, so they are in no feature group "
                          "(counted in the overall metrics only)")
         return Groups("annotation", present, None if known.all() else known,
-                      [{"feature": n, "class": induced.get(n)} for n in names], notes)
+                      [{"feature": n, "class": induced.get(n)} for n in names], notes, each=each)
     if names:
         why = f"{ds.manifest_file}: no region_labels to tell whether {names} is present"
     else:

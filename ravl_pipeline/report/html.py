@@ -534,7 +534,7 @@ def _summary_section(findings: Mapping[str, Any], metrics: Mapping[str, Mapping]
     if metrics:
         base = _baseline_method(metrics)
         for name, m in metrics.items():
-            rows.append((name, _e(f"image overall {_pct(metric_value(m.get('image_overall')))}, worst-group "
+            rows.append((_e(name), _e(f"image overall {_pct(metric_value(m.get('image_overall')))}, worst-group "
                                   f"{_pct(metric_value(m.get('image_worst_group')))}; region overall "
                                   f"{_pct(metric_value(m.get('region_overall')))}, worst-group "
                                   f"{_pct(metric_value(m.get('region_worst_group')))}")

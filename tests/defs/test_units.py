@@ -30,6 +30,11 @@ def test_params_defaults_overlay_and_section_versions(tmp_path):
     defaults = load_params(tmp_path / "missing.yaml")
     assert section_version(params, "discovery") != section_version(defaults, "discovery")
     assert section_version(params, "regions") == section_version(defaults, "regions")
+    # the control is observed apart from the rest of its section: switching it leaves Stage 2's version alone
+    path.write_text("mitigation:\n  control: false\n")
+    off = load_params(path)
+    assert section_version(off, "mitigation") == section_version(defaults, "mitigation")
+    assert section_version(off, "control") != section_version(defaults, "control")
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -44,6 +49,8 @@ def test_params_defaults_overlay_and_section_versions(tmp_path):
     ("discovery:\n  alpha: 1.5\n", "discovery.alpha"),
     ("discovery:\n  mask_fill: grey\n", "discovery.mask_fill"),
     ("mitigation:\n  min_steps: 0\n", "mitigation.min_steps"),
+    ("mitigation:\n  control: sometimes\n", "mitigation.control"),
+    ("discovery:\n  mask_control: nearby\n", "discovery.mask_control"),
     ("mitigation:\n  min_steps: 2.5\n", "mitigation.min_steps"),
 ])
 def test_bad_params_name_the_file_and_key(tmp_path, text, needle):

@@ -677,6 +677,9 @@ def test_cli_baselines_get_stage2s_step_rule_without_findings(tiny_stage2, tmp_p
     assert "Stage 2:" in out and "at least 256 steps" in out
     assert main(base + ["--out", str(tmp_path / "p")]) == 0
     assert "plain fine-tuning" in capsys.readouterr().out
+    # recorded in the checkpoint too, not only printed
+    assert "no Stage 2 step floor" in json.loads((tmp_path / "p" / "ravl_model.json").read_text())["budget"]
+    assert "budget" not in json.loads((tmp_path / "b" / "ravl_model.json").read_text())
 
 
 def test_cli_evaluate_forms_groups_from_the_findings_where_the_data_names_no_feature(tiny_stage2, tmp_path, capsys):

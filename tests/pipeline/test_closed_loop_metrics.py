@@ -133,3 +133,19 @@ def test_groups_from_the_findings_when_the_data_names_no_feature(tmp_path):
     assert chosen.source == "findings" and any("groups from the findings" in n for n in chosen.notes)
     # an explicit annotation wins over the findings
     assert groups_for(ds, eval_dir, ["red square"], discovered=found).source == "annotation"
+
+
+def test_a_group_under_the_minimum_size_stays_out_of_every_bootstrap_draw():
+    """Which groups count is decided on the data as it is, as the point
+    estimate decides it; a draw that happens to hold 10 copies of a 9-image
+    group must not let it into the worst-group minimum."""
+    labels = np.array([0] * 9 + [0] * 40 + [1] * 40)
+    present = np.array([True] * 9 + [False] * 40 + [False] * 20 + [True] * 20)
+    a = labels.copy()
+    a[:9] = 1  # model a: the small (0, present) group all wrong
+    b = labels.copy()  # model b: everything right
+    a[49:55] = 0  # both wrong on a few (1, absent) images, so worst-group is below 1
+    b[49:55] = 0
+    out = paired_differences(labels, {"a": a, "b": b}, CLASSES, [("a", "b")], present, min_group_size=10,
+                             draws=300)["a-b"]["image_worst_group"]
+    assert out["diff"] == 0.0 and out["ci"] == [0.0, 0.0]

@@ -253,9 +253,9 @@ def random_control_rows(n_rows: int, n_total: int, seed: int, stream: int = 7919
 def same_image_control_rows(rows: np.ndarray, region_image: np.ndarray, boxes: np.ndarray, seed: int,
                             stream: int = 15485863) -> np.ndarray:
     """For each of a feature's regions ``rows``, another region of the same
-    image, outside the feature, of the closest area (ties drawn, seeded;
-    each used once): random masks of the same size on the same images (an
-    image with no other region has no control region)."""
+    image, outside the feature and not overlapping it, of the closest area
+    (ties drawn, seeded; each used once): random masks of the same size on
+    the same images (an image with no such region has no control region)."""
     rows = np.asarray(rows, dtype=np.int64)
     region_image = np.asarray(region_image, dtype=np.int64)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -267,9 +267,12 @@ def same_image_control_rows(rows: np.ndarray, region_image: np.ndarray, boxes: n
     starts = np.searchsorted(region_image[order], images)
     ends = np.searchsorted(region_image[order], images, side="right")
     of_image = {int(i): order[a:b] for i, a, b in zip(images, starts, ends)}
+    feature_boxes = {int(i): boxes[rows[region_image[rows] == i]] for i in images}
     out = []
     for r in rows:
         cands = np.array([c for c in of_image[int(region_image[r])] if int(c) not in taken], dtype=np.int64)
+        # a region that overlaps the feature would hide some of it: not a control
+        cands = cands[[not _overlaps(boxes[c], feature_boxes[int(region_image[r])]) for c in cands]]
         if cands.size == 0:
             continue
         dist = np.abs(areas[cands] - areas[r])
@@ -277,6 +280,17 @@ def same_image_control_rows(rows: np.ndarray, region_image: np.ndarray, boxes: n
         taken.add(pick)
         out.append(pick)
     return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def _overlaps(box: np.ndarray, others: np.ndarray, share: float = 0.1) -> bool:
+    """Whether ``box`` covers more than ``share`` of any of ``others`` (or they of it)."""
+    x1 = np.maximum(box[0], others[:, 0])
+    y1 = np.maximum(box[1], others[:, 1])
+    x2 = np.minimum(box[2], others[:, 2])
+    y2 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    areas = np.minimum((box[2] - box[0]) * (box[3] - box[1]), (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]))
+    return bool(np.any(inter > share * np.maximum(areas, 1e-9)))
 
 
 def paired_control(effect: dict, control: dict, alpha: float) -> dict:
@@ -355,7 +369,7 @@ def masking_support(effect: dict, alpha: float = DiscoveryConfig.alpha, control:
            "p_value": p, "alpha": float(alpha)}
     if paired and control is not None and PER_IMAGE in control and PER_IMAGE in effect:
         out["control"] = like = paired_control(effect, control, alpha)
-        if fixed > made and like["passed"]:
+        if p <= alpha and like["passed"]:
             verdict = "supported"
         elif p <= alpha:
             verdict = "inconclusive"

@@ -270,7 +270,7 @@ def test_discover_command_adds_evidence(tiny_eval, tmp_path, capsys):
 
 def test_same_image_control_takes_a_region_of_the_closest_size_on_each_image():
     boxes = np.array([[0, 0, 2, 2], [2, 0, 4, 2], [0, 2, 2, 4], [2, 2, 4, 4],  # image 0: four equal quadrants
-                      [0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 19, 20],          # image 1: areas 100, 400, 380
+                      [0, 0, 10, 10], [30, 0, 50, 20], [60, 0, 79, 20],        # image 1: areas 100, 400, 380
                       [0, 0, 5, 5]], dtype=float)                               # image 2: the feature alone
     region_image = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     feature = np.array([1, 6, 7])
@@ -282,6 +282,9 @@ def test_same_image_control_takes_a_region_of_the_closest_size_on_each_image():
     # two feature regions on one image never share a control region
     both = causal.same_image_control_rows(np.array([0, 1]), region_image, boxes, seed=3)
     assert len(both) == 2 and set(both) <= {2, 3}
+    # a region that overlaps the feature is not a control: it would hide part of it
+    nested = np.array([[0, 0, 10, 10], [2, 2, 8, 8], [20, 20, 30, 30]], dtype=float)
+    assert causal.same_image_control_rows(np.array([0]), np.zeros(3, int), nested, seed=0).tolist() == [2]
 
 
 def _per_image(outcomes, flipped, n_images=40):
