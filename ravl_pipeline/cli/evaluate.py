@@ -43,7 +43,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     check_output_file(args.out, inputs=[*dataset_inputs(args.data), *model_inputs(args.model, args.pretrained),
-                                        *([args.findings] if args.findings else [])])
+                                        *([("--findings", args.findings)] if args.findings else [])])
     compute = compute_flags(args)
     templates = flag_templates(args.template)
     classes = flag_classes(args.classes)

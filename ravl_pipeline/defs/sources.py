@@ -33,7 +33,10 @@ def set_versions(ravl: RavlProject, known: set[str]) -> dict[str, str]:
 def params_observation(ravl: RavlProject, section: str) -> tuple[str, dict]:
     """Data version and metadata of one ``params.yaml`` section."""
     params = ravl.params()
-    return section_version(params, section), {"values": dg.MetadataValue.json(section_values(params, section)),
+    values = section_values(params, section)
+    if not isinstance(values, dict):  # one key observed apart (SPLIT_KEYS): shown under its name
+        values = {SPLIT_KEYS[section][1]: values}
+    return section_version(params, section), {"values": dg.MetadataValue.json(values),
                                               "path": dg.MetadataValue.path(ravl.params_path)}
 
 
