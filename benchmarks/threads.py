@@ -1,6 +1,7 @@
 """Torch threads against the cores actually free: one Stage 2 training loop
-with torch's default intra-op threads and with one thread, on an idle machine
-and next to one busy process, in the same invocation.
+with the default (``compute.threads: null``: the cores free when the process
+starts), with every core (torch's own default before) and with one thread, on
+an idle machine and next to one busy process, in the same invocation.
 
     .venv/bin/python benchmarks/threads.py --steps 32 --rounds 2
 
@@ -64,7 +65,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ravl-threads")
     args = ap.parse_args()
     data = setting(args.work)
-    variants = [(busy, threads) for busy in (False, True) for threads in (None, 1)]
+    cores = len(os.sched_getaffinity(0))
+    variants = [(busy, threads) for busy in (False, True) for threads in (None, cores, 1)]
     seconds: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for busy, threads in variants:
@@ -73,8 +75,8 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in seconds.items()}
     out = {"cores": os.cpu_count(), "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
            "seconds": seconds, "median": med,
-           "one_thread_over_default": {c: med[f"{c}, 1 thread(s)"] / med[f"{c}, default thread(s)"]
-                                       for c in ("idle", "busy")}}
+           "over_every_core": {c: {t: med[f"{c}, {t} thread(s)"] / med[f"{c}, {cores} thread(s)"]
+                                   for t in ("default", "1")} for c in ("idle", "busy")}}
     print(json.dumps(out, indent=1))
     return 0
 

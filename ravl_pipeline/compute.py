@@ -16,6 +16,9 @@ library function uses when it is given a model loaded without one.
 from __future__ import annotations
 
 import contextlib
+import os
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,3 +173,43 @@ def shard_compute(compute: Compute, index: int) -> Compute:
     if compute.device != "cuda" or torch.cuda.device_count() < 2:
         return compute
     return Compute(f"cuda:{index % torch.cuda.device_count()}", compute.precision, compute.workers)
+
+
+_THREADS_SET: list[int] = []  # the count this process chose
+
+
+def free_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """The cores this process may use that no other process keeps busy:
+    its CPU affinity less the other runnable tasks (``procs_running`` of
+    ``/proc/stat``, the median of a few samples; this process counts one).
+    Where that cannot be read, every core of the affinity."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as fh:
+                counts += [int(line.split()[1]) for line in fh if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            return cores
+        if i + 1 < samples:
+            time.sleep(interval)
+    if not counts:
+        return cores
+    return max(1, min(cores, cores - (int(statistics.median(counts)) - 1)))
+
+
+def use_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads once per process: ``threads`` when
+    given, else nothing when ``OMP_NUM_THREADS`` is set (the user's, or a
+    test runner's, choice), else :func:`free_cores` — so a process started
+    next to busy ones does not oversubscribe the machine (BENCHMARKS.md
+    §Threads). Returns the count in use."""
+    if _THREADS_SET and threads is None:
+        return _THREADS_SET[0]
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+    else:
+        n = int(threads) if threads is not None else free_cores()
+        torch.set_num_threads(n)
+    _THREADS_SET[:] = [n]
+    return n

@@ -350,6 +350,11 @@ class ComputeConfig:
                      COUNT)
     checkpoint_every: int | None = _f(50, "save Stage 2's state this often (steps) so an interrupted run resumes "
                                           "(null: never)", COUNT)
+    # BENCHMARKS.md §Threads: on 2 cores, 32 Stage 2 steps took 12.5 s with 2 threads and 18.4 s with 1 when
+    # idle, but 35.9 s with 2 and 19.1 s with 1 next to one busy process
+    threads: int | None = _f(None, "torch threads per process (null: the cores free when the process starts, "
+                                   "all of them on an idle machine, fewer next to busy processes; "
+                                   "OMP_NUM_THREADS, when set, wins)", COUNT)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..compute import Compute, resolve_compute
+from ..compute import Compute, resolve_compute, use_threads
 from ..config import PRECISIONS, REGION_LOSS_FORMS, TRAIN_TRANSFORMS, ComputeConfig, InputError, MitigationConfig, TrainConfig, option
 from ..core.findings import Findings, read_findings
 from ..core.regions import ProposerError, parse_proposer
@@ -37,7 +37,9 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
 
 def compute_flags(args) -> Compute:
     """The device, precision and workers the flags name, checked against this
-    machine (a device it lacks is a one-line error naming ``--device``)."""
+    machine (a device it lacks is a one-line error naming ``--device``);
+    torch's threads set for this process (:func:`use_threads`)."""
+    use_threads()
     return resolve_compute(device=args.device, precision=args.precision, workers=args.workers)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..compute import CPU, Compute, resolve_compute, shard_compute
+from ..compute import CPU, Compute, resolve_compute, shard_compute, use_threads
 from ..config import CONTROL_METHOD, AuditedModelConfig, InputError, Params, TrainConfig, stage2_config
 from ..core.cache import EMBED_VERSION
 from ..core.cluster import Clustering
@@ -258,7 +258,9 @@ class Audit:
 
     @cached_property
     def compute(self) -> Compute:
-        """Where this audit's models run (``params.yaml``'s ``compute`` section)."""
+        """Where this audit's models run (``params.yaml``'s ``compute`` section),
+        with torch's threads set for this process (:func:`use_threads`)."""
+        use_threads(self.params.compute.threads)
         return resolve_compute(self.params.compute, where="params.yaml: compute.")
 
     # ------------------------------------------------------------------ Stage 1

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -186,3 +187,29 @@ def test_a_set_embedded_in_shards_equals_the_set_embedded_at_once(photos, tmp_pa
     again = embed_dataset(lm, photos, proposer="boxes", progress=False, cache=cache)
     assert cache.stats.hits == len(photos) and cache.stats.misses == len(photos)
     np.testing.assert_allclose(again.region_emb, whole.region_emb, atol=1e-5)
+
+
+def test_threads_follow_the_free_cores_unless_named(monkeypatch):
+    import torch
+
+    from ravl_pipeline import compute
+
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert 1 <= compute.free_cores() <= cores
+        compute._THREADS_SET.clear()
+        assert compute.use_threads(1) == 1 == torch.get_num_threads()
+        # OMP_NUM_THREADS (a user's or a test runner's choice) wins over the automatic count
+        compute._THREADS_SET.clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert compute.use_threads() == torch.get_num_threads() == 1
+        # without it, the free cores: next to a busy process, one fewer
+        compute._THREADS_SET.clear()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(compute, "free_cores", lambda: 1)
+        assert compute.use_threads() == 1
+        assert compute.use_threads() == 1  # once per process
+    finally:
+        compute._THREADS_SET.clear()
+        torch.set_num_threads(before)
