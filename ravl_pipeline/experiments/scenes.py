@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..config import InputError
 from ..io.files import atomic_dir, write_json_atomic
 from ..io.importers import import_coco
 from .synth import (CAPTION_TEMPLATE, DIGIT_CLASSES, FeatureSpec, PlantedFeatures, SynthConfig, _as_feature, _balanced_labels,
@@ -117,7 +118,8 @@ class ScenesConfig(PlantedFeatures):
                 raise ValueError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
         for key in ("n_pretrain", "n_finetune", "n_val", "n_test"):
             if getattr(self, key) < len(self.classes):
-                raise ValueError(f"{key} must be at least the number of classes ({len(self.classes)})")
+                raise InputError(f"--{key.replace('_', '-')}: {key} must be at least the number of classes "
+                                 f"({len(self.classes)}), got {getattr(self, key)}")
         if self.short_side < 32:
             raise ValueError(f"short_side must be at least 32 px, got {self.short_side}")
 

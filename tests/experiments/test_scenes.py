@@ -119,3 +119,12 @@ def test_same_config_same_bytes_and_cli(tmp_path, capsys):
 def test_bad_scenes_config_is_refused(changes):
     with pytest.raises(ValueError):
         ScenesConfig(**changes)
+
+
+def test_scenes_with_fewer_images_than_classes_is_one_input_error(tmp_path, capsys):
+    from ravl_pipeline.cli import main
+
+    rc = main(["synth", "--kind", "scenes", "--out", str(tmp_path / "s"), "--n-pretrain", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--n-pretrain" in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
