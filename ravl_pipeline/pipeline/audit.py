@@ -244,6 +244,12 @@ class Audit:
                             require_labels=True)
 
     @cached_property
+    def evaluation_data(self) -> Dataset:
+        """The rows the metrics are measured on (:attr:`evaluation_split`)."""
+        return load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
+                            require_labels=True)
+
+    @cached_property
     def classes(self) -> list[str]:
         return stages.classes_for(self.data, self.params.labels)
 
@@ -480,8 +486,7 @@ class Audit:
         except MitigationError:
             self.paths.groups.unlink(missing_ok=True)  # an earlier audit's groups are not this one's
             return None
-        ds = load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
-                          require_labels=True)
+        ds = self.evaluation_data
         groups = stages.discovered_groups(self.audited.load(self.compute), ds, findings,
                                           cache_dir=self.paths.assignment_cache, progress=self.progress)
         table = pa.table({"image_id": list(ds.image_ids), "label": list(ds.labels),
@@ -556,8 +561,7 @@ class Audit:
     def _agreement(self, discovered: Groups) -> dict[str, float | None]:
         """Per discovered finding: the share of annotated evaluation images on
         which its presence agrees with the annotated feature's."""
-        ds = load_dataset(self.dataset_dir, classes=self.params.labels.classes, split=self.evaluation_split,
-                          require_labels=True)
+        ds = self.evaluation_data
         annotated = stages.groups_for(ds, self.dataset_dir)
         known = np.ones(len(ds), bool) if annotated.known is None else annotated.known
         return {f["feature"]: (float((discovered.presence[f["feature"]] == annotated.presence)[known].mean())

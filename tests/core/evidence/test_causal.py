@@ -133,6 +133,22 @@ def tiny_eval(tmp_path_factory):
     return ds, load_model("ravl-tiny-rn", seed=0)
 
 
+CLASSES = ["zero", "one", "nine"]
+TEMPLATES = ["the number is a {}"]
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_eval):
+    """The evaluation set embedded and scored once: (emb, scores, labels, region labels)."""
+    from ravl_pipeline.core.embed import embed_dataset
+    from ravl_pipeline.core.scores import label_indices, score
+
+    ds, lm = tiny_eval
+    emb = embed_dataset(lm, ds, progress=False)
+    region_labels = np.array([lab for labs in ds.region_labels for lab in labs])
+    return emb, score(lm, emb, CLASSES, TEMPLATES, 0.07), label_indices(ds, CLASSES), region_labels
+
+
 def test_causal_effect_on_a_real_model(tiny_eval):
     from ravl_pipeline.core.embed import embed_dataset
     from ravl_pipeline.core.scores import class_text_embeddings, label_indices, score
@@ -185,17 +201,12 @@ def test_before_pred_shortcut_matches_recomputing(tiny_eval):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval):
-    from ravl_pipeline.core.embed import embed_dataset
-    from ravl_pipeline.core.scores import class_text_embeddings, label_indices, score
+def test_check_features_masks_the_selected_features_and_their_controls(tiny_eval, scored):
+    from ravl_pipeline.core.scores import class_text_embeddings
 
     ds, lm = tiny_eval
-    classes = ["zero", "one", "nine"]
-    templates = ["the number is a {}"]
-    emb = embed_dataset(lm, ds, progress=False)
-    sc = score(lm, emb, classes, templates, 0.07)
-    labels = label_indices(ds, classes)
-    region_labels = np.array([lab for labs in ds.region_labels for lab in labs])
+    classes, templates = CLASSES, TEMPLATES
+    emb, sc, labels, region_labels = scored
     # cluster 0: the empty quadrants, 1: the digits, 2: everything else
     clusters = np.where(region_labels == "empty", 0, np.where(np.isin(region_labels, classes), 1, 2))
     findings = _findings([_feature(1, called=False, cluster_id=0), _feature(2, called=False, cluster_id=2),
@@ -329,19 +340,12 @@ def test_a_fill_that_undoes_the_errors_by_itself_is_inconclusive_like_for_like()
                                   paired=True)["verdict"] == "not supported"
 
 
-def test_check_features_with_the_same_images_control(tiny_eval):
+def test_check_features_with_the_same_images_control(tiny_eval, scored):
     import json
 
-    from ravl_pipeline.core.embed import embed_dataset
-    from ravl_pipeline.core.scores import label_indices, score
-
     ds, lm = tiny_eval
-    classes = ["zero", "one", "nine"]
-    templates = ["the number is a {}"]
-    emb = embed_dataset(lm, ds, progress=False)
-    sc = score(lm, emb, classes, templates, 0.07)
-    labels = label_indices(ds, classes)
-    region_labels = np.array([lab for labs in ds.region_labels for lab in labs])
+    classes, templates = CLASSES, TEMPLATES
+    emb, sc, labels, region_labels = scored
     clusters = np.where(region_labels == "red square", 0, 1)
     findings = _findings([_feature(1, called=True, cluster_id=0)])
     check = causal.check_features(findings, lm, ds, clusters, emb.region_image, emb.boxes, labels, sc.image_pred,
